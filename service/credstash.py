@@ -1,0 +1,244 @@
+"""Async reader and writer of the CredStash format (credstash 1.17), over aiobotocore.
+
+An item in the table (``name`` HASH, ``version`` RANGE, zero-padded to 19 digits) holds:
+``key`` = base64 KMS ciphertext of a 64-byte data key (32 bytes AES-256, 32 bytes HMAC),
+``contents`` = base64 AES-CTR ciphertext (initial counter block 15 zero bytes + 0x01),
+``hmac`` = hex HMAC of the ciphertext (String, or Binary holding ASCII hex), ``digest``.
+The KMS calls carry the caller's encryption context, exactly as the ``credstash`` CLI does.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac as hmac_module
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.hmac import HMAC
+
+from .errors import (
+    SecretError,
+    SecretIntegrityError,
+    SecretNotFoundError,
+    SecretUnavailableError,
+    is_retryable,
+)
+
+PAD_LEN = 19
+LEGACY_NONCE = b"\x00" * 15 + b"\x01"
+DEFAULT_DIGEST = "SHA256"
+DIGESTS: Mapping[str, type[hashes.HashAlgorithm]] = {
+    "SHA": hashes.SHA1,
+    "SHA224": hashes.SHA224,
+    "SHA256": hashes.SHA256,
+    "SHA384": hashes.SHA384,
+    "SHA512": hashes.SHA512,
+    "MD5": hashes.MD5,
+}
+
+
+def padded_version(version: int | str) -> str:
+    """A version as CredStash stores it: decimal, left-padded with zeros to 19 digits."""
+    text = str(version)
+    if len(text) >= PAD_LEN:
+        return text
+    try:
+        return str(int(text)).zfill(PAD_LEN)
+    except ValueError:
+        raise SecretNotFoundError(f"version {text!r} is not a CredStash version number") from None
+
+
+@dataclass(frozen=True, slots=True)
+class SealedSecret:
+    """One CredStash item as read from the table, still encrypted."""
+
+    name: str
+    version: str
+    wrapped_key: bytes
+    ciphertext: bytes
+    hmac: bytes
+    digest: str
+
+    @classmethod
+    def from_item(cls, item: Mapping[str, Any]) -> SealedSecret:
+        """Parse a low-level DynamoDB item (``{"name": {"S": ...}, ...}``)."""
+        name = item.get("name", {}).get("S", "?")
+        try:
+            hmac_attr = item["hmac"]
+            hex_hmac = hmac_attr["S"] if "S" in hmac_attr else bytes(hmac_attr["B"]).decode("ascii")
+            return cls(
+                name=name,
+                version=item["version"]["S"],
+                wrapped_key=base64.b64decode(item["key"]["S"], validate=True),
+                ciphertext=base64.b64decode(item["contents"]["S"], validate=True),
+                hmac=binascii.unhexlify(hex_hmac),
+                digest=item.get("digest", {}).get("S", DEFAULT_DIGEST),
+            )
+        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+            raise SecretIntegrityError(f"secret {name!r}: malformed CredStash item ({exc})") from None
+
+    def open(self, data_key: bytes) -> str:
+        """Check the HMAC, then decrypt; raises SecretIntegrityError on any mismatch."""
+        aes_key, hmac_key = data_key[: len(data_key) // 2], data_key[len(data_key) // 2 :]
+        expected = _hmac(hmac_key, self.ciphertext, self.digest, self.name)
+        if not hmac_module.compare_digest(expected, self.hmac):
+            raise SecretIntegrityError(
+                f"secret {self.name!r} version {int(self.version)}: HMAC mismatch "
+                "(the item was modified or sealed with another key)"
+            )
+        decryptor = Cipher(algorithms.AES(aes_key), modes.CTR(LEGACY_NONCE)).decryptor()
+        plaintext = decryptor.update(self.ciphertext) + decryptor.finalize()
+        try:
+            return plaintext.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SecretIntegrityError(f"secret {self.name!r}: plaintext is not UTF-8") from None
+
+
+def seal(secret: str, data_key: bytes, digest: str = DEFAULT_DIGEST) -> tuple[bytes, bytes]:
+    """Encrypt ``secret`` as CredStash does; returns (ciphertext, raw HMAC)."""
+    aes_key, hmac_key = data_key[:32], data_key[32:]
+    encryptor = Cipher(algorithms.AES(aes_key), modes.CTR(LEGACY_NONCE)).encryptor()
+    ciphertext = encryptor.update(secret.encode("utf-8")) + encryptor.finalize()
+    return ciphertext, _hmac(hmac_key, ciphertext, digest, "(new)")
+
+
+def _hmac(key: bytes, data: bytes, digest: str, name: str) -> bytes:
+    algorithm = DIGESTS.get(digest.upper())
+    if algorithm is None:
+        raise SecretIntegrityError(f"secret {name!r}: unsupported digest {digest!r}")
+    mac = HMAC(key, algorithm())
+    mac.update(data)
+    return mac.finalize()
+
+
+class CredStash:
+    """Reads and writes secrets in a CredStash table through shared aiobotocore clients."""
+
+    def __init__(self, dynamodb: Any, kms: Any, table: str = "credential-store") -> None:
+        self._dynamodb = dynamodb
+        self._kms = kms
+        self.table = table
+
+    async def get(
+        self, name: str, version: str | None = None, context: Mapping[str, str] | None = None
+    ) -> str:
+        """The plaintext of ``name`` (latest version unless ``version``)."""
+        sealed = await self._read(name, version)
+        data_key = await self._decrypt_key(sealed, context or {})
+        return sealed.open(data_key)
+
+    async def put(
+        self,
+        name: str,
+        secret: str,
+        *,
+        kms_key: str = "alias/credstash",
+        version: str | None = None,
+        context: Mapping[str, str] | None = None,
+        digest: str = DEFAULT_DIGEST,
+    ) -> str:
+        """Store a new version of ``name`` (next version when ``version`` is None); returns it."""
+        if version is None:
+            latest = await self.latest_version(name)
+            version = str(int(latest) + 1 if latest else 1)
+        response = await self._call(
+            self._kms.generate_data_key,
+            name,
+            KeyId=kms_key,
+            NumberOfBytes=64,
+            EncryptionContext=dict(context or {}),
+        )
+        ciphertext, raw_hmac = seal(secret, response["Plaintext"], digest)
+        item = {
+            "name": {"S": name},
+            "version": {"S": padded_version(version)},
+            "key": {"S": base64.b64encode(response["CiphertextBlob"]).decode()},
+            "contents": {"S": base64.b64encode(ciphertext).decode()},
+            "hmac": {"S": raw_hmac.hex()},
+            "digest": {"S": digest},
+        }
+        await self._call(
+            self._dynamodb.put_item,
+            name,
+            TableName=self.table,
+            Item=item,
+            ConditionExpression="attribute_not_exists(#n)",
+            ExpressionAttributeNames={"#n": "name"},
+        )
+        return padded_version(version)
+
+    async def latest_version(self, name: str) -> str | None:
+        """The highest stored version of ``name``, or None when there is none."""
+        response = await self._query_latest(name, projection="version")
+        items = response.get("Items", [])
+        return str(items[0]["version"]["S"]) if items else None
+
+    async def _read(self, name: str, version: str | None) -> SealedSecret:
+        if version:
+            response = await self._call(
+                self._dynamodb.get_item,
+                name,
+                TableName=self.table,
+                Key={"name": {"S": name}, "version": {"S": padded_version(version)}},
+                ConsistentRead=True,
+            )
+            item = response.get("Item")
+        else:
+            items = (await self._query_latest(name)).get("Items", [])
+            item = items[0] if items else None
+        if not item:
+            suffix = f" version {version}" if version else ""
+            raise SecretNotFoundError(f"secret {name!r}{suffix} not found in table {self.table!r}")
+        return SealedSecret.from_item(item)
+
+    async def _query_latest(self, name: str, projection: str | None = None) -> Any:
+        extra = {"ProjectionExpression": projection} if projection else {}
+        return await self._call(
+            self._dynamodb.query,
+            name,
+            TableName=self.table,
+            KeyConditionExpression="#n = :n",
+            ExpressionAttributeNames={"#n": "name"},
+            ExpressionAttributeValues={":n": {"S": name}},
+            ScanIndexForward=False,
+            ConsistentRead=True,
+            Limit=1,
+            **extra,
+        )
+
+    async def _decrypt_key(self, sealed: SealedSecret, context: Mapping[str, str]) -> bytes:
+        try:
+            response = await self._kms.decrypt(
+                CiphertextBlob=sealed.wrapped_key, EncryptionContext=dict(context)
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidCiphertextException":
+                raise SecretIntegrityError(
+                    f"secret {sealed.name!r}: KMS refused the data key "
+                    "(wrong encryption context, or not a CredStash key)"
+                ) from None
+            raise _store_error(sealed.name, exc) from exc
+        except (BotoCoreError, OSError) as exc:
+            raise _store_error(sealed.name, exc) from exc
+        plaintext: bytes = response["Plaintext"]
+        return plaintext
+
+    async def _call(self, method: Any, name: str, **kwargs: Any) -> Any:
+        try:
+            return await method(**kwargs)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                raise SecretError(f"secret {name!r}: that version already exists") from None
+            raise _store_error(name, exc) from exc
+        except (BotoCoreError, OSError) as exc:
+            raise _store_error(name, exc) from exc
+
+
+def _store_error(name: str, exc: BaseException) -> SecretError:
+    detail = f"secret {name!r}: secret store failed ({type(exc).__name__}: {exc})"
+    return SecretUnavailableError(detail) if is_retryable(exc) else SecretError(detail)

@@ -1,0 +1,98 @@
+"""courier's error hierarchy and the one function that says whether a failure is worth retrying."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from botocore.exceptions import BotoCoreError, ClientError
+
+
+class CourierError(Exception):
+    """Base class of every error courier raises on purpose."""
+
+
+class SettingsError(CourierError):
+    """A setting has a value courier cannot run with; the message is one line for the operator."""
+
+
+class TransientError(CourierError):
+    """A failure that may succeed if tried again later (timeouts, 5xx, throttling, outages)."""
+
+
+class PermanentError(CourierError):
+    """A failure that will never succeed however often it is retried."""
+
+    reason: str = "permanent"
+
+
+class SecretError(CourierError):
+    """A secret could not be produced."""
+
+
+class SecretNotFoundError(SecretError, PermanentError):
+    """No item with that name (and version) exists in the CredStash table."""
+
+    reason = "secret_not_found"
+
+
+class SecretIntegrityError(SecretError, PermanentError):
+    """The item's HMAC does not match its ciphertext: tampered, or the wrong key/context."""
+
+    reason = "secret_integrity"
+
+
+class SecretUnavailableError(SecretError, TransientError):
+    """The store (DynamoDB or KMS) failed and no usable cached value exists."""
+
+
+class EnvelopeError(PermanentError):
+    """An envelope cannot be opened: malformed, unknown version, wrong key or tampered."""
+
+    reason = "undecryptable"
+
+    def __init__(self, message: str, reason: str = "undecryptable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# AWS error codes that mean "try later" rather than "this request is wrong".
+_RETRYABLE_AWS_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "ServiceUnavailable",
+        "InternalError",
+        "InternalFailure",
+        "InternalServerError",
+        "KMSInternalException",
+        "DependencyTimeoutException",
+        "KeyUnavailableException",
+        "AWS.SimpleQueueService.ServiceUnavailable",
+        "TransactionInProgressException",
+    }
+)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Classify a failure: True when retrying later may succeed, False when it never will.
+
+    This is the single place that decides; callers route on the answer (backoff vs DLQ,
+    503 vs 4xx, stale secret vs hard error).
+    """
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, PermanentError):
+        return False
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return error.get("Code", "") in _RETRYABLE_AWS_CODES or status >= 500 or status == 429
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return exc.status >= 500 or exc.status in {408, 425, 429}
+    if isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError):
+        return True
+    return False

@@ -1,0 +1,81 @@
+"""JSON logs: one object per line, with the context of the request or message being handled.
+
+Context (``request_id``, ``message_id``, ...) lives in a ContextVar so every line logged
+while handling a request carries it without being passed around. Callers log structured
+fields with ``extra={"fields": {...}}``; payload plaintext and secrets are never passed in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, TextIO
+
+_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "courier_log_context", default={}
+)
+# Fields added to every line of this process (instance id, availability zone, role).
+_static: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Add ``fields`` to every log line emitted inside the block (and tasks it starts)."""
+    token = _context.set({**_context.get(), **fields})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def bind_context(**fields: Any) -> None:
+    """Add ``fields`` to the current context until it ends (for a request handler's task)."""
+    _context.set({**_context.get(), **fields})
+
+
+def set_process_fields(**fields: Any) -> None:
+    """Fields carried by every line of this process, e.g. ``instance_id``."""
+    _static.update({k: v for k, v in fields.items() if v})
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON object: ts, level, logger, message, context, fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": _iso(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(_static)
+        entry.update(_context.get())
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping):
+            entry.update(fields)
+        if record.exc_info and record.exc_info[0] is not None:
+            entry["error"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def _iso(created: float) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+    return f"{seconds}.{int(created % 1 * 1000):03d}Z"
+
+
+def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Route every logger through one JSON handler on stderr (journald takes it from there)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Library chatter at INFO says nothing an operator needs; keep their warnings.
+    for noisy in ("botocore", "aiobotocore", "urllib3", "werkzeug", "moto"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

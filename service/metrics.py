@@ -1,0 +1,49 @@
+"""Prometheus metrics: every courier metric is declared here, named ``courier_*`` in base units.
+
+One registry per process (prometheus_client's default, which also carries the process and
+GC collectors). Metrics are observability only: code that updates them must never fail
+because of them, so they are plain counters/gauges/histograms with bounded label sets.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+build_info = Gauge("courier_build_info", "courier version and role of this process", ["version", "role"])
+
+aws_requests = Counter(
+    "courier_aws_requests_total", "AWS API requests sent, by service and operation", ["service", "operation"]
+)
+
+secret_lookups = Counter(
+    "courier_secret_lookups_total", "secret cache lookups by result (hit, miss, stale)", ["result"]
+)
+secret_fetches = Counter(
+    "courier_secret_fetches_total",
+    "reads of the CredStash store by trigger (miss, refresh) and outcome (ok, error)",
+    ["trigger", "outcome"],
+)
+
+data_keys = Counter(
+    "courier_envelope_data_keys_total",
+    "envelope data key events: generated (KMS), decrypted (KMS), cache_hit",
+    ["event"],
+)
+
+http_requests = Counter(
+    "courier_http_requests_total", "HTTP requests answered, by route, method and status",
+    ["route", "method", "status"],
+)
+http_latency = Histogram(
+    "courier_http_request_duration_seconds", "HTTP request latency by route and method",
+    ["route", "method"], buckets=LATENCY_BUCKETS,
+)
+
+ready = Gauge("courier_ready", "1 when this process reports ready on /readyz")
+
+
+def exposition() -> tuple[bytes, str]:
+    """The Prometheus text exposition of every metric, and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

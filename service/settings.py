@@ -1,0 +1,401 @@
+"""One frozen, typed settings object, built once from ``COURIER_*`` env vars and a TOML file.
+
+Every section is a frozen dataclass; every field carries its default, its bounds and a
+one-line help text once, here. ``load_settings`` validates everything up front and raises
+``SettingsError`` with a single line naming the setting, the value and what was expected,
+so a wrong value stops the daemon at startup rather than on the first request.
+
+Precedence: defaults < TOML file < environment. The env name of ``[http] port`` is
+``COURIER_HTTP_PORT``; top-level fields drop the section (``COURIER_ROLE``). Targets are a
+TOML array of tables (``[[targets]]``) or JSON in ``COURIER_TARGETS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from .errors import SettingsError
+
+DEFAULT_CONFIG_PATH = Path("/etc/courier/courier.toml")
+ENV_PREFIX = "COURIER_"
+
+Role = Literal["all", "api", "worker"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+TargetFormat = Literal["json", "soap"]
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    kind: str | None = None,
+) -> Any:
+    """Declare a field with its default, bounds and help text (``kind``: ``url``, ``port``)."""
+    meta = {"help": help, "min": min, "max": max, "kind": kind}
+    if isinstance(default, list | tuple):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """Where the API listens and how it stops."""
+
+    host: str = setting("127.0.0.1", "address the API binds to")
+    port: int = setting(8080, "API port (shared by processes with SO_REUSEPORT)", kind="port")
+    metrics_port: int = setting(
+        0, "extra port serving only /metrics (0 = off)", min=0, max=65535
+    )
+    max_body_bytes: int = setting(64 * 1024, "largest accepted request body", min=1024, max=10**7)
+    drain_seconds: float = setting(20.0, "bound on finishing in-flight work at shutdown", min=0, max=600)
+    reuse_port: bool = setting(True, "set SO_REUSEPORT so several processes share the port")
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """Logging."""
+
+    level: LogLevel = setting("INFO", "minimum level of JSON log lines")
+    access_log: bool = setting(True, "log one JSON line per HTTP request")
+
+
+@dataclass(frozen=True, slots=True)
+class AwsSettings:
+    """Region and optional endpoints (emulators, VPC endpoints)."""
+
+    region: str = setting("us-east-1", "AWS region")
+    endpoint_url: str = setting("", "endpoint for every AWS service (empty = AWS)", kind="url?")
+    sqs_endpoint_url: str = setting("", "endpoint for SQS only (overrides endpoint_url)", kind="url?")
+    dynamodb_endpoint_url: str = setting("", "endpoint for DynamoDB only", kind="url?")
+    kms_endpoint_url: str = setting("", "endpoint for KMS only", kind="url?")
+    connect_timeout_seconds: float = setting(2.0, "AWS connect timeout", min=0.1, max=60)
+    read_timeout_seconds: float = setting(25.0, "AWS read timeout (> SQS long-poll wait)", min=1, max=300)
+    max_pool_connections: int = setting(64, "HTTP connections per AWS client", min=1, max=1000)
+
+    def endpoint_for(self, service: str) -> str | None:
+        """The endpoint URL for ``service`` (sqs, dynamodb, kms), or None for AWS's own."""
+        specific: str = getattr(self, f"{service}_endpoint_url", "")
+        return specific or self.endpoint_url or None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """The work queue and its dead-letter queue."""
+
+    url: str = setting("", "work queue URL", kind="url?")
+    dlq_url: str = setting("", "dead-letter queue URL", kind="url?")
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSettings:
+    """Request status and idempotency records (DynamoDB)."""
+
+    table: str = setting("courier-status", "status table name")
+    ttl_days: int = setting(14, "days a status record is kept", min=1, max=3650)
+
+
+@dataclass(frozen=True, slots=True)
+class SecretSettings:
+    """The CredStash store and the in-memory cache in front of it."""
+
+    table: str = setting("credential-store", "CredStash DynamoDB table")
+    ttl_seconds: float = setting(300.0, "how long a fetched secret is fresh", min=1, max=86400)
+    refresh_ahead_seconds: float = setting(
+        60.0, "refresh in the background this long before expiry", min=0, max=86400
+    )
+    max_stale_seconds: float = setting(
+        3600.0, "serve a stale secret this long past expiry while the store fails", min=0, max=604800
+    )
+    prefetch: tuple[str, ...] = setting([], "secret names loaded at startup (readiness waits)")
+    enabled: bool = setting(True, "cache secrets (false = fetch on every use, for benchmarks)")
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeSettings:
+    """Envelope encryption of queued events under KMS data keys."""
+
+    kms_key_id: str = setting("alias/courier", "KMS key (id, ARN or alias) for data keys")
+    data_key_max_messages: int = setting(
+        10_000, "messages encrypted under one data key", min=1, max=2**32
+    )
+    data_key_max_age_seconds: float = setting(300.0, "lifetime of one data key", min=1, max=86400)
+    decrypt_cache_size: int = setting(1000, "decrypted data keys kept (LRU)", min=0, max=10**6)
+    decrypt_cache_ttl_seconds: float = setting(
+        3600.0, "how long a decrypted data key is kept", min=1, max=86400
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """JWT verification."""
+
+    issuer: str = setting("courier-local", "expected `iss`")
+    audience: str = setting("courier", "expected `aud`")
+    hs256_secret: str = setting("courier.jwt.hs256", "CredStash name of the HS256 key ('' = off)")
+    jwks_url: str = setting("", "JWKS URL for RS256/ES256 keys ('' = off)", kind="url?")
+    jwks_refresh_seconds: float = setting(
+        60.0, "minimum interval between JWKS refetches on an unknown kid", min=1, max=86400
+    )
+    leeway_seconds: float = setting(30.0, "clock skew allowed on exp/nbf", min=0, max=300)
+
+
+@dataclass(frozen=True, slots=True)
+class IdmSettings:
+    """The identity back-end called synchronously by the API."""
+
+    url: str = setting("http://127.0.0.1:8081", "IdM base URL", kind="url")
+    api_key_secret: str = setting("courier.idm.api_key", "CredStash name of the IdM API key")
+    timeout_seconds: float = setting(2.0, "IdM call timeout", min=0.05, max=60)
+    retries: int = setting(2, "extra attempts on transient IdM failures", min=0, max=10)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetSettings:
+    """One legacy system the worker delivers to."""
+
+    name: str = setting("", "target name (used in idempotency keys and metrics)")
+    url: str = setting("", "endpoint URL", kind="url")
+    format: TargetFormat = setting("json", "wire format: json or soap")
+    method: str = setting("POST", "HTTP method")
+    timeout_seconds: float = setting(5.0, "per-call timeout", min=0.05, max=300)
+    secret: str = setting("", "CredStash name of the target's credentials ('' = none)")
+    concurrency: int = setting(32, "max concurrent calls per process", min=1, max=10_000)
+    retries: int = setting(1, "immediate extra attempts before backing off", min=0, max=10)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """The SQS consumer."""
+
+    max_in_flight: int = setting(100, "messages processed at once per process", min=1, max=10_000)
+    pollers: int = setting(4, "concurrent long-polls when the queue is busy", min=1, max=64)
+    wait_seconds: int = setting(20, "SQS long-poll WaitTimeSeconds", min=0, max=20)
+    visibility_timeout_seconds: int = setting(
+        30, "visibility granted per receive; extended while work runs", min=5, max=43200
+    )
+    backoff_base_seconds: float = setting(2.0, "first retry delay for transient failures", min=0, max=3600)
+    backoff_max_seconds: float = setting(900.0, "longest retry delay", min=1, max=43200)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything courier reads at startup. Build with ``load_settings``."""
+
+    role: Role = setting("all", "which halves run: all, api or worker")
+    http: HttpSettings = field(default_factory=HttpSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    aws: AwsSettings = field(default_factory=AwsSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    status: StatusSettings = field(default_factory=StatusSettings)
+    secrets: SecretSettings = field(default_factory=SecretSettings)
+    envelope: EnvelopeSettings = field(default_factory=EnvelopeSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    idm: IdmSettings = field(default_factory=IdmSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    targets: tuple[TargetSettings, ...] = ()
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with top-level fields or whole sections replaced (for tests and tools)."""
+        return dataclasses.replace(self, **changes)
+
+
+def load_settings(
+    config_path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build and validate settings from the TOML file (if any) and the environment.
+
+    ``config_path`` None means ``COURIER_CONFIG`` or the default path if that file exists.
+    """
+    env = os.environ if environ is None else environ
+    document = _read_toml(_config_path(config_path, env))
+    return _build(Settings, document, env, section="")
+
+
+def _config_path(explicit: Path | None, env: Mapping[str, str]) -> Path | None:
+    if explicit is not None:
+        return explicit
+    if env.get("COURIER_CONFIG"):
+        return Path(env["COURIER_CONFIG"])
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def _read_toml(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path}: not found") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"config file {path}: {exc}") from None
+
+
+def _build(cls: type[Any], document: Mapping[str, Any], env: Mapping[str, str], section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(document) - known)
+    if unknown:
+        where = f"[{section}]" if section else "the top level"
+        raise SettingsError(f"unknown setting {unknown[0]!r} in {where} of the config file")
+    values = {}
+    for item in dataclasses.fields(cls):
+        values[item.name] = _field_value(item, hints[item.name], document, env, section)
+    return cls(**values)
+
+
+def _field_value(
+    item: dataclasses.Field[Any],
+    hint: Any,
+    document: Mapping[str, Any],
+    env: Mapping[str, str],
+    section: str,
+) -> Any:
+    dotted = f"{section}.{item.name}" if section else item.name
+    env_name = ENV_PREFIX + dotted.replace(".", "_").upper()
+    if dataclasses.is_dataclass(hint):
+        sub = document.get(item.name, {})
+        if not isinstance(sub, Mapping):
+            raise SettingsError(f"invalid setting [{dotted}]: expected a table, got {sub!r}")
+        return _build(hint, sub, env, dotted)
+    if item.name == "targets" and not section:
+        return _targets(document, env)
+    if env_name in env:
+        raw: Any = env[env_name]
+        source = f"{dotted} ({env_name})"
+    elif item.name in document:
+        raw = document[item.name]
+        source = dotted
+    else:
+        return item.default if item.default is not dataclasses.MISSING else item.default_factory()  # type: ignore[misc]
+    return _coerce(raw, hint, item.metadata, source)
+
+
+def _targets(document: Mapping[str, Any], env: Mapping[str, str]) -> tuple[TargetSettings, ...]:
+    raw: Any = document.get("targets", [])
+    if "COURIER_TARGETS" in env:
+        try:
+            raw = json.loads(env["COURIER_TARGETS"])
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"invalid setting targets (COURIER_TARGETS): not JSON: {exc}") from None
+    if not isinstance(raw, list) or not all(isinstance(t, Mapping) for t in raw):
+        raise SettingsError(f"invalid setting targets = {raw!r}: expected a list of tables")
+    targets = tuple(
+        _build(TargetSettings, entry, {}, f"targets[{index}]") for index, entry in enumerate(raw)
+    )
+    names = [t.name for t in targets]
+    for index, name in enumerate(names):
+        if not name:
+            raise SettingsError(f"invalid setting targets[{index}].name = '': expected a name")
+        if names.count(name) > 1:
+            raise SettingsError(f"invalid setting targets[{index}].name = {name!r}: names must be unique")
+    return targets
+
+
+def _coerce(raw: Any, hint: Any, meta: Mapping[str, Any], source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        value = str(raw).upper() if all(str(c).isupper() for c in choices) else str(raw)
+        if value not in choices:
+            _fail(source, raw, "one of " + ", ".join(map(str, choices)))
+        return value
+    if origin is tuple:
+        return _coerce_list(raw, source)
+    if hint is bool:
+        return _coerce_bool(raw, source)
+    if hint is int or hint is float:
+        return _coerce_number(raw, hint, meta, source)
+    if hint is str or isinstance(hint, types.UnionType):
+        return _coerce_str(raw, meta, source)
+    raise AssertionError(f"unsupported settings type {hint!r}")  # pragma: no cover
+
+
+def _coerce_bool(raw: Any, source: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    _fail(source, raw, "a boolean (true/false)")
+
+
+def _coerce_number(raw: Any, hint: type[int] | type[float], meta: Mapping[str, Any], source: str) -> Any:
+    low, high = meta.get("min"), meta.get("max")
+    if meta.get("kind") == "port":
+        low, high = 1, 65535
+    expected = "an integer" if hint is int else "a number"
+    if low is not None and high is not None:
+        expected += f" between {_fmt(low)} and {_fmt(high)}"
+    if isinstance(raw, bool):
+        _fail(source, raw, expected)
+    try:
+        value = hint(raw) if not isinstance(raw, str) else hint(raw.strip())
+    except (TypeError, ValueError):
+        _fail(source, raw, expected)
+    if hint is int and isinstance(raw, float) and raw != int(raw):
+        _fail(source, raw, expected)
+    if (low is not None and value < low) or (high is not None and value > high):
+        _fail(source, raw, expected)
+    return value
+
+
+def _coerce_str(raw: Any, meta: Mapping[str, Any], source: str) -> str:
+    if not isinstance(raw, str):
+        _fail(source, raw, "a string")
+    value = raw.strip()
+    kind = meta.get("kind")
+    if kind in {"url", "url?"} and (value or kind == "url"):
+        parsed = urlparse(value)
+        if parsed.scheme not in {"http", "https"} or not parsed.netloc:
+            _fail(source, raw, "an http(s) URL")
+    return value
+
+
+def _coerce_list(raw: Any, source: str) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if isinstance(raw, list) and all(isinstance(part, str) for part in raw):
+        return tuple(raw)
+    _fail(source, raw, "a list of strings (comma-separated in env)")
+
+
+def _fmt(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+def _fail(source: str, raw: Any, expected: str) -> typing.NoReturn:
+    raise SettingsError(f"invalid setting {source} = {raw!r}: expected {expected}")
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """(dotted name, env var, default, help) for every scalar setting; feeds the README table."""
+    rows: list[tuple[str, str, Any, str]] = []
+
+    def walk(cls: type[Any], prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for item in dataclasses.fields(cls):
+            dotted = f"{prefix}.{item.name}" if prefix else item.name
+            if dataclasses.is_dataclass(hints[item.name]):
+                walk(hints[item.name], dotted)
+            elif item.metadata:
+                default = item.default if item.default is not dataclasses.MISSING else ()
+                env_name = ENV_PREFIX + dotted.replace(".", "_").upper()
+                rows.append((dotted, env_name, default, item.metadata["help"]))
+
+    walk(Settings, "")
+    return rows
