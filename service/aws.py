@@ -37,8 +37,8 @@ def client_config(settings: AwsSettings) -> AioConfig:
 
 def _count_request(event_name: str, **_: Any) -> None:
     # event_name is "before-send.<service>.<Operation>"; fires once per HTTP attempt.
-    _, service, operation = event_name.split(".", 2)
-    metrics.aws_requests.labels(service, operation).inc()
+    _event, service_name, operation = event_name.split(".", 2)
+    metrics.aws_requests.labels(service_name, operation).inc()
 
 
 @contextlib.asynccontextmanager
@@ -59,5 +59,7 @@ async def open_client(service: str, settings: AwsSettings) -> AsyncIterator[Any]
 async def open_clients(settings: AwsSettings) -> AsyncIterator[AwsClients]:
     """Open the SQS, DynamoDB and KMS clients; close them on exit."""
     async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(open_client(name, settings)) for name in SERVICES]
+        clients = [
+            await stack.enter_async_context(open_client(name, settings)) for name in SERVICES
+        ]
         yield AwsClients(*clients)

@@ -93,6 +93,4 @@ def is_retryable(exc: BaseException) -> bool:
         return error.get("Code", "") in _RETRYABLE_AWS_CODES or status >= 500 or status == 429
     if isinstance(exc, aiohttp.ClientResponseError):
         return exc.status >= 500 or exc.status in {408, 425, 429}
-    if isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError):
-        return True
-    return False
+    return isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError)

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
-from typing import Any
+import secrets
+import signal
+import sys
+from dataclasses import fields, is_dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .aws import open_clients
+from .bootstrap import ResourceNames, Resources, bootstrap
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .daemon import Listening
 
 # moto signs nothing, but botocore refuses to send a request without credentials.
 FAKE_CREDENTIALS = {
@@ -44,3 +58,82 @@ class EmbeddedAws:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+DEMO_SECRET_NAMES = ("courier.jwt.hs256", "courier.idm.api_key")
+LOCAL_CONFIG_PATH = Path(".courier/local.toml")
+
+
+def demo_secrets() -> dict[str, str]:
+    """Fresh random values for the secrets a local chain needs (new on every start)."""
+    return {name: secrets.token_urlsafe(32) for name in DEMO_SECRET_NAMES}
+
+
+async def run_local(base: Settings, aws_port: int, config_out: Path = LOCAL_CONFIG_PATH) -> None:
+    """``courier local``: embedded AWS + bootstrap + the daemon, until Ctrl-C."""
+    from . import daemon
+
+    use_fake_credentials()
+    with EmbeddedAws(port=aws_port) as aws:
+        aws_settings = replace(base.aws, endpoint_url=aws.endpoint_url)
+        async with open_clients(aws_settings) as clients:
+            resources = await bootstrap(clients, ResourceNames(), demo_secrets())
+        settings = resources.apply_to(base.replace(aws=aws_settings))
+        _write_config(config_out, settings)
+        async with daemon.serving(settings) as listening:
+            _print_banner(settings, resources, listening, config_out)
+            await _until_interrupted()
+
+
+def _write_config(path: Path, settings: Settings) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_toml(settings))
+
+
+async def _until_interrupted() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    print("\ncourier local: stopping", file=sys.stderr, flush=True)
+
+
+def _print_banner(
+    settings: Settings, resources: Resources, listening: Listening, config: Path
+) -> None:
+    lines = [
+        "courier local is running (Ctrl-C stops everything):",
+        f"  API            {listening.url}   (GET /readyz, /healthz, /metrics)",
+        f"  AWS (moto)     {settings.aws.endpoint_url}",
+        f"  work queue     {resources.queue_url}",
+        f"  DLQ            {resources.dlq_url}",
+        f"  status table   {resources.status_table}",
+        f"  secrets table  {resources.secrets_table}   (secrets: {', '.join(resources.secrets)})",
+        f"  settings       {config}   (use with: courier --config {config} ...)",
+    ]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def to_toml(settings: Settings) -> str:
+    """Render settings as a TOML file that ``load_settings`` reads back identically."""
+    out = [f"role = {_toml_value(settings.role)}"]
+    for section in fields(settings):
+        value = getattr(settings, section.name)
+        if is_dataclass(value):
+            out.append(f"\n[{section.name}]")
+            out += [f"{f.name} = {_toml_value(getattr(value, f.name))}" for f in fields(value)]
+    for target in settings.targets:
+        out.append("\n[[targets]]")
+        out += [f"{f.name} = {_toml_value(getattr(target, f.name))}" for f in fields(target)]
+    return "\n".join(out) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))

@@ -13,11 +13,13 @@ import json
 import logging
 import sys
 import time
+import types
 from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
+_EMPTY: Mapping[str, Any] = types.MappingProxyType({})
 _context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
-    "courier_log_context", default={}
+    "courier_log_context", default=_EMPTY
 )
 # Fields added to every line of this process (instance id, availability zone, role).
 _static: dict[str, Any] = {}

@@ -54,12 +54,17 @@ class HttpSettings:
     """Where the API listens and how it stops."""
 
     host: str = setting("127.0.0.1", "address the API binds to")
-    port: int = setting(8080, "API port (shared by processes with SO_REUSEPORT)", kind="port")
-    metrics_port: int = setting(
-        0, "extra port serving only /metrics (0 = off)", min=0, max=65535
+    port: int = setting(
+        8080,
+        "API port, shared by processes with SO_REUSEPORT (0 = any free port)",
+        min=0,
+        max=65535,
     )
+    metrics_port: int = setting(0, "extra port serving only /metrics (0 = off)", min=0, max=65535)
     max_body_bytes: int = setting(64 * 1024, "largest accepted request body", min=1024, max=10**7)
-    drain_seconds: float = setting(20.0, "bound on finishing in-flight work at shutdown", min=0, max=600)
+    drain_seconds: float = setting(
+        20.0, "bound on finishing in-flight work at shutdown", min=0, max=600
+    )
     reuse_port: bool = setting(True, "set SO_REUSEPORT so several processes share the port")
 
 
@@ -77,11 +82,15 @@ class AwsSettings:
 
     region: str = setting("us-east-1", "AWS region")
     endpoint_url: str = setting("", "endpoint for every AWS service (empty = AWS)", kind="url?")
-    sqs_endpoint_url: str = setting("", "endpoint for SQS only (overrides endpoint_url)", kind="url?")
+    sqs_endpoint_url: str = setting(
+        "", "endpoint for SQS only (overrides endpoint_url)", kind="url?"
+    )
     dynamodb_endpoint_url: str = setting("", "endpoint for DynamoDB only", kind="url?")
     kms_endpoint_url: str = setting("", "endpoint for KMS only", kind="url?")
     connect_timeout_seconds: float = setting(2.0, "AWS connect timeout", min=0.1, max=60)
-    read_timeout_seconds: float = setting(25.0, "AWS read timeout (> SQS long-poll wait)", min=1, max=300)
+    read_timeout_seconds: float = setting(
+        25.0, "AWS read timeout (> SQS long-poll wait)", min=1, max=300
+    )
     max_pool_connections: int = setting(64, "HTTP connections per AWS client", min=1, max=1000)
 
     def endpoint_for(self, service: str) -> str | None:
@@ -116,7 +125,10 @@ class SecretSettings:
         60.0, "refresh in the background this long before expiry", min=0, max=86400
     )
     max_stale_seconds: float = setting(
-        3600.0, "serve a stale secret this long past expiry while the store fails", min=0, max=604800
+        3600.0,
+        "serve a stale secret this long past expiry while the store fails",
+        min=0,
+        max=604800,
     )
     prefetch: tuple[str, ...] = setting([], "secret names loaded at startup (readiness waits)")
     enabled: bool = setting(True, "cache secrets (false = fetch on every use, for benchmarks)")
@@ -185,7 +197,9 @@ class WorkerSettings:
     visibility_timeout_seconds: int = setting(
         30, "visibility granted per receive; extended while work runs", min=5, max=43200
     )
-    backoff_base_seconds: float = setting(2.0, "first retry delay for transient failures", min=0, max=3600)
+    backoff_base_seconds: float = setting(
+        2.0, "first retry delay for transient failures", min=0, max=3600
+    )
     backoff_max_seconds: float = setting(900.0, "longest retry delay", min=1, max=43200)
 
 
@@ -220,7 +234,8 @@ def load_settings(
     """
     env = os.environ if environ is None else environ
     document = _read_toml(_config_path(config_path, env))
-    return _build(Settings, document, env, section="")
+    settings: Settings = _build(Settings, document, env, section="")
+    return settings
 
 
 def _config_path(explicit: Path | None, env: Mapping[str, str]) -> Path | None:
@@ -243,7 +258,9 @@ def _read_toml(path: Path | None) -> dict[str, Any]:
         raise SettingsError(f"config file {path}: {exc}") from None
 
 
-def _build(cls: type[Any], document: Mapping[str, Any], env: Mapping[str, str], section: str) -> Any:
+def _build(
+    cls: type[Any], document: Mapping[str, Any], env: Mapping[str, str], section: str
+) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(document) - known)
@@ -265,7 +282,7 @@ def _field_value(
 ) -> Any:
     dotted = f"{section}.{item.name}" if section else item.name
     env_name = ENV_PREFIX + dotted.replace(".", "_").upper()
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         sub = document.get(item.name, {})
         if not isinstance(sub, Mapping):
             raise SettingsError(f"invalid setting [{dotted}]: expected a table, got {sub!r}")
@@ -279,8 +296,14 @@ def _field_value(
         raw = document[item.name]
         source = dotted
     else:
-        return item.default if item.default is not dataclasses.MISSING else item.default_factory()  # type: ignore[misc]
+        return _default(item)
     return _coerce(raw, hint, item.metadata, source)
+
+
+def _default(item: dataclasses.Field[Any]) -> Any:
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return item.default
 
 
 def _targets(document: Mapping[str, Any], env: Mapping[str, str]) -> tuple[TargetSettings, ...]:
@@ -289,7 +312,9 @@ def _targets(document: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Targe
         try:
             raw = json.loads(env["COURIER_TARGETS"])
         except json.JSONDecodeError as exc:
-            raise SettingsError(f"invalid setting targets (COURIER_TARGETS): not JSON: {exc}") from None
+            raise SettingsError(
+                f"invalid setting targets (COURIER_TARGETS): not JSON: {exc}"
+            ) from None
     if not isinstance(raw, list) or not all(isinstance(t, Mapping) for t in raw):
         raise SettingsError(f"invalid setting targets = {raw!r}: expected a list of tables")
     targets = tuple(
@@ -299,8 +324,10 @@ def _targets(document: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Targe
     for index, name in enumerate(names):
         if not name:
             raise SettingsError(f"invalid setting targets[{index}].name = '': expected a name")
-        if names.count(name) > 1:
-            raise SettingsError(f"invalid setting targets[{index}].name = {name!r}: names must be unique")
+        if name in names[:index]:
+            raise SettingsError(
+                f"invalid setting targets[{index}].name = {name!r}: names must be unique"
+            )
     return targets
 
 
@@ -310,7 +337,7 @@ def _coerce(raw: Any, hint: Any, meta: Mapping[str, Any], source: str) -> Any:
         choices = typing.get_args(hint)
         value = str(raw).upper() if all(str(c).isupper() for c in choices) else str(raw)
         if value not in choices:
-            _fail(source, raw, "one of " + ", ".join(map(str, choices)))
+            raise _invalid(source, raw, "one of " + ", ".join(map(str, choices)))
         return value
     if origin is tuple:
         return _coerce_list(raw, source)
@@ -331,38 +358,38 @@ def _coerce_bool(raw: Any, source: str) -> bool:
         return True
     if text in {"0", "false", "no", "off"}:
         return False
-    _fail(source, raw, "a boolean (true/false)")
+    raise _invalid(source, raw, "a boolean (true/false)")
 
 
-def _coerce_number(raw: Any, hint: type[int] | type[float], meta: Mapping[str, Any], source: str) -> Any:
+def _coerce_number(
+    raw: Any, hint: type[int] | type[float], meta: Mapping[str, Any], source: str
+) -> Any:
     low, high = meta.get("min"), meta.get("max")
-    if meta.get("kind") == "port":
-        low, high = 1, 65535
     expected = "an integer" if hint is int else "a number"
     if low is not None and high is not None:
         expected += f" between {_fmt(low)} and {_fmt(high)}"
     if isinstance(raw, bool):
-        _fail(source, raw, expected)
+        raise _invalid(source, raw, expected)
     try:
         value = hint(raw) if not isinstance(raw, str) else hint(raw.strip())
     except (TypeError, ValueError):
-        _fail(source, raw, expected)
+        raise _invalid(source, raw, expected) from None
     if hint is int and isinstance(raw, float) and raw != int(raw):
-        _fail(source, raw, expected)
+        raise _invalid(source, raw, expected)
     if (low is not None and value < low) or (high is not None and value > high):
-        _fail(source, raw, expected)
+        raise _invalid(source, raw, expected)
     return value
 
 
 def _coerce_str(raw: Any, meta: Mapping[str, Any], source: str) -> str:
     if not isinstance(raw, str):
-        _fail(source, raw, "a string")
+        raise _invalid(source, raw, "a string")
     value = raw.strip()
     kind = meta.get("kind")
     if kind in {"url", "url?"} and (value or kind == "url"):
         parsed = urlparse(value)
         if parsed.scheme not in {"http", "https"} or not parsed.netloc:
-            _fail(source, raw, "an http(s) URL")
+            raise _invalid(source, raw, "an http(s) URL")
     return value
 
 
@@ -371,15 +398,15 @@ def _coerce_list(raw: Any, source: str) -> tuple[str, ...]:
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     if isinstance(raw, list) and all(isinstance(part, str) for part in raw):
         return tuple(raw)
-    _fail(source, raw, "a list of strings (comma-separated in env)")
+    raise _invalid(source, raw, "a list of strings (comma-separated in env)")
 
 
 def _fmt(number: float) -> str:
     return str(int(number)) if float(number).is_integer() else str(number)
 
 
-def _fail(source: str, raw: Any, expected: str) -> typing.NoReturn:
-    raise SettingsError(f"invalid setting {source} = {raw!r}: expected {expected}")
+def _invalid(source: str, raw: Any, expected: str) -> SettingsError:
+    return SettingsError(f"invalid setting {source} = {raw!r}: expected {expected}")
 
 
 def describe() -> list[tuple[str, str, Any, str]]:

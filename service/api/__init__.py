@@ -1,0 +1,1 @@
+"""The HTTP API: routes, middlewares, authentication, schemas and problem+json errors."""

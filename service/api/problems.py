@@ -1,0 +1,80 @@
+"""RFC 9457 problem details: every error the API returns is one of these, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+CONTENT_TYPE = "application/problem+json"
+TYPE_PREFIX = "urn:courier:problem:"
+
+
+class Problem(Exception):
+    """An error answer: stable ``type`` slug, ``title``, ``status``, ``detail`` (+ extra members).
+
+    Raised anywhere under a handler; the ``observe`` middleware renders it.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        title: str,
+        detail: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.headers = dict(headers or {})
+        self.slug = slug
+        self.title = title
+        self.detail = detail
+        self.extra = extra
+
+    def body(self, request_id: str | None) -> dict[str, Any]:
+        """The problem document."""
+        document: dict[str, Any] = {
+            "type": TYPE_PREFIX + self.slug,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if request_id:
+            document["request_id"] = request_id
+        document.update(self.extra)
+        return document
+
+    def to_response(self, request_id: str | None) -> web.Response:
+        """The problem as an ``application/problem+json`` response."""
+        return web.Response(
+            status=self.status,
+            body=json.dumps(self.body(request_id)).encode(),
+            content_type=CONTENT_TYPE,
+            headers=self.headers,
+        )
+
+
+def from_http_exception(exc: web.HTTPException) -> Problem:
+    """Turn aiohttp's own errors (404, 405, 413, ...) into problems."""
+    slug = {
+        404: "not-found",
+        405: "method-not-allowed",
+        413: "payload-too-large",
+    }.get(exc.status, f"http-{exc.status}")
+    headers = {k: v for k, v in exc.headers.items() if k.lower() in {"allow", "retry-after"}}
+    return Problem(exc.status, slug, exc.reason, exc.text or exc.reason, headers=headers)
+
+
+def internal_error() -> Problem:
+    """What a client sees when courier itself failed: no details, the request id to quote."""
+    return Problem(
+        500,
+        "internal-error",
+        "Internal Server Error",
+        "courier failed to handle the request; quote the request_id when reporting it.",
+    )

@@ -1,0 +1,153 @@
+"""The ``courier`` command: run | local | check | secrets."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from . import __version__
+from .errors import CourierError, SettingsError
+from .local import use_fake_credentials
+from .logs import setup_logging
+from .settings import Settings, load_settings
+
+Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int] | int]
+
+
+def run_async(main: Coroutine[Any, Any, int | None]) -> int | None:
+    """Run ``main`` on uvloop when it is installed (it is on Linux), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported OS
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="courier", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"courier {__version__}")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML settings file (default: $COURIER_CONFIG, else /etc/courier/courier.toml if present)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="serve the API and/or the worker until SIGTERM")
+    run.add_argument("--role", choices=["all", "api", "worker"], help="override the role setting")
+
+    local = commands.add_parser("local", help="run the whole chain on embedded stand-ins for AWS")
+    local.add_argument("--port", type=int, default=8080, help="API port (default 8080)")
+    local.add_argument(
+        "--aws-port", type=int, default=4566, help="moto port (default 4566, 0 = any)"
+    )
+
+    commands.add_parser("check", help="validate the settings and exit 0 (valid) or 2 (invalid)")
+
+    secrets = commands.add_parser("secrets", help="read or write CredStash secrets")
+    actions = secrets.add_subparsers(dest="action", required=True, metavar="ACTION")
+    get = actions.add_parser("get", help="print a secret's plaintext")
+    get.add_argument("name")
+    get.add_argument("--version", dest="secret_version", default=None)
+    get.add_argument("--context", action="append", default=[], metavar="KEY=VALUE")
+    put = actions.add_parser("put", help="store a new version of a secret")
+    put.add_argument("name")
+    put.add_argument("value")
+    put.add_argument("--kms-key", default="alias/credstash")
+    put.add_argument("--context", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``courier`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        if getattr(args, "role", None):
+            settings = settings.replace(role=args.role)
+    except SettingsError as exc:
+        print(f"courier: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log.level)
+    if _points_at_emulator(settings):
+        use_fake_credentials()
+    handler = _COMMANDS[args.command]
+    try:
+        outcome = handler(args, settings)
+        result = run_async(outcome) if asyncio.iscoroutine(outcome) else outcome
+    except CourierError as exc:
+        print(f"courier: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)
+
+
+async def _points_at_emulator(settings: Settings) -> bool:
+    # Emulators on loopback (moto, fauxqs) accept any signature; real AWS never lives there.
+    endpoints = [settings.aws.endpoint_for(name) or "" for name in ("sqs", "dynamodb", "kms")]
+    return any(urlparse(url).hostname in {"127.0.0.1", "localhost", "::1"} for url in endpoints)
+
+
+async def _run(_: argparse.Namespace, settings: Settings) -> int:
+    from . import daemon
+
+    await daemon.run(settings)
+    return 0
+
+
+async def _local(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import replace
+
+    from .local import run_local
+
+    http = replace(settings.http, port=args.port)
+    await run_local(settings.replace(http=http), aws_port=args.aws_port)
+    return 0
+
+
+def _check(_: argparse.Namespace, settings: Settings) -> int:
+    print(f"courier: settings are valid (role={settings.role}, {len(settings.targets)} targets)")
+    return 0
+
+
+def _context(pairs: list[str]) -> dict[str, str]:
+    context = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SettingsError(f"invalid --context {pair!r}: expected KEY=VALUE")
+        context[key] = value
+    return context
+
+
+async def _secrets(args: argparse.Namespace, settings: Settings) -> int:
+    from .aws import open_client
+    from .credstash import CredStash
+
+    context = _context(args.context)
+    async with (
+        open_client("dynamodb", settings.aws) as dynamodb,
+        open_client("kms", settings.aws) as kms,
+    ):
+        store = CredStash(dynamodb, kms, settings.secrets.table)
+        if args.action == "get":
+            print(await store.get(args.name, args.secret_version, context))
+        else:
+            version = await store.put(args.name, args.value, kms_key=args.kms_key, context=context)
+            print(f"stored {args.name} version {int(version)}")
+    return 0
+
+
+_COMMANDS: dict[str, Command] = {
+    "run": _run,
+    "local": _local,
+    "check": _check,
+    "secrets": _secrets,
+}

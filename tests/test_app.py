@@ -1,0 +1,140 @@
+"""The daemon's operational surface over real HTTP: /healthz, /readyz, /metrics, errors, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from service import daemon
+from service.local import to_toml
+from service.settings import Settings, load_settings
+
+
+def on_free_port(settings: Settings) -> Settings:
+    return settings.replace(http=dataclasses.replace(settings.http, port=0, drain_seconds=2))
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def wait_ready(
+    http: aiohttp.ClientSession, url: str, timeout: float = 10
+) -> dict[str, object]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        async with http.get(f"{url}/readyz") as response:
+            body: dict[str, object] = await response.json()
+            if response.status == 200:
+                return body
+        assert asyncio.get_running_loop().time() < deadline, body
+        await asyncio.sleep(0.05)
+
+
+async def test_health_ready_and_metrics(settings: Settings, http: aiohttp.ClientSession) -> None:
+    async with daemon.serving(on_free_port(settings)) as listening:
+        async with http.get(f"{listening.url}/healthz") as response:
+            assert response.status == 200
+            assert await response.json() == {"status": "ok"}
+        body = await wait_ready(http, listening.url)
+        assert body["checks"] == {"draining": "ok", "secrets": "ok", "aws": "ok"}
+        async with http.get(f"{listening.url}/metrics") as response:
+            text = await response.text()
+            assert response.headers["Content-Type"].startswith("text/plain")
+        assert "courier_ready 1.0" in text
+        assert 'courier_http_requests_total{method="GET",route="/healthz",status="200"}' in text
+        assert "courier_secret_lookups_total" in text
+
+
+async def test_not_ready_while_a_required_secret_is_missing(
+    settings: Settings, http: aiohttp.ClientSession
+) -> None:
+    idm = dataclasses.replace(settings.idm, api_key_secret="no.such.secret")
+    async with daemon.serving(on_free_port(settings.replace(idm=idm))) as listening:
+        await asyncio.sleep(0.3)
+        async with http.get(f"{listening.url}/readyz") as response:
+            assert response.status == 503
+            body = await response.json()
+        assert body["status"] == "not ready"
+        assert body["checks"]["secrets"] == "not ready"
+
+
+async def test_not_ready_when_aws_is_unreachable(
+    settings: Settings, http: aiohttp.ClientSession
+) -> None:
+    aws = dataclasses.replace(
+        settings.aws,
+        endpoint_url="http://127.0.0.1:9",
+        connect_timeout_seconds=0.2,
+        read_timeout_seconds=1,
+    )
+    async with daemon.serving(on_free_port(settings.replace(aws=aws))) as listening:
+        async with http.get(f"{listening.url}/readyz") as response:
+            assert response.status == 503
+            body = await response.json()
+        assert body["checks"]["aws"].startswith("EndpointConnectionError")
+
+
+async def test_unknown_route_is_problem_json_with_request_id(
+    settings: Settings, http: aiohttp.ClientSession
+) -> None:
+    async with daemon.serving(on_free_port(settings)) as listening:
+        async with http.get(
+            f"{listening.url}/nope", headers={"X-Request-Id": "abc-123"}
+        ) as response:
+            assert response.status == 404
+            assert response.headers["Content-Type"] == "application/problem+json"
+            assert response.headers["X-Request-Id"] == "abc-123"
+            body = await response.json()
+        assert body == {
+            "type": "urn:courier:problem:not-found",
+            "title": "Not Found",
+            "status": 404,
+            "detail": "404: Not Found",
+            "request_id": "abc-123",
+        }
+        async with http.post(
+            f"{listening.url}/healthz", headers={"X-Request-Id": "bad id with spaces"}
+        ) as response:
+            assert response.status == 405
+            assert response.headers["Allow"] == "GET,HEAD"
+            assert response.headers["X-Request-Id"] != "bad id with spaces"
+
+
+async def test_metrics_port_serves_only_metrics(
+    settings: Settings, http: aiohttp.ClientSession
+) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    http_settings = dataclasses.replace(settings.http, port=0, metrics_port=free)
+    async with daemon.serving(settings.replace(http=http_settings)) as listening:
+        assert listening.metrics_url == f"http://127.0.0.1:{free}/metrics"
+        async with http.get(listening.metrics_url) as response:
+            assert response.status == 200
+        async with http.get(f"http://127.0.0.1:{free}/healthz") as response:
+            assert response.status == 404
+
+
+async def test_stop_event_ends_run(settings: Settings) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(on_free_port(settings), stop))
+    await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+
+def test_local_settings_round_trip_through_toml(tmp_path: object, settings: Settings) -> None:
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "local.toml"
+    path.write_text(to_toml(settings))
+    assert load_settings(path, environ={}) == settings

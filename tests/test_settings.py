@@ -1,0 +1,226 @@
+"""Settings: defaults, precedence, and the one-line error for every kind of bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.errors import SettingsError
+from service.settings import Settings, describe, load_settings
+
+
+def load(
+    env: dict[str, str] | None = None, toml: str | None = None, tmp_path: Path | None = None
+) -> Settings:
+    path = None
+    if toml is not None:
+        assert tmp_path is not None
+        path = tmp_path / "courier.toml"
+        path.write_text(toml)
+    return load_settings(path, environ=env or {})
+
+
+def test_defaults_are_valid() -> None:
+    settings = load()
+    assert settings.role == "all"
+    assert settings.http.port == 8080
+    assert settings.secrets.table == "credential-store"
+    assert settings.targets == ()
+
+
+def test_env_overrides_toml(tmp_path: Path) -> None:
+    settings = load(
+        {"COURIER_HTTP_PORT": "9000", "COURIER_LOG_LEVEL": "debug"},
+        '[http]\nport = 8000\nhost = "0.0.0.0"\n[log]\nlevel = "WARNING"\n',
+        tmp_path,
+    )
+    assert settings.http.port == 9000
+    assert settings.http.host == "0.0.0.0"
+    assert settings.log.level == "DEBUG"
+
+
+def test_lists_bools_and_targets(tmp_path: Path) -> None:
+    settings = load(
+        {"COURIER_SECRETS_PREFETCH": "a, b", "COURIER_HTTP_REUSE_PORT": "no"},
+        '[[targets]]\nname = "crm"\nurl = "http://crm.internal/api"\n'
+        '[[targets]]\nname = "billing"\nurl = "https://billing/soap"\nformat = "soap"\n',
+        tmp_path,
+    )
+    assert settings.secrets.prefetch == ("a", "b")
+    assert settings.http.reuse_port is False
+    assert [(t.name, t.format) for t in settings.targets] == [("crm", "json"), ("billing", "soap")]
+
+
+def test_targets_from_env_json() -> None:
+    settings = load({"COURIER_TARGETS": '[{"name": "a", "url": "http://a/x", "concurrency": 4}]'})
+    assert settings.targets[0].concurrency == 4
+
+
+def test_endpoint_for_service() -> None:
+    settings = load(
+        {
+            "COURIER_AWS_ENDPOINT_URL": "http://127.0.0.1:1",
+            "COURIER_AWS_SQS_ENDPOINT_URL": "http://127.0.0.1:2",
+        }
+    )
+    assert settings.aws.endpoint_for("sqs") == "http://127.0.0.1:2"
+    assert settings.aws.endpoint_for("kms") == "http://127.0.0.1:1"
+    assert load().aws.endpoint_for("kms") is None
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"COURIER_HTTP_PORT": "abc"},
+            "invalid setting http.port (COURIER_HTTP_PORT) = 'abc': expected an integer between 0 and 65535",
+        ),
+        (
+            {"COURIER_HTTP_PORT": "70000"},
+            "invalid setting http.port (COURIER_HTTP_PORT) = '70000': expected an integer between 0 and 65535",
+        ),
+        (
+            {"COURIER_ROLE": "both"},
+            "invalid setting role (COURIER_ROLE) = 'both': expected one of all, api, worker",
+        ),
+        (
+            {"COURIER_LOG_LEVEL": "loud"},
+            "invalid setting log.level (COURIER_LOG_LEVEL) = 'loud': expected one of DEBUG, INFO, WARNING, ERROR",
+        ),
+        (
+            {"COURIER_HTTP_REUSE_PORT": "maybe"},
+            "invalid setting http.reuse_port (COURIER_HTTP_REUSE_PORT) = 'maybe': expected a boolean (true/false)",
+        ),
+        (
+            {"COURIER_SECRETS_TTL_SECONDS": "0"},
+            "invalid setting secrets.ttl_seconds (COURIER_SECRETS_TTL_SECONDS) = '0': expected a number between 1 and 86400",
+        ),
+        (
+            {"COURIER_WORKER_WAIT_SECONDS": "21"},
+            "invalid setting worker.wait_seconds (COURIER_WORKER_WAIT_SECONDS) = '21': expected an integer between 0 and 20",
+        ),
+        (
+            {"COURIER_IDM_URL": "idm.internal"},
+            "invalid setting idm.url (COURIER_IDM_URL) = 'idm.internal': expected an http(s) URL",
+        ),
+        (
+            {"COURIER_AWS_ENDPOINT_URL": "ftp://x"},
+            "invalid setting aws.endpoint_url (COURIER_AWS_ENDPOINT_URL) = 'ftp://x': expected an http(s) URL",
+        ),
+        ({"COURIER_TARGETS": "[oops"}, "invalid setting targets (COURIER_TARGETS): not JSON"),
+        (
+            {"COURIER_TARGETS": '{"name": "a"}'},
+            "invalid setting targets = {'name': 'a'}: expected a list of tables",
+        ),
+        (
+            {
+                "COURIER_TARGETS": '[{"name": "a", "url": "http://a"}, {"name": "a", "url": "http://b"}]'
+            },
+            "invalid setting targets[1].name = 'a': names must be unique",
+        ),
+        (
+            {"COURIER_TARGETS": '[{"url": "http://a"}]'},
+            "invalid setting targets[0].name = '': expected a name",
+        ),
+        (
+            {"COURIER_TARGETS": '[{"name": "a", "url": "http://a", "format": "xml"}]'},
+            "invalid setting targets[0].format = 'xml': expected one of json, soap",
+        ),
+    ],
+)
+def test_invalid_env_values_give_one_line(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load(env)
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            "[http]\nport = 8080.5\n",
+            "invalid setting http.port = 8080.5: expected an integer between 0 and 65535",
+        ),
+        (
+            "[http]\nport = true\n",
+            "invalid setting http.port = True: expected an integer between 0 and 65535",
+        ),
+        ("[http]\nhost = 5\n", "invalid setting http.host = 5: expected a string"),
+        ("[http]\nprot = 1\n", "unknown setting 'prot' in [http] of the config file"),
+        ("colour = 1\n", "unknown setting 'colour' in the top level of the config file"),
+        ("http = 3\n", "invalid setting [http]: expected a table, got 3"),
+        (
+            "[secrets]\nprefetch = [1]\n",
+            "invalid setting secrets.prefetch = [1]: expected a list of strings",
+        ),
+        ("[http\n", "config file"),
+    ],
+)
+def test_invalid_toml_values_give_one_line(tmp_path: Path, toml: str, message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load(toml=toml, tmp_path=tmp_path)
+    assert str(caught.value).startswith(message)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"config file .*nope.toml: not found"):
+        load_settings(tmp_path / "nope.toml", environ={})
+
+
+def test_config_path_from_env(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('role = "worker"\n')
+    assert load_settings(environ={"COURIER_CONFIG": str(path)}).role == "worker"
+
+
+def test_settings_are_frozen() -> None:
+    settings = load()
+    with pytest.raises(AttributeError):
+        settings.role = "api"  # type: ignore[misc]
+
+
+def test_describe_covers_every_section() -> None:
+    names = {row[0] for row in describe()}
+    assert {
+        "role",
+        "http.port",
+        "aws.region",
+        "secrets.ttl_seconds",
+        "worker.max_in_flight",
+    } <= names
+
+
+def test_cli_exits_2_with_the_message() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "check"],
+        env={"COURIER_HTTP_PORT": "zero", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "courier: invalid setting http.port (COURIER_HTTP_PORT) = 'zero': expected an integer between 0 and 65535"
+    )
+
+
+def test_cli_check_ok() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "check"],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "settings are valid" in result.stdout
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [env for _, env, _, _ in describe() if f"`{env}`" not in readme]
+    assert missing == [], f"README configuration table lacks {missing}"
