@@ -31,7 +31,7 @@ def client_config(settings: AwsSettings) -> AioConfig:
         connect_timeout=settings.connect_timeout_seconds,
         read_timeout=settings.read_timeout_seconds,
         max_pool_connections=settings.max_pool_connections,
-        retries={"mode": "standard", "max_attempts": 3},
+        retries={"mode": "standard", "total_max_attempts": 3},
     )
 
 

@@ -76,11 +76,15 @@ async def bootstrap(
 ) -> Resources:
     """Create queues (+DLQs, + FIFO pair), tables, KMS keys with aliases, and ``secrets``."""
     dlq_url = await _queue(clients.sqs, names.dlq, {"MessageRetentionPeriod": str(14 * 86400)})
-    queue_url = await _queue(clients.sqs, names.queue, await _work_attributes(clients.sqs, names, dlq_url))
+    queue_url = await _queue(
+        clients.sqs, names.queue, await _work_attributes(clients.sqs, names, dlq_url)
+    )
     fifo = {"FifoQueue": "true", "ContentBasedDeduplication": "true"}
     fifo_dlq_url = await _queue(clients.sqs, f"{names.dlq}.fifo", fifo)
     fifo_queue_url = await _queue(
-        clients.sqs, f"{names.queue}.fifo", {**fifo, **await _work_attributes(clients.sqs, names, fifo_dlq_url)}
+        clients.sqs,
+        f"{names.queue}.fifo",
+        {**fifo, **await _work_attributes(clients.sqs, names, fifo_dlq_url)},
     )
     await _table(clients.dynamodb, names.secrets_table, [("name", "HASH"), ("version", "RANGE")])
     await _table(clients.dynamodb, names.status_table, [("pk", "HASH")], ttl_attribute="expires_at")
@@ -105,7 +109,10 @@ async def bootstrap(
 
 async def _work_attributes(sqs: Any, names: ResourceNames, dlq_url: str) -> dict[str, str]:
     attributes = await sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])
-    redrive = {"deadLetterTargetArn": attributes["Attributes"]["QueueArn"], "maxReceiveCount": names.max_receive_count}
+    redrive = {
+        "deadLetterTargetArn": attributes["Attributes"]["QueueArn"],
+        "maxReceiveCount": names.max_receive_count,
+    }
     return {
         "RedrivePolicy": json.dumps(redrive),
         "MessageRetentionPeriod": str(names.retention_seconds),
@@ -134,7 +141,8 @@ async def _table(
         return
     if ttl_attribute:
         await dynamodb.update_time_to_live(
-            TableName=name, TimeToLiveSpecification={"Enabled": True, "AttributeName": ttl_attribute}
+            TableName=name,
+            TimeToLiveSpecification={"Enabled": True, "AttributeName": ttl_attribute},
         )
 
 

@@ -80,7 +80,9 @@ class SealedSecret:
                 digest=item.get("digest", {}).get("S", DEFAULT_DIGEST),
             )
         except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
-            raise SecretIntegrityError(f"secret {name!r}: malformed CredStash item ({exc})") from None
+            raise SecretIntegrityError(
+                f"secret {name!r}: malformed CredStash item ({exc})"
+            ) from None
 
     def open(self, data_key: bytes) -> str:
         """Check the HMAC, then decrypt; raises SecretIntegrityError on any mismatch."""
@@ -88,7 +90,7 @@ class SealedSecret:
         expected = _hmac(hmac_key, self.ciphertext, self.digest, self.name)
         if not hmac_module.compare_digest(expected, self.hmac):
             raise SecretIntegrityError(
-                f"secret {self.name!r} version {int(self.version)}: HMAC mismatch "
+                f"secret {self.name!r} version {self.version.lstrip('0') or '0'}: HMAC mismatch "
                 "(the item was modified or sealed with another key)"
             )
         decryptor = Cipher(algorithms.AES(aes_key), modes.CTR(LEGACY_NONCE)).decryptor()

@@ -1,0 +1,232 @@
+"""SecretCache: an in-memory cache of CredStash secrets in front of any ``SecretStore``.
+
+Secrets are read once, kept for ``ttl_seconds`` on a monotonic clock, refreshed in the
+background ``refresh_ahead_seconds`` before they expire, and served stale (for at most
+``max_stale_seconds`` past expiry) while the store is unreachable. Concurrent misses of one
+key share a single fetch. Failures are never cached, and permanent failures (no such
+secret, integrity) are never hidden behind a stale value. Values are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, Protocol
+
+from . import metrics
+from .errors import PermanentError, SecretUnavailableError
+from .settings import SecretSettings
+
+log = logging.getLogger("courier.secrets")
+
+# (name, sorted encryption-context items): the same context given in any order is one entry.
+CacheKey = tuple[str, tuple[tuple[str, str], ...]]
+Trigger = Literal["miss", "refresh"]
+
+
+class SecretStore(Protocol):
+    """Anything that can produce the plaintext of a secret (``CredStash`` is one)."""
+
+    async def get(
+        self, name: str, version: str | None = None, context: Mapping[str, str] | None = None
+    ) -> str:
+        """The plaintext of ``name`` (latest version unless ``version``)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    value: str
+    expires_at: float
+
+
+class SecretCache:
+    """TTL cache with refresh-ahead, bounded stale-if-error and single-flight fetches.
+
+    Use as ``async with SecretCache(store, settings) as cache:`` (or call ``aclose``) so the
+    background refreshes are cancelled when the owner stops. ``clock`` must be monotonic
+    (seconds); tests inject a fake one.
+    """
+
+    def __init__(
+        self,
+        store: SecretStore,
+        settings: SecretSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._settings = settings or SecretSettings()
+        self._clock = clock
+        self._entries: dict[CacheKey, _Entry] = {}
+        # Keys fetched successfully at least once, kept even when caching is off so that
+        # readiness works in the stateless (benchmark) mode too.
+        self._loaded: set[CacheKey] = set()
+        # At most one fetch per key at a time, shared by misses and refreshes alike.
+        self._inflight: dict[CacheKey, asyncio.Task[str]] = {}
+        self._closed = False
+
+    async def get(self, name: str, context: Mapping[str, str] | None = None) -> str:
+        """The latest value of ``name`` under the KMS encryption ``context``.
+
+        Raises ``SecretNotFoundError`` / ``SecretIntegrityError`` as the store does, and
+        ``SecretUnavailableError`` when the store fails and no value is fresh enough to serve.
+        """
+        key = _cache_key(name, context)
+        if not self._settings.enabled:
+            return await self._uncached(key)
+        entry = self._entries.get(key)
+        now = self._clock()
+        if entry is not None and now < entry.expires_at:
+            metrics.secret_lookups.labels("hit").inc()
+            if now >= entry.expires_at - self._settings.refresh_ahead_seconds and not self._closed:
+                self._fetch_task(key, "refresh")
+            return entry.value
+        try:
+            value = await self._shared_fetch(key)
+        except Exception as exc:
+            return self._stale_or_raise(key, exc)
+        metrics.secret_lookups.labels("miss").inc()
+        return value
+
+    async def prefetch(self, names: Iterable[str]) -> None:
+        """Load every name (no context) concurrently; raises the first failure after all end."""
+        results = await asyncio.gather(*(self.get(name) for name in names), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def loaded(self, names: Iterable[str]) -> bool:
+        """True when every name (no context) has been fetched successfully at least once.
+
+        A value past its TTL still counts: during a store outage the cache serves it, and
+        readiness failing on every instance at once would take the whole fleet out.
+        """
+        return all(_cache_key(name, None) in self._loaded for name in names)
+
+    async def aclose(self) -> None:
+        """Cancel in-flight fetches and refuse new ones; cached values stay readable."""
+        self._closed = True
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> SecretCache:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _uncached(self, key: CacheKey) -> str:
+        metrics.secret_lookups.labels("miss").inc()
+        try:
+            value = await self._store.get(key[0], context=dict(key[1]) or None)
+        except Exception:
+            metrics.secret_fetches.labels("miss", "error").inc()
+            raise
+        metrics.secret_fetches.labels("miss", "ok").inc()
+        self._loaded.add(key)
+        return value
+
+    async def _shared_fetch(self, key: CacheKey) -> str:
+        task = self._fetch_task(key, "miss")
+        try:
+            # shield: a caller that gives up (request timeout) must not cancel the fetch
+            # other callers are waiting on.
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                # The fetch was cancelled by aclose, not our caller: report an outage.
+                raise SecretUnavailableError(
+                    f"secret {key[0]!r}: the secret cache closed during the fetch"
+                ) from None
+            raise
+
+    def _fetch_task(self, key: CacheKey, trigger: Trigger) -> asyncio.Task[str]:
+        task = self._inflight.get(key)
+        if task is not None:
+            return task
+        if self._closed:
+            raise SecretUnavailableError(f"secret {key[0]!r}: the secret cache is closed")
+        task = asyncio.create_task(self._fetch(key, trigger), name=f"secret-{trigger}:{key[0]}")
+        self._inflight[key] = task
+        task.add_done_callback(functools.partial(self._fetch_done, key, trigger))
+        return task
+
+    async def _fetch(self, key: CacheKey, trigger: Trigger) -> str:
+        try:
+            value = await self._store.get(key[0], context=dict(key[1]) or None)
+        except Exception:
+            metrics.secret_fetches.labels(trigger, "error").inc()
+            raise
+        metrics.secret_fetches.labels(trigger, "ok").inc()
+        self._entries[key] = _Entry(value, self._clock() + self._settings.ttl_seconds)
+        self._loaded.add(key)
+        return value
+
+    def _fetch_done(self, key: CacheKey, trigger: Trigger, task: asyncio.Task[str]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if task.cancelled():
+            return
+        # Reading the exception marks it retrieved: a background refresh nobody awaits must
+        # never reach the loop's "Task exception was never retrieved" handler.
+        exc = task.exception()
+        if exc is not None and trigger == "refresh":
+            log.warning(
+                "background refresh of secret %r failed; keeping the cached value",
+                key[0],
+                extra={
+                    "fields": {
+                        "event": "secret_refresh_failed",
+                        "secret": key[0],
+                        "error": f"{type(exc).__name__}: {exc}",
+                    }
+                },
+            )
+
+    def _stale_or_raise(self, key: CacheKey, exc: Exception) -> str:
+        entry = self._entries.get(key)
+        if isinstance(exc, PermanentError) or entry is None:
+            # A deleted or tampered secret must surface, not hide behind an old value.
+            metrics.secret_lookups.labels("miss").inc()
+            raise exc
+        age = self._clock() - entry.expires_at
+        limit = self._settings.max_stale_seconds
+        if age >= limit:
+            metrics.secret_lookups.labels("miss").inc()
+            raise SecretUnavailableError(
+                f"secret {key[0]!r}: the store failed and the cached value expired "
+                f"{age:.0f}s ago, beyond max_stale_seconds={limit:g} ({exc})"
+            ) from exc
+        metrics.secret_lookups.labels("stale").inc()
+        log.warning(
+            "serving secret %r %.0fs past its TTL because the store failed",
+            key[0],
+            age,
+            extra={
+                "fields": {
+                    "event": "secret_stale",
+                    "secret": key[0],
+                    "stale_seconds": round(age, 3),
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
+            },
+        )
+        return entry.value
+
+
+def _cache_key(name: str, context: Mapping[str, str] | None) -> CacheKey:
+    return name, tuple(sorted((context or {}).items()))
