@@ -11,6 +11,7 @@ import asyncio
 import base64
 import os
 import subprocess
+import tempfile
 import sys
 import uuid
 from collections.abc import Iterator, Mapping
@@ -54,6 +55,7 @@ def table(cli_env: dict[str, str], resources: Resources) -> str:
     result = subprocess.run(
         [str(CREDSTASH_CLI), "-t", TABLE, "setup"],
         env=cli_env,
+        cwd=tempfile.gettempdir(),  # the CLI writes credstash.log into its working directory
         capture_output=True,
         text=True,
         timeout=30,
@@ -109,6 +111,7 @@ async def run_cli(env: Mapping[str, str], *args: str) -> str:
         TABLE,
         *args,
         env=dict(env),
+        cwd=tempfile.gettempdir(),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
