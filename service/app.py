@@ -1,8 +1,8 @@
 """Wires the aiohttp application: routes, middlewares, and one cleanup context per resource.
 
-``create_app`` only wires; every resource (AWS clients, secret cache, ...) is opened in its
-own cleanup context and stored under a typed ``AppKey``, so startup and shutdown order is the
-order of this file and nothing lives in a global.
+``create_app`` only wires; every resource (AWS clients, HTTP session, secret cache, ...) is
+opened in its own cleanup context and stored under a typed ``AppKey`` (``state.py``), so
+startup order is the order of ``_contexts`` and shutdown is its reverse. No globals.
 """
 
 from __future__ import annotations
@@ -10,29 +10,53 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 
+import aiohttp
 from aiohttp import web
 
 from . import __version__, metrics
-from .api import health_routes
+from .api import health_routes, mailboxes, openapi
+from .api.auth import Jwks, TokenVerifier
 from .api.middleware import ACCESS_LOG_KEY, observe
 from .aws import AwsClients, open_clients
 from .credstash import CredStash
+from .envelope import EnvelopeCipher
 from .health import Probe, Readiness
+from .idm import IdmClient
+from .queue import Producer
 from .secrets import SecretCache
 from .settings import Settings
-from .state import AWS, READINESS, SECRETS, SETTINGS
+from .state import (
+    AWS,
+    ENVELOPE,
+    HTTP,
+    IDM,
+    PRODUCER,
+    READINESS,
+    SECRETS,
+    SETTINGS,
+    STATUS,
+    VERIFIER,
+)
+from .status import StatusStore
 
 log = logging.getLogger("courier.app")
 
 PREFETCH_RETRY_SECONDS = 2.0
+Context = Callable[[web.Application], AsyncIterator[None]]
+
+
+def serves_api(settings: Settings) -> bool:
+    """Whether this process runs the API half."""
+    return settings.role in ("all", "api")
 
 
 def required_secrets(settings: Settings) -> tuple[str, ...]:
     """Secret names this process cannot serve without: prefetched before it reports ready."""
     names = list(settings.secrets.prefetch)
-    if settings.role in ("all", "api"):
+    if serves_api(settings):
         names += [settings.auth.hs256_secret, settings.idm.api_key_secret]
     if settings.role in ("all", "worker"):
         names += [target.secret for target in settings.targets]
@@ -45,8 +69,12 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[READINESS] = Readiness()
     app[ACCESS_LOG_KEY] = settings.log.access_log
-    app.cleanup_ctx.append(_aws_context)
-    app.cleanup_ctx.append(_secrets_context)
+    contexts: list[Context] = [_aws_context, _http_context, _secrets_context, _data_context]
+    if serves_api(settings):
+        contexts += [_producer_context, _api_context]
+        mailboxes.setup(app)
+        openapi.setup(app)
+    app.cleanup_ctx.extend(contexts)
     health_routes.setup(app)
     metrics.build_info.labels(__version__, settings.role).set(1)
     return app
@@ -70,6 +98,14 @@ def _aws_probe(clients: AwsClients, settings: Settings) -> Probe:
             await clients.dynamodb.describe_table(TableName=settings.status.table)
 
     return probe
+
+
+async def _http_context(app: web.Application) -> AsyncIterator[None]:
+    # One pooled session for every outbound HTTP call (IdM, JWKS, legacy targets).
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        app[HTTP] = session
+        yield
 
 
 async def _secrets_context(app: web.Application) -> AsyncIterator[None]:
@@ -104,3 +140,44 @@ async def _prefetch_until_loaded(cache: SecretCache, names: tuple[str, ...]) -> 
                 "secrets loaded", extra={"fields": {"event": "secrets_loaded", "count": len(names)}}
             )
             return
+
+
+async def _data_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    clients = app[AWS]
+    app[STATUS] = StatusStore(clients.dynamodb, settings.status.table, settings.status.ttl_days)
+    app[ENVELOPE] = EnvelopeCipher(clients.kms, settings.envelope)
+    yield
+
+
+async def _producer_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    producer = Producer(
+        app[AWS].sqs,
+        settings.queue.url,
+        batching=settings.queue.batch_sends,
+        linger_seconds=settings.queue.send_linger_seconds,
+    )
+    app[PRODUCER] = producer
+    yield
+    await producer.aclose()
+
+
+def _secret_getter(cache: SecretCache, name: str) -> Callable[[], Awaitable[str]]:
+    return partial(cache.get, name)
+
+
+async def _api_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    cache, session = app[SECRETS], app[HTTP]
+    hs256 = (
+        _secret_getter(cache, settings.auth.hs256_secret) if settings.auth.hs256_secret else None
+    )
+    jwks = (
+        Jwks(session, settings.auth.jwks_url, settings.auth.jwks_refresh_seconds)
+        if settings.auth.jwks_url
+        else None
+    )
+    app[VERIFIER] = TokenVerifier(settings.auth, hs256, jwks)
+    app[IDM] = IdmClient(session, settings.idm, _secret_getter(cache, settings.idm.api_key_secret))
+    yield

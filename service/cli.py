@@ -1,4 +1,4 @@
-"""The ``courier`` command: run | local | check | secrets."""
+"""The ``courier`` command: run | local | check | token | secrets."""
 
 from __future__ import annotations
 
@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser("check", help="validate the settings and exit 0 (valid) or 2 (invalid)")
+
+    token = commands.add_parser("token", help="print a development JWT signed with the HS256 key")
+    token.add_argument("--scope", action="append", default=[], help="scope to grant (repeatable)")
+    token.add_argument("--subject", default="developer", help="the token's sub claim")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
 
     secrets = commands.add_parser("secrets", help="read or write CredStash secrets")
     actions = secrets.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -145,9 +150,29 @@ async def _secrets(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _token(args: argparse.Namespace, settings: Settings) -> int:
+    from .api.auth import issue_token
+    from .aws import open_client
+    from .credstash import CredStash
+
+    if not settings.auth.hs256_secret:
+        raise SettingsError(
+            "auth.hs256_secret is empty: this deployment has no HS256 key to sign with"
+        )
+    async with (
+        open_client("dynamodb", settings.aws) as dynamodb,
+        open_client("kms", settings.aws) as kms,
+    ):
+        key = await CredStash(dynamodb, kms, settings.secrets.table).get(settings.auth.hs256_secret)
+    scopes = args.scope or ["mailbox:create", "mailbox:read"]
+    print(issue_token(key, settings.auth, args.subject, scopes, args.ttl))
+    return 0
+
+
 _COMMANDS: dict[str, Command] = {
     "run": _run,
     "local": _local,
     "check": _check,
     "secrets": _secrets,
+    "token": _token,
 }

@@ -7,14 +7,25 @@ because of them, so they are plain counters/gauges/histograms with bounded label
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-build_info = Gauge("courier_build_info", "courier version and role of this process", ["version", "role"])
+build_info = Gauge(
+    "courier_build_info", "courier version and role of this process", ["version", "role"]
+)
 
 aws_requests = Counter(
-    "courier_aws_requests_total", "AWS API requests sent, by service and operation", ["service", "operation"]
+    "courier_aws_requests_total",
+    "AWS API requests sent, by service and operation",
+    ["service", "operation"],
 )
 
 secret_lookups = Counter(
@@ -33,12 +44,15 @@ data_keys = Counter(
 )
 
 http_requests = Counter(
-    "courier_http_requests_total", "HTTP requests answered, by route, method and status",
+    "courier_http_requests_total",
+    "HTTP requests answered, by route, method and status",
     ["route", "method", "status"],
 )
 http_latency = Histogram(
-    "courier_http_request_duration_seconds", "HTTP request latency by route and method",
-    ["route", "method"], buckets=LATENCY_BUCKETS,
+    "courier_http_request_duration_seconds",
+    "HTTP request latency by route and method",
+    ["route", "method"],
+    buckets=LATENCY_BUCKETS,
 )
 
 ready = Gauge("courier_ready", "1 when this process reports ready on /readyz")
@@ -47,3 +61,25 @@ ready = Gauge("courier_ready", "1 when this process reports ready on /readyz")
 def exposition() -> tuple[bytes, str]:
     """The Prometheus text exposition of every metric, and its content type."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+auth_rejected = Counter(
+    "courier_auth_rejected_total", "requests refused by authentication, by reason", ["reason"]
+)
+
+sqs_batch_size = Histogram(
+    "courier_sqs_batch_entries",
+    "entries per SQS batch request, by operation (send, delete, visibility)",
+    ["operation"],
+    buckets=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10),
+)
+
+idm_calls = Counter("courier_idm_calls_total", "IdM call attempts by outcome", ["outcome"])
+idm_latency = Histogram(
+    "courier_idm_call_duration_seconds", "IdM call attempt latency", buckets=LATENCY_BUCKETS
+)
+
+idempotent_replays = Counter(
+    "courier_idempotent_replays_total",
+    "create requests answered from an earlier request with the same Idempotency-Key",
+)

@@ -105,6 +105,10 @@ class QueueSettings:
 
     url: str = setting("", "work queue URL", kind="url?")
     dlq_url: str = setting("", "dead-letter queue URL", kind="url?")
+    batch_sends: bool = setting(True, "coalesce concurrent sends into SendMessageBatch")
+    send_linger_seconds: float = setting(
+        0.002, "how long a send waits for others to share its batch", min=0, max=1
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,3 +430,19 @@ def describe() -> list[tuple[str, str, Any, str]]:
 
     walk(Settings, "")
     return rows
+
+
+def reference_table() -> str:
+    """The README's configuration table (``python -m service.settings`` prints it)."""
+    lines = ["| setting | env var | default | meaning |", "|---|---|---|---|"]
+    for dotted, env_name, default, text in describe():
+        shown = "[" + ", ".join(default) + "]" if isinstance(default, tuple) else default
+        shown = str(shown).lower() if isinstance(shown, bool) else shown
+        lines.append(
+            f"| `{dotted}` | `{env_name}` | `{shown if shown != '' else chr(34) * 2}` | {text} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(reference_table())

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import aiohttp
 from aiohttp import web
 
+from .api.auth import TokenVerifier
 from .aws import AwsClients
+from .envelope import EnvelopeCipher
 from .health import Readiness
+from .idm import IdmClient
+from .queue import Producer
 from .secrets import SecretCache
 from .settings import Settings
+from .status import StatusStore
 
 SETTINGS = web.AppKey("settings", Settings)
-AWS = web.AppKey("aws", AwsClients)
-SECRETS = web.AppKey("secrets", SecretCache)
 READINESS = web.AppKey("readiness", Readiness)
+AWS = web.AppKey("aws", AwsClients)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+SECRETS = web.AppKey("secrets", SecretCache)
+STATUS = web.AppKey("status", StatusStore)
+ENVELOPE = web.AppKey("envelope", EnvelopeCipher)
+PRODUCER = web.AppKey("producer", Producer)
+VERIFIER = web.AppKey("verifier", TokenVerifier)
+IDM = web.AppKey("idm", IdmClient)

@@ -11,8 +11,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .. import metrics
+from ..errors import TransientError
 from ..logs import bind_context
-from .problems import Problem, from_http_exception, internal_error
+from .problems import Problem, from_http_exception, internal_error, unavailable
 
 log = logging.getLogger("courier.access")
 errors_log = logging.getLogger("courier.api")
@@ -76,6 +77,13 @@ async def _problems(request: web.Request, handler: Handler, request_id: str) -> 
         if exc.status < 400:
             raise
         return from_http_exception(exc).to_response(request_id)
+    except TransientError as exc:
+        errors_log.warning(
+            "dependency unavailable: %s", exc, extra={"fields": {"event": "dependency_unavailable"}}
+        )
+        return unavailable("a service courier depends on is unavailable; retry later").to_response(
+            request_id
+        )
     except Exception:
         errors_log.exception("unhandled error in %s", _route_name(request))
         return internal_error().to_response(request_id)

@@ -70,6 +70,20 @@ def from_http_exception(exc: web.HTTPException) -> Problem:
     return Problem(exc.status, slug, exc.reason, exc.text or exc.reason, headers=headers)
 
 
+RETRY_AFTER_SECONDS = "2"
+
+
+def unavailable(detail: str) -> Problem:
+    """503 with Retry-After: a dependency (SQS, DynamoDB, KMS, ...) is down; nothing was accepted."""
+    return Problem(
+        503,
+        "service-unavailable",
+        "Service Unavailable",
+        detail,
+        headers={"Retry-After": RETRY_AFTER_SECONDS},
+    )
+
+
 def internal_error() -> Problem:
     """What a client sees when courier itself failed: no details, the request id to quote."""
     return Problem(

@@ -1,0 +1,52 @@
+"""Reading a JSON request body strictly: media type, size, UTF-8, duplicate keys, nesting."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from .problems import Problem
+
+
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise _DuplicateKeyError(f"duplicate key {key[:64]!r}")
+        document[key] = value
+    return document
+
+
+async def read_json(request: web.Request) -> Any:
+    """The parsed body, or a 415/413/400 problem saying exactly what is wrong."""
+    if request.content_type != "application/json":
+        raise Problem(
+            415,
+            "unsupported-media-type",
+            "Unsupported Media Type",
+            f"the body must be application/json, not {request.content_type or 'missing'!r}",
+        )
+    raw = await request.read()  # aiohttp raises 413 beyond client_max_size
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Problem(400, "malformed-json", "Bad Request", "the body is not valid UTF-8") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKeyError as exc:
+        raise Problem(400, "malformed-json", "Bad Request", f"the JSON has a {exc}") from None
+    except RecursionError:
+        # The C decoder refuses pathological nesting with RecursionError instead of crashing.
+        raise Problem(
+            400, "malformed-json", "Bad Request", "the JSON is nested too deeply"
+        ) from None
+    except ValueError as exc:
+        raise Problem(
+            400, "malformed-json", "Bad Request", f"the body is not valid JSON: {exc}"
+        ) from None

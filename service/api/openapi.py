@@ -1,0 +1,227 @@
+"""The OpenAPI 3.1 document of every route, built from the same schemas the handlers use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+from ..operations import create_mailbox
+from .problems import TYPE_PREFIX
+
+PROBLEM = {"$ref": "#/components/responses/Problem"}
+
+_PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string", "description": f"stable problem type, '{TYPE_PREFIX}<slug>'"},
+        "title": {"type": "string"},
+        "status": {"type": "integer", "minimum": 400, "maximum": 599},
+        "detail": {"type": "string"},
+        "request_id": {"type": "string", "description": "correlation id, also in X-Request-Id"},
+        "errors": {
+            "type": "array",
+            "description": "schema violations (validation-failed only)",
+            "items": {
+                "type": "object",
+                "required": ["pointer", "message"],
+                "properties": {"pointer": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+    },
+}
+
+_ACCEPTED_SCHEMA = {
+    "type": "object",
+    "required": ["request_id", "status"],
+    "properties": {
+        "request_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        "status": {"type": "string", "enum": ["accepted", "processing", "completed", "failed"]},
+    },
+}
+
+_STATUS_SCHEMA = {
+    "type": "object",
+    "required": ["request_id", "operation", "status", "created_at", "updated_at", "targets"],
+    "properties": {
+        "request_id": {"type": "string"},
+        "operation": {"type": "string"},
+        "status": {"type": "string", "enum": ["accepted", "processing", "completed", "failed"]},
+        "identity_id": {"type": "string"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "updated_at": {"type": "string", "format": "date-time"},
+        "targets": {
+            "type": "object",
+            "description": "delivery state per legacy target (pending, delivered, failed)",
+            "additionalProperties": {"type": "string"},
+        },
+        "error": {"type": "string"},
+    },
+}
+
+_REQUEST_SCHEMA = {k: v for k, v in create_mailbox.REQUEST_SCHEMA.items() if k != "$schema"}
+
+
+def _problems(*statuses: int) -> dict[str, Any]:
+    return {str(status): PROBLEM for status in statuses}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI document."""
+    request_id_header = {"$ref": "#/components/headers/X-Request-Id"}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "courier",
+            "version": __version__,
+            "description": "Orchestration API: create-mailbox and request status.",
+        },
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
+            "schemas": {
+                "CreateMailboxRequest": _REQUEST_SCHEMA,
+                "Accepted": _ACCEPTED_SCHEMA,
+                "RequestStatus": _STATUS_SCHEMA,
+                "Problem": _PROBLEM_SCHEMA,
+            },
+            "headers": {
+                "X-Request-Id": {
+                    "description": "correlation id (echoed or generated)",
+                    "schema": {"type": "string"},
+                }
+            },
+            "responses": {
+                "Problem": {
+                    "description": "an RFC 9457 problem",
+                    "headers": {"X-Request-Id": request_id_header},
+                    "content": {
+                        "application/problem+json": {
+                            "schema": {"$ref": "#/components/schemas/Problem"}
+                        }
+                    },
+                }
+            },
+        },
+        "paths": {
+            "/v1/mailboxes": {"post": _create_operation()},
+            "/v1/requests/{request_id}": {"get": _status_operation()},
+            "/healthz": {"get": _plain("healthz", "the process is alive")},
+            "/readyz": {
+                "get": {**_plain("readyz", "ready for traffic"), "responses": _readyz_responses()}
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "text exposition",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {"get": {**_plain("openapi", "this document")}},
+        },
+    }
+
+
+def _create_operation() -> dict[str, Any]:
+    return {
+        "operationId": "createMailbox",
+        "summary": "Create a mailbox: identity now, legacy systems asynchronously",
+        "security": [{"bearer": ["mailbox:create"]}],
+        "parameters": [
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
+                "description": "retries with the same key and body return the original answer",
+            },
+            {
+                "name": "traceparent",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "W3C trace context, propagated to the queued event",
+            },
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": "#/components/schemas/CreateMailboxRequest"}
+                }
+            },
+        },
+        "responses": {
+            "202": {
+                **_json(
+                    {"$ref": "#/components/schemas/Accepted"},
+                    "queued; follow Location for the status",
+                ),
+                "headers": {
+                    "Location": {
+                        "schema": {"type": "string"},
+                        "description": "/v1/requests/{request_id}",
+                    },
+                    "X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"},
+                },
+            },
+            **_problems(400, 401, 403, 409, 413, 415, 422, 500, 502, 503, 504),
+        },
+    }
+
+
+def _status_operation() -> dict[str, Any]:
+    return {
+        "operationId": "getRequest",
+        "summary": "Status of a request, with per-target delivery states",
+        "security": [{"bearer": ["mailbox:read"]}],
+        "parameters": [
+            {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}
+        ],
+        "responses": {
+            "200": _json({"$ref": "#/components/schemas/RequestStatus"}, "the status record"),
+            **_problems(401, 403, 404, 500, 503),
+        },
+    }
+
+
+def _plain(operation_id: str, summary: str) -> dict[str, Any]:
+    return {
+        "operationId": operation_id,
+        "summary": summary,
+        "responses": {"200": _json({"type": "object"}, summary)},
+    }
+
+
+def _readyz_responses() -> dict[str, Any]:
+    schema = {
+        "type": "object",
+        "required": ["status", "checks"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ready", "not ready"]},
+            "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    }
+    return {"200": _json(schema, "ready"), "503": _json(schema, "not ready (details in checks)")}
+
+
+async def openapi_json(_: web.Request) -> web.Response:
+    """Serve the document."""
+    return web.json_response(document())
+
+
+def setup(app: web.Application) -> None:
+    """Add ``/openapi.json``."""
+    app.router.add_get("/openapi.json", openapi_json)

@@ -1,0 +1,411 @@
+"""Envelope encryption of queued events: one KMS data key for many messages, AES-256-GCM each.
+
+Wire format of an SQS message body, version 1::
+
+    {"v": 1, "op": "create-mailbox", "id": "<request id>",
+     "key": {"kms": "<KMS key ARN>", "ek": "<b64 KMS ciphertext of the data key>"},
+     "iv": "<b64 96-bit nonce>", "ct": "<b64 AES-256-GCM ciphertext + 16-byte tag>"}
+
+The header (``v``, ``op``, ``id``) is readable without any key, for routing and dead-letter
+triage, and is the AES-GCM associated data as the compact, ASCII-only JSON array
+``[v,"op","id"]``: a ciphertext moved under another header does not authenticate.
+
+KMS is called once per data key, not once per message (DESIGN.md): the sealing side reuses a
+data key for a bounded number of messages and seconds, the opening side caches decrypted data
+keys by their KMS ciphertext, and both coalesce concurrent KMS calls into one. Every KMS call
+carries the encryption context ``{"purpose": "courier-envelope"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Hashable, Mapping
+from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_string
+from types import MappingProxyType
+from typing import Any, Generic, TypeVar
+
+import aiohttp
+from botocore.exceptions import BotoCoreError, ClientError
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import metrics
+from .errors import EnvelopeError, TransientError
+from .settings import EnvelopeSettings
+
+__all__ = ["ENVELOPE_VERSION", "Envelope", "EnvelopeCipher", "OpenedEnvelope"]
+
+ENVELOPE_VERSION = 1
+ENCRYPTION_CONTEXT: Mapping[str, str] = MappingProxyType({"purpose": "courier-envelope"})
+NONCE_BYTES = 12
+TAG_BYTES = 16
+DATA_KEY_BYTES = 32
+# KMS's own bound on CiphertextBlob; anything longer cannot be a data key KMS produced.
+MAX_ENCRYPTED_KEY_BYTES = 6144
+
+# KMS answers that mean "this encrypted data key cannot be opened here": the message is at fault.
+# Everything else (outages, throttling, our own IAM or key state) is not, so it is retried.
+_UNDECRYPTABLE_CODES = frozenset({"InvalidCiphertextException", "IncorrectKeyException"})
+# What a failed KMS call raises: botocore's errors, the HTTP stack's, and timeouts (OSError).
+_KMS_FAILURES = (ClientError, BotoCoreError, aiohttp.ClientError, OSError)
+
+# Bound once: these run per message on the hot path.
+_generated = metrics.data_keys.labels("generated")
+_decrypted = metrics.data_keys.labels("decrypted")
+_cache_hits = metrics.data_keys.labels("cache_hit")
+
+# Built once: json.dumps with any non-default option constructs a new encoder on every call.
+_compact_ascii = json.JSONEncoder(separators=(",", ":"))
+_compact_utf8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+_CacheKey = tuple[str, bytes]  # (KMS key ARN, encrypted data key)
+
+
+def _header_aad(version: int, op: str, message_id: str) -> bytes:
+    """The associated data of an envelope: its header as canonical JSON bytes.
+
+    The same bytes as ``json.dumps([version, op, message_id], separators=(",", ":"))``,
+    built by hand because this runs twice per message and the encoder costs five times more.
+    """
+    return f"[{version:d},{_json_string(op)},{_json_string(message_id)}]".encode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One sealed message as it travels in the queue; the header is readable without a key."""
+
+    op: str
+    id: str
+    key_id: str
+    encrypted_key: bytes
+    nonce: bytes
+    ciphertext: bytes
+    version: int = ENVELOPE_VERSION
+
+    @property
+    def aad(self) -> bytes:
+        """The header bytes the ciphertext is bound to."""
+        return _header_aad(self.version, self.op, self.id)
+
+    @classmethod
+    def parse(cls, body: str | bytes) -> Envelope:
+        """Read an SQS message body; raises EnvelopeError (malformed, unsupported_version)."""
+        document = _load_object(body)
+        _check_version(document)
+        key = document.get("key")
+        if not isinstance(key, dict):
+            raise _malformed("field 'key' is missing or not an object")
+        envelope = cls(
+            op=_text(document, "op"),
+            id=_text(document, "id"),
+            key_id=_text(key, "kms", "key.kms"),
+            encrypted_key=_base64(key, "ek", "key.ek"),
+            nonce=_base64(document, "iv"),
+            ciphertext=_base64(document, "ct"),
+        )
+        envelope._check_lengths()
+        return envelope
+
+    def serialize(self) -> str:
+        """The SQS message body."""
+        document = {
+            "v": self.version,
+            "op": self.op,
+            "id": self.id,
+            "key": {"kms": self.key_id, "ek": _b64(self.encrypted_key)},
+            "iv": _b64(self.nonce),
+            "ct": _b64(self.ciphertext),
+        }
+        return _compact_ascii.encode(document)
+
+    def _check_lengths(self) -> None:
+        if len(self.nonce) != NONCE_BYTES:
+            raise _malformed(f"field 'iv' is {len(self.nonce)} bytes, expected {NONCE_BYTES}")
+        if len(self.ciphertext) < TAG_BYTES:
+            raise _malformed("field 'ct' is shorter than an AES-GCM tag")
+        if not 0 < len(self.encrypted_key) <= MAX_ENCRYPTED_KEY_BYTES:
+            raise _malformed("field 'key.ek' has an impossible length for a KMS ciphertext")
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedEnvelope:
+    """A decrypted, authenticated message: its header and its payload."""
+
+    op: str
+    id: str
+    payload: dict[str, Any]
+
+
+@dataclass(slots=True)
+class _DataKey:
+    """The data key this process seals with, and how much use it has left."""
+
+    key_id: str
+    encrypted_key: bytes
+    aead: AESGCM
+    expires_at: float
+    remaining: int
+
+
+class EnvelopeCipher:
+    """Seals payloads into envelopes and opens them, calling KMS once per data key.
+
+    ``kms_client`` is an aiobotocore KMS client; ``clock`` is monotonic seconds (injectable for
+    tests). One instance per process: its data key and its decrypt cache are what save KMS calls.
+    """
+
+    def __init__(
+        self,
+        kms_client: Any,
+        settings: EnvelopeSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._kms = kms_client
+        self._settings = settings
+        self._clock = clock
+        self._data_key: _DataKey | None = None
+        self._generation: _SingleFlight[None, _DataKey] = _SingleFlight()
+        self._decryptions: _SingleFlight[_CacheKey, AESGCM] = _SingleFlight()
+        self._keys = _KeyCache(
+            settings.decrypt_cache_size, settings.decrypt_cache_ttl_seconds, clock
+        )
+        # With a key ARN configured, an envelope naming another key is refused without asking
+        # KMS; with an alias or bare id, KMS resolves it and the answer is checked instead.
+        configured = settings.kms_key_id
+        self._configured_arn = configured if _is_key_arn(configured) else None
+
+    async def seal(self, op: str, message_id: str, payload: Mapping[str, Any]) -> str:
+        """Encrypt ``payload`` under the current data key; returns the SQS message body.
+
+        Raises TransientError when KMS cannot produce a data key (outage, throttling, key state).
+        """
+        if not op or not message_id:
+            raise ValueError("an envelope needs a non-empty op and id")
+        document = payload if isinstance(payload, dict) else dict(payload)
+        plaintext = _compact_utf8.encode(document).encode("utf-8")
+        key = await self._current_key()
+        nonce = os.urandom(NONCE_BYTES)
+        aad = _header_aad(ENVELOPE_VERSION, op, message_id)
+        ciphertext = key.aead.encrypt(nonce, plaintext, aad)
+        sealed = Envelope(op, message_id, key.key_id, key.encrypted_key, nonce, ciphertext)
+        return sealed.serialize()
+
+    async def open(self, body: str | bytes) -> OpenedEnvelope:
+        """Authenticate and decrypt an SQS message body.
+
+        Raises EnvelopeError (reason ``malformed``, ``unsupported_version``, ``undecryptable``
+        or ``tampered``) when the message can never be opened, and TransientError when KMS
+        is unavailable and a retry may succeed.
+        """
+        envelope = Envelope.parse(body)
+        aead = await self._data_key_for(envelope)
+        try:
+            plaintext = aead.decrypt(envelope.nonce, envelope.ciphertext, envelope.aad)
+        except InvalidTag:
+            raise EnvelopeError(
+                f"envelope {envelope.id!r}: ciphertext does not authenticate "
+                "(modified, or moved under another header)",
+                "tampered",
+            ) from None
+        return OpenedEnvelope(envelope.op, envelope.id, _payload(plaintext, envelope.id))
+
+    async def _current_key(self) -> _DataKey:
+        # A loop, not an if: seals that waited on one generation may use it up between them.
+        while True:
+            key = self._data_key
+            if key is not None and key.remaining > 0 and self._clock() < key.expires_at:
+                key.remaining -= 1
+                return key
+            await self._generation.run(None, self._generate)
+
+    async def _generate(self) -> _DataKey:
+        try:
+            response = await self._kms.generate_data_key(
+                KeyId=self._settings.kms_key_id,
+                KeySpec="AES_256",
+                EncryptionContext=dict(ENCRYPTION_CONTEXT),
+            )
+        except _KMS_FAILURES as exc:
+            # Never the caller's fault: the API answers 503 and the client retries.
+            raise TransientError(f"KMS GenerateDataKey failed: {_describe(exc)}") from exc
+        _generated.inc()
+        key = _DataKey(
+            key_id=str(response["KeyId"]),
+            encrypted_key=bytes(response["CiphertextBlob"]),
+            aead=AESGCM(response["Plaintext"]),
+            expires_at=self._clock() + self._settings.data_key_max_age_seconds,
+            remaining=self._settings.data_key_max_messages,
+        )
+        # A process that opens its own messages should never ask KMS for a key it made.
+        self._keys.put((key.key_id, key.encrypted_key), key.aead)
+        self._data_key = key
+        return key
+
+    async def _data_key_for(self, envelope: Envelope) -> AESGCM:
+        cache_key = (envelope.key_id, envelope.encrypted_key)
+        aead = self._keys.get(cache_key)
+        if aead is not None:
+            _cache_hits.inc()
+            return aead
+        if self._configured_arn is not None and envelope.key_id != self._configured_arn:
+            raise _foreign_key(envelope.key_id)
+        return await self._decryptions.run(cache_key, lambda: self._decrypt(cache_key))
+
+    async def _decrypt(self, cache_key: _CacheKey) -> AESGCM:
+        key_id, encrypted_key = cache_key
+        try:
+            response = await self._kms.decrypt(
+                CiphertextBlob=encrypted_key,
+                # KMS refuses a data key encrypted under any other key than ours.
+                KeyId=self._settings.kms_key_id,
+                EncryptionContext=dict(ENCRYPTION_CONTEXT),
+            )
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in _UNDECRYPTABLE_CODES:
+                raise EnvelopeError(
+                    f"KMS cannot decrypt the data key ({code})", "undecryptable"
+                ) from None
+            raise TransientError(f"KMS Decrypt failed: {_describe(exc)}") from exc
+        except _KMS_FAILURES as exc:
+            raise TransientError(f"KMS Decrypt failed: {_describe(exc)}") from exc
+        _decrypted.inc()
+        if response.get("KeyId") != key_id:
+            raise _foreign_key(key_id)
+        plaintext = response["Plaintext"]
+        if len(plaintext) != DATA_KEY_BYTES:
+            raise EnvelopeError("the data key is not an AES-256 key", "undecryptable")
+        aead = AESGCM(plaintext)
+        self._keys.put(cache_key, aead)
+        return aead
+
+
+class _KeyCache:
+    """Decrypted data keys by their encrypted form: a bounded LRU with a TTL; size 0 keeps none."""
+
+    def __init__(self, size: int, ttl_seconds: float, clock: Callable[[], float]) -> None:
+        self._size = size
+        self._ttl = ttl_seconds
+        self._clock = clock
+        self._entries: OrderedDict[_CacheKey, tuple[float, AESGCM]] = OrderedDict()
+
+    def get(self, key: _CacheKey) -> AESGCM | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires_at, aead = entry
+        if self._clock() >= expires_at:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return aead
+
+    def put(self, key: _CacheKey, aead: AESGCM) -> None:
+        if self._size == 0:
+            return
+        self._entries[key] = (self._clock() + self._ttl, aead)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+class _SingleFlight(Generic[_K, _V]):
+    """Concurrent calls with the same key share one in-flight call, its result or its error."""
+
+    def __init__(self) -> None:
+        self._calls: dict[_K, asyncio.Task[_V]] = {}
+
+    async def run(self, key: _K, call: Callable[[], Coroutine[Any, Any, _V]]) -> _V:
+        task = self._calls.get(key)
+        if task is None:
+            task = asyncio.create_task(call())
+            self._calls[key] = task
+            task.add_done_callback(lambda done: self._finish(key, done))
+        # Shielded: one waiter being cancelled must not cancel the call the others wait on.
+        return await asyncio.shield(task)
+
+    def _finish(self, key: _K, task: asyncio.Task[_V]) -> None:
+        if self._calls.get(key) is task:
+            del self._calls[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here, so a call nobody awaits any more logs no warning
+
+
+def _load_object(body: str | bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _malformed("body is not JSON") from None
+    if not isinstance(document, dict):
+        raise _malformed("body is not a JSON object")
+    return document
+
+
+def _check_version(document: Mapping[str, Any]) -> None:
+    # Checked before any other field: a later version may lay its fields out differently.
+    version = document.get("v")
+    if type(version) is not int:  # bool is an int subclass; true is not version 1
+        raise _malformed("field 'v' is missing or not an integer")
+    if version != ENVELOPE_VERSION:
+        raise EnvelopeError(
+            f"envelope version {version} is not supported (this build reads {ENVELOPE_VERSION})",
+            "unsupported_version",
+        )
+
+
+def _text(document: Mapping[str, Any], name: str, label: str | None = None) -> str:
+    value = document.get(name)
+    if not isinstance(value, str) or not value:
+        raise _malformed(f"field {label or name!r} is missing or not a non-empty string")
+    return value
+
+
+def _base64(document: Mapping[str, Any], name: str, label: str | None = None) -> bytes:
+    try:
+        return base64.b64decode(_text(document, name, label), validate=True)
+    except ValueError:  # binascii.Error, and non-ASCII text
+        raise _malformed(f"field {label or name!r} is not valid base64") from None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _payload(plaintext: bytes, message_id: str) -> dict[str, Any]:
+    # Parse errors are dropped, not chained: JSONDecodeError carries the plaintext in `.doc`.
+    try:
+        payload = json.loads(plaintext)
+    except (ValueError, RecursionError):
+        payload = None
+    if not isinstance(payload, dict):
+        raise EnvelopeError(
+            f"envelope {message_id!r}: the decrypted payload is not a JSON object", "malformed"
+        )
+    return payload
+
+
+def _is_key_arn(key_id: str) -> bool:
+    return key_id.startswith("arn:") and ":key/" in key_id
+
+
+def _malformed(detail: str) -> EnvelopeError:
+    return EnvelopeError(f"malformed envelope: {detail}", "malformed")
+
+
+def _foreign_key(key_id: str) -> EnvelopeError:
+    return EnvelopeError(
+        f"the data key is not under this service's KMS key (envelope names {key_id!r})",
+        "undecryptable",
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,105 @@
+"""create-mailbox: the request schema, the synchronous IdM step's input, and the queued event."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from jsonschema import Draft202012Validator, FormatChecker
+
+NAME = "create-mailbox"
+
+REQUEST_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "CreateMailboxRequest",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["username", "display_name", "plan", "contact_email"],
+    "properties": {
+        "username": {
+            "type": "string",
+            "pattern": "^[a-z][a-z0-9._-]{2,31}$",
+            "description": "Local part of the new mailbox address; lower case, 3 to 32 characters.",
+            "examples": ["jane.doe"],
+        },
+        "display_name": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 128,
+            "examples": ["Jane Doe"],
+        },
+        "plan": {"type": "string", "enum": ["basic", "standard", "premium"]},
+        "contact_email": {
+            "type": "string",
+            "format": "email",
+            "maxLength": 254,
+            "pattern": "^[^@\\s]+@[^@\\s]+\\.[^@\\s]+$",
+            "description": "Existing address for notifications about the new mailbox.",
+        },
+        "msisdn": {
+            "type": "string",
+            "pattern": "^\\+[1-9][0-9]{6,14}$",
+            "description": "Subscriber number in E.164 form.",
+        },
+        "quota_mb": {"type": "integer", "minimum": 100, "maximum": 102400},
+        "locale": {"type": "string", "pattern": "^[a-z]{2}(-[A-Z]{2})?$", "default": "en"},
+        "aliases": {
+            "type": "array",
+            "maxItems": 10,
+            "uniqueItems": True,
+            "items": {"type": "string", "pattern": "^[a-z][a-z0-9._-]{2,31}$"},
+        },
+    },
+}
+
+DEFAULT_QUOTA_MB = {"basic": 1024, "standard": 10240, "premium": 51200}
+
+_validator = Draft202012Validator(REQUEST_SCHEMA, format_checker=FormatChecker())
+
+
+def validation_errors(payload: Any) -> list[dict[str, str]]:
+    """Every schema violation of ``payload`` as ``{"pointer", "message"}``, in document order."""
+    errors = sorted(_validator.iter_errors(payload), key=lambda e: list(map(str, e.path)))
+    return [
+        {
+            "pointer": "/" + "/".join(str(part) for part in error.path),
+            "message": _message(error.message),
+        }
+        for error in errors
+    ]
+
+
+def _message(text: str) -> str:
+    # jsonschema quotes the offending value; cap it so a huge value is not echoed back whole.
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def identity_request(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """What the IdM needs to create the identity."""
+    return {
+        "username": payload["username"],
+        "display_name": payload["display_name"],
+        "email": payload["contact_email"],
+        "locale": payload.get("locale", "en"),
+    }
+
+
+def event(
+    payload: Mapping[str, Any], identity_id: str, subject: str, requested_at: str
+) -> dict[str, Any]:
+    """The event queued for the legacy systems (encrypted before it leaves the process)."""
+    return {
+        "mailbox": {
+            **payload,
+            "quota_mb": payload.get("quota_mb", DEFAULT_QUOTA_MB[payload["plan"]]),
+            "locale": payload.get("locale", "en"),
+        },
+        "identity_id": identity_id,
+        "requested_by": subject,
+        "requested_at": requested_at,
+    }
+
+
+def group_id(payload: Mapping[str, Any]) -> str:
+    """FIFO message group: events of one subscriber stay in order."""
+    return str(payload["username"])
