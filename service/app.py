@@ -21,8 +21,11 @@ from .api import health_routes, mailboxes, openapi
 from .api.auth import Jwks, TokenVerifier
 from .api.middleware import ACCESS_LOG_KEY, observe
 from .aws import AwsClients, open_clients
+from .consumer import Consumer
 from .credstash import CredStash
+from .dlq import DeadLetterQueue
 from .envelope import EnvelopeCipher
+from .errors import SettingsError
 from .health import Probe, Readiness
 from .idm import IdmClient
 from .queue import Producer
@@ -30,6 +33,7 @@ from .secrets import SecretCache
 from .settings import Settings
 from .state import (
     AWS,
+    CONSUMER,
     ENVELOPE,
     HTTP,
     IDM,
@@ -41,6 +45,8 @@ from .state import (
     VERIFIER,
 )
 from .status import StatusStore
+from .targets import TargetClient
+from .worker import Pipeline
 
 log = logging.getLogger("courier.app")
 
@@ -53,18 +59,36 @@ def serves_api(settings: Settings) -> bool:
     return settings.role in ("all", "api")
 
 
+def runs_worker(settings: Settings) -> bool:
+    """Whether this process runs the worker half."""
+    return settings.role in ("all", "worker")
+
+
+def check_runnable(settings: Settings) -> None:
+    """Cross-setting requirements of the daemon (per role), as one-line SettingsErrors."""
+    if not settings.queue.url:
+        raise SettingsError(
+            "queue.url (COURIER_QUEUE_URL) is required to run the API or the worker"
+        )
+    if runs_worker(settings) and not settings.queue.dlq_url:
+        raise SettingsError("queue.dlq_url (COURIER_QUEUE_DLQ_URL) is required to run the worker")
+    if runs_worker(settings) and not settings.targets:
+        raise SettingsError("targets: the worker needs at least one [[targets]] entry")
+
+
 def required_secrets(settings: Settings) -> tuple[str, ...]:
     """Secret names this process cannot serve without: prefetched before it reports ready."""
     names = list(settings.secrets.prefetch)
     if serves_api(settings):
         names += [settings.auth.hs256_secret, settings.idm.api_key_secret]
-    if settings.role in ("all", "worker"):
+    if runs_worker(settings):
         names += [target.secret for target in settings.targets]
     return tuple(dict.fromkeys(name for name in names if name))
 
 
 def create_app(settings: Settings) -> web.Application:
     """The courier application for ``settings``; resources open when it starts."""
+    check_runnable(settings)
     app = web.Application(client_max_size=settings.http.max_body_bytes, middlewares=[observe])
     app[SETTINGS] = settings
     app[READINESS] = Readiness()
@@ -74,6 +98,8 @@ def create_app(settings: Settings) -> web.Application:
         contexts += [_producer_context, _api_context]
         mailboxes.setup(app)
         openapi.setup(app)
+    if runs_worker(settings):
+        contexts.append(_worker_context)
     app.cleanup_ctx.extend(contexts)
     health_routes.setup(app)
     metrics.build_info.labels(__version__, settings.role).set(1)
@@ -181,3 +207,23 @@ async def _api_context(app: web.Application) -> AsyncIterator[None]:
     app[VERIFIER] = TokenVerifier(settings.auth, hs256, jwks)
     app[IDM] = IdmClient(session, settings.idm, _secret_getter(cache, settings.idm.api_key_secret))
     yield
+
+
+async def _worker_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    sqs = app[AWS].sqs
+    targets = [TargetClient(target, app[HTTP], app[SECRETS].get) for target in settings.targets]
+    pipeline = Pipeline(app[ENVELOPE], app[STATUS], targets, settings.worker)
+    dlq = DeadLetterQueue(sqs, settings.queue.dlq_url, settings.queue.url)
+    consumer = Consumer(sqs, settings.queue.url, pipeline.handle, settings.worker, dlq.move)
+    app[CONSUMER] = consumer
+    app.on_shutdown.append(_stop_polling)
+    consumer.start()
+    yield
+    await consumer.stop(settings.http.drain_seconds)
+
+
+async def _stop_polling(app: web.Application) -> None:
+    # on_shutdown runs as soon as the listener closes: stop taking new messages right away,
+    # so the API's drain and the worker's drain overlap instead of adding up.
+    app[CONSUMER].stop_polling()

@@ -1,4 +1,4 @@
-"""The ``courier`` command: run | local | check | token | secrets."""
+"""The ``courier`` command: run | local | check | token | replay | secrets."""
 
 from __future__ import annotations
 
@@ -49,6 +49,20 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser("check", help="validate the settings and exit 0 (valid) or 2 (invalid)")
+
+    replay = commands.add_parser("replay", help="move messages from the DLQ back to the work queue")
+    replay.add_argument("--reason", default="", help="only messages dead-lettered for this reason")
+    replay.add_argument("--target", default="", help="only messages that failed at this target")
+    replay.add_argument("--op", default="", help="only messages of this operation")
+    replay.add_argument(
+        "--older-than", type=float, default=0.0, metavar="SECONDS", help="minimum age"
+    )
+    replay.add_argument(
+        "--newer-than", type=float, default=0.0, metavar="SECONDS", help="maximum age"
+    )
+    replay.add_argument("--rate", type=float, default=10.0, help="messages per second (default 10)")
+    replay.add_argument("--limit", type=int, default=0, help="stop after this many (0 = all)")
+    replay.add_argument("--dry-run", action="store_true", help="list what would move; move nothing")
 
     token = commands.add_parser("token", help="print a development JWT signed with the HS256 key")
     token.add_argument("--scope", action="append", default=[], help="scope to grant (repeatable)")
@@ -169,10 +183,48 @@ async def _token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from .aws import open_client
+    from .consumer import Message
+    from .replay import ReplayFilter, replay
+
+    if not settings.queue.url or not settings.queue.dlq_url:
+        raise SettingsError("queue.url and queue.dlq_url are required to replay")
+    selection = ReplayFilter(args.reason, args.target, args.op, args.older_than, args.newer_than)
+
+    def show(message: Message, chosen: bool) -> None:
+        if chosen:
+            attributes = message.attributes
+            print(
+                f"{'would move' if args.dry_run else 'moving'} {message.message_id}"
+                f" request={attributes.get('request_id', '?')} op={attributes.get('op', '?')}"
+                f" reason={attributes.get('dlq_reason', '?')} target={attributes.get('dlq_target', '') or '-'}"
+            )
+
+    async with open_client("sqs", settings.aws) as sqs:
+        report = await replay(
+            sqs,
+            settings.queue.dlq_url,
+            settings.queue.url,
+            selection,
+            rate_per_second=args.rate,
+            dry_run=args.dry_run,
+            limit=args.limit,
+            on_message=show,
+        )
+    verb = "would move" if args.dry_run else "moved"
+    moved = report.matched if args.dry_run else report.moved
+    print(
+        f"examined {report.examined}, matched {report.matched}, {verb} {moved}, failed {report.failed}"
+    )
+    return 1 if report.failed else 0
+
+
 _COMMANDS: dict[str, Command] = {
     "run": _run,
     "local": _local,
     "check": _check,
     "secrets": _secrets,
     "token": _token,
+    "replay": _replay,
 }

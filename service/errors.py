@@ -56,6 +56,27 @@ class EnvelopeError(PermanentError):
         self.reason = reason
 
 
+class TargetHttpError(CourierError):
+    """A legacy target answered with a non-2xx status."""
+
+    def __init__(self, target: str, status: int) -> None:
+        super().__init__(f"target {target!r} answered {status}")
+        self.target = target
+        self.status = status
+
+
+class CircuitOpenError(TransientError):
+    """The target's circuit is open: the call was not made."""
+
+    def __init__(self, target: str, retry_after: float) -> None:
+        super().__init__(f"target {target!r} circuit is open")
+        self.target = target
+        self.retry_after = retry_after
+
+
+# HTTP statuses that mean "try later"; every other 4xx will never succeed.
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+
 # AWS error codes that mean "try later" rather than "this request is wrong".
 _RETRYABLE_AWS_CODES = frozenset(
     {
@@ -91,6 +112,6 @@ def is_retryable(exc: BaseException) -> bool:
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return error.get("Code", "") in _RETRYABLE_AWS_CODES or status >= 500 or status == 429
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return exc.status >= 500 or exc.status in {408, 425, 429}
+    if isinstance(exc, TargetHttpError | aiohttp.ClientResponseError):
+        return exc.status >= 500 or exc.status in RETRYABLE_STATUSES
     return isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError)

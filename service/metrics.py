@@ -83,3 +83,55 @@ idempotent_replays = Counter(
     "courier_idempotent_replays_total",
     "create requests answered from an earlier request with the same Idempotency-Key",
 )
+
+# --- worker -------------------------------------------------------------------------------
+messages_received = Counter(
+    "courier_messages_received_total", "SQS messages received by the worker"
+)
+messages_processed = Counter(
+    "courier_messages_processed_total",
+    "messages finished by outcome: completed, duplicate, retried, dead_lettered, released",
+    ["outcome"],
+)
+processing_latency = Histogram(
+    "courier_message_processing_seconds", "time from receive to outcome", buckets=LATENCY_BUCKETS
+)
+queue_lag = Histogram(
+    "courier_message_queue_lag_seconds",
+    "time a message waited in SQS (now - SentTimestamp)",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
+)
+in_flight = Gauge("courier_messages_in_flight", "messages being processed by this process")
+pollers_active = Gauge("courier_pollers_active", "long-polls currently running")
+sqs_entry_failures = Counter(
+    "courier_sqs_entry_failures_total",
+    "batch entries SQS refused, by operation and code",
+    ["operation", "code"],
+)
+target_calls = Counter(
+    "courier_target_calls_total",
+    "legacy target call attempts by target and outcome",
+    ["target", "outcome"],
+)
+target_latency = Histogram(
+    "courier_target_call_duration_seconds",
+    "legacy target call latency",
+    ["target"],
+    buckets=LATENCY_BUCKETS,
+)
+circuit_state = Gauge(
+    "courier_target_circuit_state", "circuit per target: 0 closed, 1 open, 2 half-open", ["target"]
+)
+circuit_open = Gauge(
+    "courier_target_circuit_open", "1 while the target's circuit is open", ["target"]
+)
+circuit_transitions = Counter(
+    "courier_target_circuit_transitions_total",
+    "circuit state changes by target and new state",
+    ["target", "state"],
+)
+dlq_moves = Counter("courier_dlq_moves_total", "messages moved to the DLQ, by reason", ["reason"])
+visibility_extensions = Counter(
+    "courier_visibility_extensions_total",
+    "heartbeat visibility extensions of long-running messages",
+)

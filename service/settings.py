@@ -189,6 +189,12 @@ class TargetSettings:
     secret: str = setting("", "CredStash name of the target's credentials ('' = none)")
     concurrency: int = setting(32, "max concurrent calls per process", min=1, max=10_000)
     retries: int = setting(1, "immediate extra attempts before backing off", min=0, max=10)
+    breaker_failures: int = setting(
+        5, "consecutive transient failures that open the circuit", min=1, max=1000
+    )
+    breaker_cooldown_seconds: float = setting(
+        10.0, "how long an open circuit refuses calls before a probe", min=0.1, max=3600
+    )
 
 
 @dataclass(frozen=True, slots=True)

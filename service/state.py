@@ -7,6 +7,7 @@ from aiohttp import web
 
 from .api.auth import TokenVerifier
 from .aws import AwsClients
+from .consumer import Consumer
 from .envelope import EnvelopeCipher
 from .health import Readiness
 from .idm import IdmClient
@@ -25,3 +26,4 @@ ENVELOPE = web.AppKey("envelope", EnvelopeCipher)
 PRODUCER = web.AppKey("producer", Producer)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 IDM = web.AppKey("idm", IdmClient)
+CONSUMER = web.AppKey("consumer", Consumer)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
+from xml.sax.saxutils import escape
 
 from jsonschema import Draft202012Validator, FormatChecker
 
@@ -103,3 +105,60 @@ def event(
 def group_id(payload: Mapping[str, Any]) -> str:
     """FIFO message group: events of one subscriber stay in order."""
     return str(payload["username"])
+
+
+EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["mailbox", "identity_id", "requested_by", "requested_at"],
+    "properties": {
+        "mailbox": {
+            **REQUEST_SCHEMA,
+            "required": [*REQUEST_SCHEMA["required"], "quota_mb", "locale"],
+        },
+        "identity_id": {"type": "string", "minLength": 1},
+        "requested_by": {"type": "string"},
+        "requested_at": {"type": "string"},
+    },
+}
+_event_validator = Draft202012Validator(EVENT_SCHEMA, format_checker=FormatChecker())
+
+
+def event_errors(event_payload: Any) -> list[str]:
+    """Why a decrypted event cannot be delivered (empty when it can)."""
+    return [error.message[:200] for error in _event_validator.iter_errors(event_payload)]
+
+
+def render(
+    target_format: str, request_id: str, event_payload: Mapping[str, Any]
+) -> tuple[bytes, str]:
+    """The body and content type a legacy target of ``target_format`` (json | soap) expects."""
+    if target_format == "soap":
+        return _soap(request_id, event_payload), "text/xml; charset=utf-8"
+    document = {
+        "requestId": request_id,
+        "identityId": event_payload["identity_id"],
+        "mailbox": event_payload["mailbox"],
+        "requestedAt": event_payload["requested_at"],
+    }
+    return json.dumps(document, separators=(",", ":")).encode(), "application/json"
+
+
+def _soap(request_id: str, event_payload: Mapping[str, Any]) -> bytes:
+    mailbox = event_payload["mailbox"]
+    fields = {
+        "RequestId": request_id,
+        "IdentityId": event_payload["identity_id"],
+        "Username": mailbox["username"],
+        "DisplayName": mailbox["display_name"],
+        "Plan": mailbox["plan"],
+        "QuotaMb": str(mailbox["quota_mb"]),
+        "ContactEmail": mailbox["contact_email"],
+        "Locale": mailbox["locale"],
+    }
+    body = "".join(f"<{name}>{escape(value)}</{name}>" for name, value in fields.items())
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>'
+        '<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Body>'
+        f'<CreateMailbox xmlns="urn:telco:legacy:mailbox">{body}</CreateMailbox>'
+        "</soap:Body></soap:Envelope>"
+    ).encode()

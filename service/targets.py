@@ -1,0 +1,116 @@
+"""Clients of the legacy systems: timeout, retries, circuit breaker, concurrency limit, idempotency.
+
+Every call carries ``Idempotency-Key: <request id>:<target>`` so a redelivered message is
+applied once by a target that honours it, and only targets not yet delivered are called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from . import metrics
+from .circuit import CircuitBreaker
+from .errors import CircuitOpenError, TargetHttpError, TransientError, is_retryable
+from .settings import TargetSettings
+
+log = logging.getLogger("courier.targets")
+
+RETRY_DELAY_SECONDS = 0.1
+SecretGetter = Callable[[str], Awaitable[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One rendered call to a target."""
+
+    request_id: str
+    body: bytes
+    content_type: str
+    traceparent: str = ""
+
+
+class TargetClient:
+    """Delivers rendered events to one legacy system."""
+
+    def __init__(
+        self, settings: TargetSettings, session: aiohttp.ClientSession, secret: SecretGetter
+    ) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self._session = session
+        self._secret = secret
+        self._limit = asyncio.Semaphore(settings.concurrency)
+        self.breaker = CircuitBreaker(
+            settings.name, settings.breaker_failures, settings.breaker_cooldown_seconds
+        )
+
+    async def deliver(self, delivery: Delivery) -> None:
+        """Deliver once (with immediate retries); raises TargetHttpError, CircuitOpenError or TransientError."""
+        for attempt in range(self.settings.retries + 1):
+            if attempt:
+                await asyncio.sleep(RETRY_DELAY_SECONDS * attempt)
+            try:
+                await self._attempt(delivery)
+                return
+            except CircuitOpenError:
+                raise
+            except Exception as exc:
+                if not is_retryable(exc) or attempt == self.settings.retries:
+                    raise
+
+    async def _attempt(self, delivery: Delivery) -> None:
+        if not self.breaker.allow():
+            metrics.target_calls.labels(self.name, "circuit_open").inc()
+            raise CircuitOpenError(self.name, self.breaker.retry_after())
+        started = time.perf_counter()
+        try:
+            async with self._limit:
+                status = await self._call(delivery)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self._record(
+                started,
+                "timeout" if isinstance(exc, TimeoutError) else "connection_error",
+                ok=False,
+            )
+            raise TransientError(f"target {self.name!r}: {type(exc).__name__}") from exc
+        if 200 <= status < 300:
+            self._record(started, "ok", ok=True)
+            return
+        error = TargetHttpError(self.name, status)
+        # A permanent 4xx proves the target is up: it must not trip the breaker.
+        self._record(started, f"http_{status // 100}xx", ok=not is_retryable(error))
+        raise error
+
+    async def _call(self, delivery: Delivery) -> int:
+        headers = {
+            "Content-Type": delivery.content_type,
+            "Idempotency-Key": f"{delivery.request_id}:{self.name}",
+        }
+        if delivery.traceparent:
+            headers["traceparent"] = delivery.traceparent
+        if self.settings.secret:
+            headers["Authorization"] = f"Bearer {await self._secret(self.settings.secret)}"
+        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_seconds)
+        async with self._session.request(
+            self.settings.method,
+            self.settings.url,
+            data=delivery.body,
+            headers=headers,
+            timeout=timeout,
+        ) as response:
+            await response.read()  # drain so the connection returns to the pool
+            return response.status
+
+    def _record(self, started: float, outcome: str, *, ok: bool) -> None:
+        metrics.target_calls.labels(self.name, outcome).inc()
+        metrics.target_latency.labels(self.name).observe(time.perf_counter() - started)
+        if ok:
+            self.breaker.record_success()
+        else:
+            self.breaker.record_failure()

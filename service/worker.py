@@ -1,0 +1,170 @@
+"""The message pipeline: open the envelope, dispatch on ``op``, deliver to every target at once.
+
+``Pipeline.handle`` turns one message into one outcome; the consumer applies it. The single
+classification happens in ``_verdict``: a target that refused permanently dead-letters the
+message, anything transient retries it with backoff, all delivered acknowledges it.
+
+Status writes: one per finished request (completed / failed); per-target progress only when
+an attempt ends with some targets delivered and others pending, so a redelivery skips them.
+The status record is read only on a redelivery (receive count > 1 or a replay), since a
+first delivery cannot have progress to skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .consumer import Ack, DeadLetter, Message, Outcome, Retry, backoff_seconds
+from .envelope import EnvelopeCipher, OpenedEnvelope
+from .errors import CircuitOpenError, EnvelopeError, TargetHttpError, is_retryable
+from .operations import OPERATIONS
+from .settings import WorkerSettings
+from .status import RequestState, StatusStore
+from .targets import Delivery, TargetClient
+
+log = logging.getLogger("courier.worker")
+
+DELIVERED, PENDING, FAILED = "delivered", "pending", "failed"
+
+
+class Pipeline:
+    """Processes messages of every known operation."""
+
+    def __init__(
+        self,
+        envelope: EnvelopeCipher,
+        status: StatusStore,
+        targets: Sequence[TargetClient],
+        settings: WorkerSettings,
+    ) -> None:
+        self._envelope = envelope
+        self._status = status
+        self._targets = list(targets)
+        self._settings = settings
+
+    async def handle(self, message: Message) -> Outcome:
+        """The outcome of processing ``message`` once."""
+        try:
+            opened = await self._envelope.open(message.body)
+        except EnvelopeError as exc:
+            return DeadLetter(exc.reason, detail=str(exc))
+        except Exception as exc:
+            return self._transient(message, exc)
+        operation = OPERATIONS.get(opened.op)
+        if operation is None:
+            return DeadLetter("unknown_op", detail=f"no operation named {opened.op[:64]!r}")
+        problems = operation.event_errors(opened.payload)
+        if problems:
+            return DeadLetter("invalid_payload", detail="; ".join(problems)[:256])
+        try:
+            return await self._deliver(message, opened)
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            return self._transient(message, exc)
+
+    async def _deliver(self, message: Message, opened: OpenedEnvelope) -> Outcome:
+        states = await self._previous_states(message, opened.id)
+        if states is None:
+            return Ack("duplicate")
+        pending = [t for t in self._targets if states.get(t.name) != DELIVERED]
+        operation = OPERATIONS[opened.op]
+        results = await asyncio.gather(
+            *(self._call(target, operation, opened, message) for target in pending),
+            return_exceptions=True,
+        )
+        failures: dict[str, BaseException] = {}
+        for target, result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                failures[target.name] = result
+            else:
+                states[target.name] = DELIVERED
+        return await self._verdict(
+            message, opened, states, failures, delivered_now=len(pending) - len(failures)
+        )
+
+    async def _previous_states(self, message: Message, request_id: str) -> dict[str, str] | None:
+        """Per-target states to resume from; None when the request already finished."""
+        if message.receive_count <= 1 and not message.attributes.get("replayed"):
+            return {}
+        record = await self._status.get(request_id)
+        if record is None:
+            return {}
+        if record.state in (RequestState.COMPLETED, RequestState.FAILED):
+            return None
+        return dict(record.targets)
+
+    async def _call(
+        self, target: TargetClient, operation: Any, opened: OpenedEnvelope, message: Message
+    ) -> None:
+        body, content_type = operation.render(target.settings.format, opened.id, opened.payload)
+        await target.deliver(
+            Delivery(opened.id, body, content_type, message.attributes.get("traceparent", ""))
+        )
+
+    async def _verdict(
+        self,
+        message: Message,
+        opened: OpenedEnvelope,
+        states: dict[str, str],
+        failures: Mapping[str, BaseException],
+        delivered_now: int,
+    ) -> Outcome:
+        permanent = {name: exc for name, exc in failures.items() if not is_retryable(exc)}
+        if permanent:
+            name, exc = next(iter(permanent.items()))
+            states.update({n: FAILED for n in permanent})
+            await self._status.update(
+                opened.id,
+                state=RequestState.FAILED,
+                targets=states,
+                error=str(exc)[:256],
+                op=opened.op,
+            )
+            return DeadLetter("target_rejected", target=name, detail=str(exc)[:256])
+        if failures:
+            if delivered_now:
+                states.update({n: PENDING for n in failures})
+                await self._status.update(
+                    opened.id, state=RequestState.PROCESSING, targets=states, op=opened.op
+                )
+            return self._retry(message, failures)
+        await self._status.update(
+            opened.id, state=RequestState.COMPLETED, targets=states, op=opened.op
+        )
+        return Ack("completed")
+
+    def _retry(self, message: Message, failures: Mapping[str, BaseException]) -> Retry:
+        delay = backoff_seconds(
+            message.receive_count,
+            self._settings.backoff_base_seconds,
+            self._settings.backoff_max_seconds,
+        )
+        # An open circuit will refuse calls until it cools down: no point coming back sooner.
+        cooldown = max(
+            (exc.retry_after for exc in failures.values() if isinstance(exc, CircuitOpenError)),
+            default=0.0,
+        )
+        reasons = ", ".join(f"{name}: {_describe(exc)}" for name, exc in failures.items())
+        log.info(
+            "delivery incomplete, retrying",
+            extra={"fields": {"event": "delivery_retry", "reasons": reasons[:300]}},
+        )
+        return Retry(max(delay, cooldown), reasons)
+
+    def _transient(self, message: Message, exc: BaseException) -> Retry:
+        delay = backoff_seconds(
+            message.receive_count,
+            self._settings.backoff_base_seconds,
+            self._settings.backoff_max_seconds,
+        )
+        return Retry(delay, _describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TargetHttpError):
+        return f"HTTP {exc.status}"
+    return f"{type(exc).__name__}: {exc}"[:120]
