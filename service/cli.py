@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(result or 0)
 
 
-async def _points_at_emulator(settings: Settings) -> bool:
+def _points_at_emulator(settings: Settings) -> bool:
     # Emulators on loopback (moto, fauxqs) accept any signature; real AWS never lives there.
     endpoints = [settings.aws.endpoint_for(name) or "" for name in ("sqs", "dynamodb", "kms")]
     return any(urlparse(url).hostname in {"127.0.0.1", "localhost", "::1"} for url in endpoints)

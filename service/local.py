@@ -1,8 +1,9 @@
-"""Embedded stand-ins for AWS, used by the test-suite and by ``courier local``."""
+"""Embedded stand-ins for AWS and the customer's systems: the test-suite's and ``courier local``'s."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .aws import open_clients
 from .bootstrap import ResourceNames, Resources, bootstrap
-from .settings import Settings
+from .settings import AwsSettings, Settings, TargetFormat, TargetSettings
 
 if TYPE_CHECKING:
     from .daemon import Listening
@@ -60,8 +61,14 @@ class EmbeddedAws:
         self.stop()
 
 
-DEMO_SECRET_NAMES = ("courier.jwt.hs256", "courier.idm.api_key")
+DEMO_SECRET_NAMES = ("courier.jwt.hs256", "courier.idm.api_key", "courier.crm.token")
 LOCAL_CONFIG_PATH = Path(".courier/local.toml")
+# The reference operation's three legacy systems: two JSON, one SOAP; crm wants a token.
+LOCAL_TARGETS: tuple[tuple[str, TargetFormat, str], ...] = (
+    ("crm", "json", "courier.crm.token"),
+    ("billing", "soap", ""),
+    ("directory", "json", ""),
+)
 
 
 def demo_secrets() -> dict[str, str]:
@@ -70,19 +77,43 @@ def demo_secrets() -> dict[str, str]:
 
 
 async def run_local(base: Settings, aws_port: int, config_out: Path = LOCAL_CONFIG_PATH) -> None:
-    """``courier local``: embedded AWS + bootstrap + the daemon, until Ctrl-C."""
+    """``courier local``: embedded AWS, stub IdM and legacy systems, and the daemon, until Ctrl-C."""
     from . import daemon
+    from .stubs import IdmStub, LegacyStub
 
     use_fake_credentials()
+    values = demo_secrets()
+    idm = IdmStub(api_key=values["courier.idm.api_key"])
+    stubs = {
+        name: LegacyStub(name=name, token=values.get(secret, ""))
+        for name, _, secret in LOCAL_TARGETS
+    }
     with EmbeddedAws(port=aws_port) as aws:
-        aws_settings = replace(base.aws, endpoint_url=aws.endpoint_url)
-        async with open_clients(aws_settings) as clients:
-            resources = await bootstrap(clients, ResourceNames(), demo_secrets())
-        settings = resources.apply_to(base.replace(aws=aws_settings))
-        _write_config(config_out, settings)
-        async with daemon.serving(settings) as listening:
+        async with contextlib.AsyncExitStack() as stack:
+            idm_url = await stack.enter_async_context(idm.serving())
+            urls = {
+                name: await stack.enter_async_context(stub.serving())
+                for name, stub in stubs.items()
+            }
+            aws_settings = replace(base.aws, endpoint_url=aws.endpoint_url)
+            async with open_clients(aws_settings) as clients:
+                resources = await bootstrap(clients, ResourceNames(), values)
+            settings = _local_settings(base, aws_settings, resources, idm_url, urls)
+            _write_config(config_out, settings)
+            listening = await stack.enter_async_context(daemon.serving(settings))
             _print_banner(settings, resources, listening, config_out)
             await _until_interrupted()
+
+
+def _local_settings(
+    base: Settings, aws: AwsSettings, resources: Resources, idm_url: str, urls: dict[str, str]
+) -> Settings:
+    targets = tuple(
+        TargetSettings(name=name, url=f"{urls[name]}/{name}", format=fmt, secret=secret)
+        for name, fmt, secret in LOCAL_TARGETS
+    )
+    settings = base.replace(aws=aws, idm=replace(base.idm, url=idm_url), targets=targets)
+    return resources.apply_to(settings)
 
 
 def _write_config(path: Path, settings: Settings) -> None:
@@ -106,11 +137,20 @@ def _print_banner(
         "courier local is running (Ctrl-C stops everything):",
         f"  API            {listening.url}   (GET /readyz, /healthz, /metrics)",
         f"  AWS (moto)     {settings.aws.endpoint_url}",
+        f"  IdM (stub)     {settings.idm.url}",
+        *(f"  {t.name + ' (stub)':<15}{t.url}   ({t.format})" for t in settings.targets),
         f"  work queue     {resources.queue_url}",
         f"  DLQ            {resources.dlq_url}",
         f"  status table   {resources.status_table}",
         f"  secrets table  {resources.secrets_table}   (secrets: {', '.join(resources.secrets)})",
         f"  settings       {config}   (use with: courier --config {config} ...)",
+        "",
+        "Try it:",
+        f"  TOKEN=$(.venv/bin/courier --config {config} token)",
+        f'  curl -si -X POST {listening.url}/v1/mailboxes -H "Authorization: Bearer $TOKEN" \\',
+        "       -H 'Content-Type: application/json' \\",
+        '       -d \'{"username":"jane.doe","display_name":"Jane Doe","plan":"standard",'
+        '"contact_email":"jane@example.com"}\'',
     ]
     print("\n".join(lines), file=sys.stderr, flush=True)
 
