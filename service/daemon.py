@@ -77,9 +77,10 @@ async def _start_metrics(settings: Settings) -> tuple[web.AppRunner, str]:
     metrics_app.router.add_get("/metrics", health_routes.metrics_handler)
     runner = web.AppRunner(metrics_app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.http.host, settings.http.metrics_port)
+    port = settings.http.metrics_port + settings.instance
+    site = web.TCPSite(runner, settings.http.host, port)
     await site.start()
-    return runner, f"http://{settings.http.host}:{settings.http.metrics_port}/metrics"
+    return runner, f"http://{settings.http.host}:{port}/metrics"
 
 
 async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
