@@ -20,14 +20,16 @@ from . import __version__, metrics
 from .api import health_routes, mailboxes, openapi
 from .api.auth import Jwks, TokenVerifier
 from .api.middleware import ACCESS_LOG_KEY, observe
-from .aws import AwsClients, open_clients
+from .aws import AwsClients, open_client, open_clients
 from .consumer import Consumer
 from .credstash import CredStash
 from .dlq import DeadLetterQueue
+from .ec2 import Imds, LifecycleWatcher, identify
 from .envelope import EnvelopeCipher
 from .errors import SettingsError
 from .health import Probe, Readiness
 from .idm import IdmClient
+from .logs import set_process_fields
 from .queue import Producer
 from .secrets import SecretCache
 from .settings import Settings
@@ -100,6 +102,8 @@ def create_app(settings: Settings) -> web.Application:
         openapi.setup(app)
     if runs_worker(settings):
         contexts.append(_worker_context)
+    if settings.ec2.enabled != "off":
+        contexts.append(_ec2_context)
     app.cleanup_ctx.extend(contexts)
     health_routes.setup(app)
     metrics.build_info.labels(__version__, settings.role).set(1)
@@ -227,3 +231,38 @@ async def _stop_polling(app: web.Application) -> None:
     # on_shutdown runs as soon as the listener closes: stop taking new messages right away,
     # so the API's drain and the worker's drain overlap instead of adding up.
     app[CONSUMER].stop_polling()
+
+
+async def _ec2_context(app: web.Application) -> AsyncIterator[None]:
+    # In the background: off EC2 the IMDS probe would otherwise delay startup by its timeout.
+    task = asyncio.create_task(_ec2_integration(app), name="ec2")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _ec2_integration(app: web.Application) -> None:
+    settings = app[SETTINGS]
+    imds = Imds(app[HTTP], settings.ec2)
+    identity = await identify(imds, settings.ec2)
+    if identity is None:
+        if settings.ec2.enabled == "on":
+            log.error("ec2.enabled is on but IMDS is unreachable: no lifecycle draining")
+        return
+    set_process_fields(
+        instance_id=identity.instance_id, availability_zone=identity.availability_zone
+    )
+    metrics.instance_info.labels(identity.instance_id, identity.availability_zone).set(1)
+    endpoint = settings.ec2.autoscaling_endpoint_url or None
+    async with open_client("autoscaling", settings.aws, endpoint) as autoscaling:
+        watcher = LifecycleWatcher(
+            imds, autoscaling, identity, settings.ec2, partial(_drain_for_termination, app)
+        )
+        await watcher.run()
+
+
+async def _drain_for_termination(app: web.Application) -> None:
+    app[READINESS].draining = True
+    if CONSUMER in app:
+        await app[CONSUMER].stop(app[SETTINGS].http.drain_seconds)

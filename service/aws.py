@@ -42,13 +42,15 @@ def _count_request(event_name: str, **_: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def open_client(service: str, settings: AwsSettings) -> AsyncIterator[Any]:
+async def open_client(
+    service: str, settings: AwsSettings, endpoint_url: str | None = None
+) -> AsyncIterator[Any]:
     """One aiobotocore client for ``service``, counting every request it sends."""
     session = get_session()
     async with session.create_client(
         service,
         region_name=settings.region,
-        endpoint_url=settings.endpoint_for(service),
+        endpoint_url=endpoint_url or settings.endpoint_for(service),
         config=client_config(settings),
     ) as client:
         client.meta.events.register("before-send", _count_request)

@@ -18,9 +18,13 @@ from aiohttp import web
 from .api import health_routes
 from .app import create_app
 from .settings import Settings
-from .state import READINESS
+from .state import CONSUMER, READINESS
+from .systemd import Notifier, watchdog_running
 
 log = logging.getLogger("courier.daemon")
+
+READY_POLL_SECONDS = 0.1
+STATUS_INTERVAL_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,15 +87,49 @@ async def _start_metrics(settings: Settings) -> tuple[web.AppRunner, str]:
     return runner, f"http://{settings.http.host}:{port}/metrics"
 
 
-async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then shut down cleanly."""
+async def run(
+    settings: Settings, stop: asyncio.Event | None = None, notifier: Notifier | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then shut down cleanly.
+
+    Under systemd (Type=notify): READY=1 once /readyz would say ready, STATUS= lines while
+    running, WATCHDOG=1 from the event loop, STOPPING=1 when the drain starts.
+    """
     stop = stop or asyncio.Event()
+    notifier = notifier or Notifier.from_env()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    notifier.status("starting")
     try:
-        async with serving(settings):
+        async with watchdog_running(notifier), serving(settings) as listening:
+            reporter = asyncio.create_task(_report(listening, notifier), name="systemd-status")
             await stop.wait()
+            reporter.cancel()
+            notifier.stopping(f"draining (at most {settings.http.drain_seconds:g}s)")
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+async def _report(listening: Listening, notifier: Notifier) -> None:
+    readiness = listening.app[READINESS]
+    # Readiness mixes flags and cached I/O probes; polling it is what /readyz callers do too.
+    while not (await readiness.report())[0]:  # noqa: ASYNC110
+        await asyncio.sleep(READY_POLL_SECONDS)
+    notifier.ready(f"ready: {_activity(listening)}")
+    log.info("ready", extra={"fields": {"event": "ready"}})
+    while True:
+        await asyncio.sleep(STATUS_INTERVAL_SECONDS)
+        ready, checks = await readiness.report()
+        failing = ", ".join(name for name, value in checks.items() if value != "ok")
+        notifier.status(
+            f"{'ready' if ready else 'NOT READY (' + failing + ')'}: {_activity(listening)}"
+        )
+
+
+def _activity(listening: Listening) -> str:
+    parts = [f"API on {listening.url}"]
+    if CONSUMER in listening.app:
+        parts.append(f"{listening.app[CONSUMER].in_flight} messages in flight")
+    return ", ".join(parts)

@@ -135,3 +135,9 @@ visibility_extensions = Counter(
     "courier_visibility_extensions_total",
     "heartbeat visibility extensions of long-running messages",
 )
+
+instance_info = Gauge(
+    "courier_instance_info",
+    "the EC2 instance this process runs on",
+    ["instance_id", "availability_zone"],
+)

@@ -217,16 +217,20 @@ class WorkerSettings:
 class Ec2Settings:
     """EC2 integration: instance identity and Auto Scaling lifecycle draining (IMDSv2)."""
 
-    enabled: Literal["auto", "on", "off"] = setting(
-        "auto", "talk to IMDS: auto (probe once, off when not on EC2), on, off"
+    enabled: Literal["off", "on", "auto"] = setting(
+        "off", "talk to IMDS: on (EC2 images set this), off, or auto (probe; off when not on EC2)"
     )
     imds_url: str = setting("http://169.254.169.254", "instance metadata service", kind="url")
     imds_timeout_seconds: float = setting(1.0, "IMDS call timeout", min=0.05, max=30)
     lifecycle_poll_seconds: float = setting(
         5.0, "how often the Auto Scaling target lifecycle state is read", min=0.1, max=300
     )
-    lifecycle_hook: str = setting("courier-drain", "TERMINATING lifecycle hook to complete after draining")
-    asg_name: str = setting("", "Auto Scaling group ('' = from the instance tag aws:autoscaling:groupName)")
+    lifecycle_hook: str = setting(
+        "courier-drain", "TERMINATING lifecycle hook to complete after draining"
+    )
+    asg_name: str = setting(
+        "", "Auto Scaling group ('' = from the instance tag aws:autoscaling:groupName)"
+    )
     autoscaling_endpoint_url: str = setting("", "Auto Scaling API endpoint ('' = AWS)", kind="url?")
 
 
@@ -236,7 +240,10 @@ class Settings:
 
     role: Role = setting("all", "which halves run: all, api or worker")
     instance: int = setting(
-        0, "instance number (systemd %i): added to http.metrics_port so each process has its own", min=0, max=999
+        0,
+        "instance number (systemd %i): added to http.metrics_port so each process has its own",
+        min=0,
+        max=999,
     )
     http: HttpSettings = field(default_factory=HttpSettings)
     log: LogSettings = field(default_factory=LogSettings)

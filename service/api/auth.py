@@ -82,6 +82,7 @@ class Jwks:
         self._clock = clock
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at: float | None = None
+        self._loaded = False
         self._lock = asyncio.Lock()
 
     async def key(self, kid: str) -> jwt.PyJWK | None:
@@ -91,6 +92,9 @@ class Jwks:
         async with self._lock:  # concurrent unknown kids share one fetch
             if kid not in self._keys and self._may_refresh():
                 await self._fetch()
+        if not self._loaded:
+            # No fetch has succeeded yet: say "try later", not "your token is bad".
+            raise TransientError("signing keys are unavailable (JWKS fetch failed)")
         return self._keys.get(kid)
 
     def _may_refresh(self) -> bool:
@@ -112,6 +116,7 @@ class Jwks:
                 raise TransientError("signing keys are unavailable (JWKS fetch failed)") from exc
             return
         self._keys = _parse_jwks(document)
+        self._loaded = True
         log.info("JWKS loaded", extra={"fields": {"event": "jwks_loaded", "keys": len(self._keys)}})
 
 

@@ -23,6 +23,11 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return document
 
 
+def _no_constants(name: str) -> Any:
+    # Python's json accepts NaN and ±Infinity; RFC 8259 JSON does not.
+    raise ValueError(f"{name!r} is not a JSON value")
+
+
 async def read_json(request: web.Request) -> Any:
     """The parsed body, or a 415/413/400 problem saying exactly what is wrong."""
     if request.content_type != "application/json":
@@ -38,7 +43,7 @@ async def read_json(request: web.Request) -> Any:
     except UnicodeDecodeError:
         raise Problem(400, "malformed-json", "Bad Request", "the body is not valid UTF-8") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates)
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except _DuplicateKeyError as exc:
         raise Problem(400, "malformed-json", "Bad Request", f"the JSON has a {exc}") from None
     except RecursionError:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from xml.sax.saxutils import escape
 
@@ -64,11 +64,16 @@ def validation_errors(payload: Any) -> list[dict[str, str]]:
     errors = sorted(_validator.iter_errors(payload), key=lambda e: list(map(str, e.path)))
     return [
         {
-            "pointer": "/" + "/".join(str(part) for part in error.path),
+            "pointer": _pointer(error.path),
             "message": _message(error.message),
         }
         for error in errors
     ]
+
+
+def _pointer(path: Iterable[Any]) -> str:
+    # RFC 6901: the whole document is "", not "/" (which names the member with an empty key).
+    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in path)
 
 
 def _message(text: str) -> str:
