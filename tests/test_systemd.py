@@ -37,7 +37,7 @@ class FakeSystemd:
                 continue
             self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
 
-    def keys(self) -> list[str]:
+    def sent_keys(self) -> list[str]:
         return [key for message in self.messages for key in message if key != "STATUS"]
 
 
@@ -67,15 +67,15 @@ async def test_blocked_loop_stops_the_pings(fake_systemd: FakeSystemd) -> None:
     task = asyncio.create_task(notifier.watchdog())
     await asyncio.sleep(0.3)
     fake_systemd.collect(time.monotonic() + 0.05)
-    before = fake_systemd.keys().count("WATCHDOG")
+    before = fake_systemd.sent_keys().count("WATCHDOG")
     time.sleep(0.5)  # the event loop is blocked: no task runs
     fake_systemd.messages.clear()
     fake_systemd.collect(time.monotonic() + 0.01)
-    during = fake_systemd.keys().count("WATCHDOG")  # only what was queued before the block
+    during = fake_systemd.sent_keys().count("WATCHDOG")  # only what was queued before the block
     await asyncio.sleep(0.3)
     fake_systemd.messages.clear()
     fake_systemd.collect(time.monotonic() + 0.05)
-    after = fake_systemd.keys().count("WATCHDOG")
+    after = fake_systemd.sent_keys().count("WATCHDOG")
     task.cancel()
     assert before >= 4
     assert during <= 1
@@ -103,7 +103,7 @@ def test_daemon_sends_ready_status_watchdog_stopping_in_order(
     ) as process:
         try:
             deadline = time.monotonic() + 15
-            while "READY" not in fake_systemd.keys() and time.monotonic() < deadline:
+            while "READY" not in fake_systemd.sent_keys() and time.monotonic() < deadline:
                 fake_systemd.collect(time.monotonic() + 0.1)
             fake_systemd.collect(time.monotonic() + 0.5)
             process.send_signal(signal.SIGTERM)
@@ -113,7 +113,7 @@ def test_daemon_sends_ready_status_watchdog_stopping_in_order(
             if process.poll() is None:
                 process.kill()
         stderr = process.stderr.read().decode() if process.stderr else ""
-    keys = fake_systemd.keys()
+    keys = fake_systemd.sent_keys()
     assert process.returncode == 0, stderr[-2000:]
     assert "READY" in keys, (fake_systemd.messages, stderr[-2000:])
     assert keys.index("WATCHDOG") < keys.index("READY") < keys.index("STOPPING")
