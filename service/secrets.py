@@ -69,6 +69,10 @@ class SecretCache:
         self._loaded: set[CacheKey] = set()
         # At most one fetch per key at a time, shared by misses and refreshes alike.
         self._inflight: dict[CacheKey, asyncio.Task[str]] = {}
+        # Keys whose last fetch failed transiently: while the store is down, an expired value
+        # is served at once (within max_stale) and the fetch retried in the background, so
+        # requests do not each wait out the AWS client's timeouts and retries.
+        self._failing: dict[CacheKey, Exception] = {}
         self._closed = False
 
     async def get(self, name: str, context: Mapping[str, str] | None = None) -> str:
@@ -87,6 +91,15 @@ class SecretCache:
             if now >= entry.expires_at - self._settings.refresh_ahead_seconds and not self._closed:
                 self._fetch_task(key, "refresh")
             return entry.value
+        failure = self._failing.get(key)
+        if (
+            entry is not None
+            and failure is not None
+            and now - entry.expires_at < self._settings.max_stale_seconds
+        ):
+            if not self._closed:
+                self._fetch_task(key, "refresh")
+            return self._stale_or_raise(key, failure)
         try:
             value = await self._shared_fetch(key)
         except Exception as exc:
@@ -168,10 +181,13 @@ class SecretCache:
     async def _fetch(self, key: CacheKey, trigger: Trigger) -> str:
         try:
             value = await self._store.get(key[0], context=dict(key[1]) or None)
-        except Exception:
+        except Exception as exc:
             metrics.secret_fetches.labels(trigger, "error").inc()
+            if not isinstance(exc, PermanentError):
+                self._failing[key] = exc
             raise
         metrics.secret_fetches.labels(trigger, "ok").inc()
+        self._failing.pop(key, None)
         self._entries[key] = _Entry(value, self._clock() + self._settings.ttl_seconds)
         self._loaded.add(key)
         return value

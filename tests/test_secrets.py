@@ -412,3 +412,30 @@ async def test_disabled_cache_goes_to_the_store_every_time(
         assert cache.loaded([name])  # readiness still works in the stateless mode
     assert aws_requests("dynamodb", "Query") - queries == 6
     assert aws_requests("kms", "Decrypt") - decrypts == 6
+
+
+async def test_while_the_store_fails_expired_values_are_served_without_waiting(
+    outage: tuple[Outage, CredStash], put: Any, name: str
+) -> None:
+    server, store = outage
+    clock = FakeClock()
+    counting = CountingStore(store)
+    settings = SecretSettings(ttl_seconds=60, refresh_ahead_seconds=10, max_stale_seconds=300)
+    await put(name, "keep-serving")
+    async with SecretCache(counting, settings, clock=clock) as cache:
+        assert await cache.get(name) == "keep-serving"
+        server.begin()
+        clock.now += 55  # inside the refresh-ahead window: a background refresh fails
+        assert await cache.get(name) == "keep-serving"
+        await eventually(lambda: counting.finished == 2)
+        clock.now += 30  # expired now; the store is known to be failing
+        counting.gate = asyncio.Event()  # a fetch would now block until released
+        assert await asyncio.wait_for(cache.get(name), 0.5) == "keep-serving"
+        assert counting.calls == 3  # one background retry, which the answer did not wait for
+        counting.gate.set()
+        server.end()
+        await eventually(lambda: counting.finished == 3)
+        await eventually(lambda: not cache._failing)
+        clock.now += 1
+        assert await cache.get(name) == "keep-serving"
+        assert counting.calls == 3  # fresh again after the successful background fetch
