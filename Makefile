@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck pytest format clean
+.PHONY: install run test lint typecheck pytest terraform-check format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ install: $(STAMP) ## create the virtualenv and install courier with its dev tool
 run: install ## the whole chain locally: embedded AWS, stubs, API and worker
 	$(BIN)/courier local
 
-test: lint typecheck pytest ## everything CI runs
+test: lint typecheck terraform-check pytest ## everything CI runs
 
 lint: install
 	$(BIN)/ruff check service tests
@@ -28,6 +28,9 @@ typecheck: install
 
 pytest: install
 	$(BIN)/python -m pytest
+
+terraform-check: ## fmt, validate (local provider mirror), terraform test, checkov; builds the HCL parser env
+	bash terraform/check.sh
 
 format: install
 	$(BIN)/ruff format service tests

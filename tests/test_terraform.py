@@ -1,0 +1,737 @@
+"""Properties of the Terraform deployment (terraform/) that would be easy to lose in an edit.
+
+The .tf files are parsed with python-hcl2 by terraform/scripts/hcl2json.py, run in its own
+virtualenv (.venv-hcl2) because checkov's forked ``hcl2`` must not meet the project's
+environment; `make terraform-check` (bash terraform/check.sh) creates it. Assertions read
+the parsed attributes, so a renamed or restructured block fails a test instead of passing
+silently. The rendered courier.toml is checked against the daemon's own settings loader.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TERRAFORM = REPO / "terraform"
+PARSER = TERRAFORM / "scripts" / "hcl2json.py"
+PARSER_PYTHON = REPO / ".venv-hcl2" / "bin" / "python"
+SETUP_HINT = "run `make terraform-check` (bash terraform/check.sh), which creates .venv-hcl2"
+
+DATA_KEY = "${aws_kms_key.data.arn}"
+
+# Identity-policy statements allowed to use Resource "*", because the action supports no
+# resource-level permissions. Each must carry the condition named here, if any.
+STAR_RESOURCE_EXCEPTIONS = {
+    ("instance", "CloudWatchAgentMetrics"): (
+        "cloudwatch:PutMetricData has no resource-level permissions; "
+        "it is limited by the cloudwatch:namespace condition instead",
+        "cloudwatch:namespace",
+    ),
+    ("instance", "CloudWatchAgentDescribeTags"): (
+        "ec2:DescribeTags (read by the CloudWatch agent for the AutoScalingGroupName "
+        "dimension) has no resource-level permissions",
+        None,
+    ),
+}
+# KMS key policies (locals passed to aws_kms_key.policy) must use Resource "*": in a key
+# policy it means the key itself, and AWS rejects anything else.
+KEY_POLICY_LOCALS = {"data_key_policy", "credstash_key_policy"}
+
+# Resource types that take no tags; every other resource must merge local.tags.
+UNTAGGABLE = {
+    "aws_autoscaling_policy",
+    "aws_cloudwatch_dashboard",
+    "aws_cloudwatch_log_metric_filter",
+    "aws_iam_role_policy",
+    "aws_iam_role_policy_attachment",
+    "aws_kms_alias",
+    "aws_s3_bucket_lifecycle_configuration",
+    "aws_s3_bucket_ownership_controls",
+    "aws_s3_bucket_policy",
+    "aws_s3_bucket_public_access_block",
+    "aws_s3_bucket_server_side_encryption_configuration",
+    "aws_s3_bucket_versioning",
+    "aws_sqs_queue_policy",
+    "aws_sqs_queue_redrive_allow_policy",
+    "aws_wafv2_web_acl_association",
+}
+
+
+@dataclass
+class Module:
+    """The blocks of one Terraform module, keyed for lookup."""
+
+    resources: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    data: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    locals: dict[str, Any] = field(default_factory=dict)
+    variables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def resource(self, kind: str, name: str) -> dict[str, Any]:
+        assert (kind, name) in self.resources, f"resource {kind}.{name} is missing"
+        return self.resources[(kind, name)]
+
+    def of_type(self, kind: str) -> dict[str, dict[str, Any]]:
+        return {name: body for (k, name), body in self.resources.items() if k == kind}
+
+
+def _add_file(module: Module, parsed: dict[str, Any]) -> None:
+    for section, target in (("resource", module.resources), ("data", module.data)):
+        for entry in parsed.get(section, []):
+            for kind, named in entry.items():
+                for name, body in named.items():
+                    assert (kind, name) not in target, f"{kind}.{name} declared twice"
+                    target[(kind, name)] = body
+    for entry in parsed.get("locals", []):
+        module.locals.update(entry)
+    for entry in parsed.get("variable", []):
+        module.variables.update(entry)
+    for entry in parsed.get("module", []):
+        module.modules.update(entry)
+
+
+@pytest.fixture(scope="module")
+def parsed_files() -> dict[str, Any]:
+    if not PARSER_PYTHON.exists():
+        pytest.skip(
+            f"python-hcl2 parser environment {PARSER_PYTHON.parent.parent} is missing: {SETUP_HINT}"
+        )
+    result = subprocess.run(
+        [str(PARSER_PYTHON), str(PARSER), str(TERRAFORM)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"hcl2json failed:\n{result.stderr}"
+    files: dict[str, Any] = json.loads(result.stdout)["files"]
+    return files
+
+
+@pytest.fixture(scope="module")
+def tf(parsed_files: dict[str, Any]) -> Module:
+    """The root module: the .tf files directly in terraform/."""
+    module = Module()
+    for path, parsed in parsed_files.items():
+        if "/" not in path:
+            _add_file(module, parsed)
+    assert module.resources, "no resources parsed from terraform/*.tf"
+    return module
+
+
+def one(blocks: Any, what: str) -> dict[str, Any]:
+    """The single block of a nested block list (HCL blocks parse as lists)."""
+    assert isinstance(blocks, list), f"{what}: expected a block, got {blocks!r}"
+    assert len(blocks) == 1, f"{what}: expected exactly one block, got {len(blocks)}"
+    block: dict[str, Any] = blocks[0]
+    return block
+
+
+def resolve(module: Module, value: Any) -> Any:
+    """Follow a value that is exactly a "${local.x}" reference to the local's definition."""
+    while isinstance(value, str) and value.startswith("${local.") and value.endswith("}"):
+        name = value[len("${local.") : -1]
+        if name not in module.locals:
+            break
+        value = module.locals[name]
+    return value
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+# --------------------------------------------------------------------------------------
+# Compute
+# --------------------------------------------------------------------------------------
+
+
+def test_launch_template_requires_imdsv2_with_hop_limit_1(tf: Module) -> None:
+    template = tf.resource("aws_launch_template", "courier")
+    metadata = one(template.get("metadata_options"), "metadata_options")
+    assert metadata["http_endpoint"] == "enabled"
+    assert metadata["http_tokens"] == "required"
+    assert metadata["http_put_response_hop_limit"] == 1
+
+
+def test_launch_template_has_no_public_ip_no_key_pair_and_an_encrypted_gp3_root(tf: Module) -> None:
+    template = tf.resource("aws_launch_template", "courier")
+    assert "key_name" not in template, "no key pair: shell access is SSM Session Manager"
+    interface = one(template.get("network_interfaces"), "network_interfaces")
+    assert interface["associate_public_ip_address"] is False
+    assert interface["security_groups"] == ["${aws_security_group.instance.id}"]
+    ebs = one(one(template.get("block_device_mappings"), "block_device_mappings")["ebs"], "ebs")
+    assert ebs["encrypted"] is True
+    assert ebs["volume_type"] == "gp3"
+    assert one(template.get("iam_instance_profile"), "iam_instance_profile")["arn"] == (
+        "${aws_iam_instance_profile.instance.arn}"
+    )
+
+
+def test_asg_uses_elb_health_checks_and_a_pinned_launch_template_version(tf: Module) -> None:
+    asg = tf.resource("aws_autoscaling_group", "courier")
+    assert asg["health_check_type"] == "ELB"
+    assert asg["target_group_arns"] == ["${aws_lb_target_group.api.arn}"]
+    assert {"GroupInServiceInstances", "GroupDesiredCapacity"} <= set(asg["enabled_metrics"])
+    # Auto rollback needs a concrete version, never $Latest/$Default.
+    dynamic = {name: body for entry in asg["dynamic"] for name, body in entry.items()}
+    plain = one(dynamic["launch_template"]["content"], "launch_template content")
+    assert plain["version"] == "${aws_launch_template.courier.latest_version}"
+    mixed = one(dynamic["mixed_instances_policy"]["content"], "mixed_instances_policy content")
+    spec = one(
+        one(mixed["launch_template"], "launch_template")["launch_template_specification"], "spec"
+    )
+    assert spec["version"] == "${aws_launch_template.courier.latest_version}"
+
+
+def test_termination_lifecycle_hook_outlasts_the_drain(tf: Module) -> None:
+    asg = tf.resource("aws_autoscaling_group", "courier")
+    hook = one(asg.get("initial_lifecycle_hook"), "initial_lifecycle_hook")
+    assert hook["lifecycle_transition"] == "autoscaling:EC2_INSTANCE_TERMINATING"
+    assert hook["default_result"] == "CONTINUE"
+    assert hook["heartbeat_timeout"] == "${var.lifecycle_hook_heartbeat_seconds}"
+    preconditions = one(asg["lifecycle"], "lifecycle")["precondition"]
+    assert any(
+        p["condition"] == "${var.lifecycle_hook_heartbeat_seconds > var.drain_seconds}"
+        for p in preconditions
+    ), "a precondition must keep the hook heartbeat longer than the drain bound"
+
+
+def test_instance_refresh_is_a_canary_that_rolls_back_on_alarms(tf: Module) -> None:
+    asg = tf.resource("aws_autoscaling_group", "courier")
+    refresh = one(asg.get("instance_refresh"), "instance_refresh")
+    assert refresh["strategy"] == "Rolling"
+    preferences = one(refresh["preferences"], "preferences")
+    assert preferences["checkpoint_percentages"] == "${var.instance_refresh.checkpoint_percentages}"
+    assert preferences["auto_rollback"] == "${var.instance_refresh.auto_rollback}"
+    alarms = one(preferences["alarm_specification"], "alarm_specification")["alarms"]
+    assert alarms == "${local.rollout_alarm_names}"
+    names = resolve(tf, alarms)
+    assert isinstance(names, list)
+    assert len(names) >= 3
+    for name in names:
+        kind, resource, attribute = name.strip("${}").split(".")
+        assert (kind, attribute) == ("aws_cloudwatch_metric_alarm", "alarm_name")
+        tf.resource(kind, resource)
+    variable_type = tf.variables["instance_refresh"]["type"]
+    assert "checkpoint_percentages = optional(list(number), [10, 50, 100])" in variable_type
+    assert "auto_rollback = optional(bool, true)" in variable_type
+
+
+def test_backlog_per_instance_policy_divides_visible_messages_by_in_service_instances(
+    tf: Module,
+) -> None:
+    policies = tf.of_type("aws_autoscaling_policy")
+    backlog = [
+        one(p["target_tracking_configuration"], "target_tracking_configuration")
+        for p in policies.values()
+        if "customized_metric_specification" in p["target_tracking_configuration"][0]
+    ]
+    assert len(backlog) == 1, "exactly one customized (backlog per instance) target tracking policy"
+    assert backlog[0]["target_value"] == "${var.backlog_per_instance}"
+    spec = one(backlog[0]["customized_metric_specification"], "customized_metric_specification")
+    by_metric: dict[str, dict[str, Any]] = {}
+    expressions = []
+    for query in spec["metrics"]:
+        if "expression" in query:
+            expressions.append(query)
+            continue
+        metric = one(one(query["metric_stat"], "metric_stat")["metric"], "metric")
+        by_metric[metric["metric_name"]] = {"query": query, "metric": metric}
+        assert query["return_data"] is False
+    visible = by_metric["ApproximateNumberOfMessagesVisible"]
+    in_service = by_metric["GroupInServiceInstances"]
+    assert visible["metric"]["namespace"] == "AWS/SQS"
+    assert visible["metric"]["dimensions"] == [
+        {"name": "QueueName", "value": "${aws_sqs_queue.work.name}"}
+    ]
+    assert in_service["metric"]["namespace"] == "AWS/AutoScaling"
+    assert in_service["metric"]["dimensions"] == [
+        {"name": "AutoScalingGroupName", "value": "${aws_autoscaling_group.courier.name}"}
+    ]
+    assert len(expressions) == 1
+    assert expressions[0]["return_data"] is True
+    numerator, denominator = (part.strip() for part in expressions[0]["expression"].split("/"))
+    assert (numerator, denominator) == (visible["query"]["id"], in_service["query"]["id"])
+
+
+def test_request_count_per_target_policy_tracks_the_api_target_group(tf: Module) -> None:
+    specs = [
+        one(p["target_tracking_configuration"], "ttc").get("predefined_metric_specification")
+        for p in tf.of_type("aws_autoscaling_policy").values()
+    ]
+    predefined = [one(s, "predefined_metric_specification") for s in specs if s]
+    assert [p["predefined_metric_type"] for p in predefined] == ["ALBRequestCountPerTarget"]
+    assert (
+        predefined[0]["resource_label"]
+        == "${aws_lb.this.arn_suffix}/${aws_lb_target_group.api.arn_suffix}"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Network
+# --------------------------------------------------------------------------------------
+
+
+def _rules(tf: Module) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for kind in ("aws_vpc_security_group_ingress_rule", "aws_vpc_security_group_egress_rule"):
+        for name, body in tf.of_type(kind).items():
+            yield kind, name, body
+
+
+def test_instance_security_group_admits_only_the_alb_on_the_api_port(tf: Module) -> None:
+    assert not tf.of_type("aws_security_group_rule"), (
+        "use aws_vpc_security_group_*_rule resources only"
+    )
+    for name, group in tf.of_type("aws_security_group").items():
+        assert "ingress" not in group, f"inline ingress in aws_security_group.{name}"
+        assert "egress" not in group, f"inline egress in aws_security_group.{name}"
+    ingress = {
+        name: body
+        for kind, name, body in _rules(tf)
+        if kind.endswith("ingress_rule")
+        and body["security_group_id"] == "${aws_security_group.instance.id}"
+    }
+    assert list(ingress) == ["instance_from_alb"]
+    rule = ingress["instance_from_alb"]
+    assert rule["referenced_security_group_id"] == "${aws_security_group.alb.id}"
+    assert "cidr_ipv4" not in rule
+    assert "cidr_ipv6" not in rule
+    assert "prefix_list_id" not in rule
+    assert (rule["from_port"], rule["to_port"], rule["ip_protocol"]) == (
+        "${var.api_port}",
+        "${var.api_port}",
+        "tcp",
+    )
+
+
+def _literal_port(value: Any, tf: Module) -> list[int]:
+    """Literal ports, or the default of a variable port; [] for ports validated elsewhere."""
+    if isinstance(value, int):
+        return [value]
+    if value == "${var.api_port}":
+        return [tf.variables["api_port"]["default"]]
+    assert value.startswith("${each.value.rule."), f"unexpected port expression {value!r}"
+    return []
+
+
+def test_no_rule_opens_port_22_and_every_rule_is_described(tf: Module) -> None:
+    for kind, name, body in _rules(tf):
+        assert str(body.get("description", "")).strip(), f"{kind}.{name} has no description"
+        assert body["ip_protocol"] in {"tcp", "udp", "${each.value.rule.protocol}"}, (
+            f"{kind}.{name}: all ports"
+        )
+        low, high = _literal_port(body["from_port"], tf), _literal_port(body["to_port"], tf)
+        if low and high:
+            assert not (low[0] <= 22 <= high[0]), f"{kind}.{name} opens port 22"
+    # Variable-driven egress rules are kept off 22 by the variable's validation.
+    conditions = [v["condition"] for v in tf.variables["egress_rules"]["validation"]]
+    assert any("r.from_port <= 22 && r.to_port >= 22" in c for c in conditions)
+
+
+def test_no_ingress_from_anywhere_except_the_configured_alb_clients(tf: Module) -> None:
+    for kind, name, body in _rules(tf):
+        if kind.endswith("ingress_rule"):
+            assert body.get("cidr_ipv4") in (None, "${each.value}"), (
+                f"{kind}.{name}: literal CIDR ingress"
+            )
+            if body.get("cidr_ipv4"):
+                assert body["security_group_id"] == "${aws_security_group.alb.id}"
+                assert body["for_each"] == "${toset(var.alb_ingress_cidr_blocks)}"
+    assert "default" not in tf.variables["alb_ingress_cidr_blocks"], (
+        "clients must be chosen explicitly"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Load balancer
+# --------------------------------------------------------------------------------------
+
+
+def test_target_group_drains_for_the_drain_bound_and_checks_readyz(tf: Module) -> None:
+    group = tf.resource("aws_lb_target_group", "api")
+    assert group["deregistration_delay"] == "${var.drain_seconds}"
+    assert group["port"] == "${var.api_port}"
+    health = one(group.get("health_check"), "health_check")
+    assert health["path"] == "/readyz"
+    assert "drain_seconds = var.drain_seconds" in tf.locals["courier_config"], (
+        "courier.toml must get the same bound"
+    )
+
+
+def test_alb_serves_modern_tls_redirects_http_and_logs(tf: Module) -> None:
+    alb = tf.resource("aws_lb", "this")
+    assert alb["drop_invalid_header_fields"] is True
+    assert alb["enable_deletion_protection"] == "${var.deletion_protection}"
+    assert one(alb["access_logs"], "access_logs")["enabled"] is True
+    https = tf.resource("aws_lb_listener", "https")
+    assert (https["protocol"], https["port"], https["ssl_policy"]) == (
+        "HTTPS",
+        443,
+        "${var.ssl_policy}",
+    )
+    assert tf.variables["ssl_policy"]["default"] == "ELBSecurityPolicy-TLS13-1-2-2021-06"
+    redirect = one(
+        tf.resource("aws_lb_listener", "http_redirect")["default_action"], "default_action"
+    )
+    assert redirect["type"] == "redirect"
+    assert one(redirect["redirect"], "redirect")["protocol"] == "HTTPS"
+
+
+# --------------------------------------------------------------------------------------
+# Queue and data
+# --------------------------------------------------------------------------------------
+
+
+def test_queues_are_encrypted_with_the_data_cmk(tf: Module) -> None:
+    queues = tf.of_type("aws_sqs_queue")
+    assert set(queues) == {"work", "dlq"}
+    for name, queue in queues.items():
+        assert queue["kms_master_key_id"] == DATA_KEY, (
+            f"aws_sqs_queue.{name} is not encrypted with the CMK"
+        )
+        assert (
+            queue["kms_data_key_reuse_period_seconds"] == "${var.kms_data_key_reuse_period_seconds}"
+        )
+        assert "sqs_managed_sse_enabled" not in queue
+    assert queues["dlq"]["message_retention_seconds"] == 1209600
+
+
+def test_work_queue_redrives_to_the_dlq_and_only_it_may(tf: Module) -> None:
+    work = tf.resource("aws_sqs_queue", "work")
+    redrive = work["redrive_policy"]["__jsonencode__"]
+    assert redrive == {
+        "deadLetterTargetArn": "${aws_sqs_queue.dlq.arn}",
+        "maxReceiveCount": "${var.max_receive_count}",
+    }
+    allow = tf.resource("aws_sqs_queue_redrive_allow_policy", "dlq")
+    assert allow["queue_url"] == "${aws_sqs_queue.dlq.id}"
+    assert allow["redrive_allow_policy"]["__jsonencode__"] == {
+        "redrivePermission": "byQueue",
+        "sourceQueueArns": ["${aws_sqs_queue.work.arn}"],
+    }
+
+
+def test_tables_are_encrypted_with_the_cmk_and_recoverable(tf: Module) -> None:
+    tables = tf.of_type("aws_dynamodb_table")
+    assert set(tables) == {"status", "credstash"}
+    for name, table in tables.items():
+        sse = one(table.get("server_side_encryption"), f"{name} server_side_encryption")
+        assert sse["enabled"] is True, f"table {name} has no server-side encryption"
+        assert sse["kms_key_arn"] == DATA_KEY, f"table {name} is not encrypted with the CMK"
+        assert one(table.get("point_in_time_recovery"), "point_in_time_recovery")["enabled"] is True
+        assert table["billing_mode"] == "PAY_PER_REQUEST"
+
+
+def test_credstash_table_keeps_the_credstash_key_schema(tf: Module) -> None:
+    table = tf.resource("aws_dynamodb_table", "credstash")
+    assert (table["hash_key"], table["range_key"]) == ("name", "version")
+    assert sorted((a["name"], a["type"]) for a in table["attribute"]) == [
+        ("name", "S"),
+        ("version", "S"),
+    ]
+    assert tf.variables["credstash_table_name"]["default"] == "credential-store"
+
+
+def test_status_table_has_pk_and_expires_at_ttl(tf: Module) -> None:
+    table = tf.resource("aws_dynamodb_table", "status")
+    assert table["hash_key"] == "pk"
+    assert "range_key" not in table
+    assert [(a["name"], a["type"]) for a in table["attribute"]] == [("pk", "S")]
+    ttl = one(table.get("ttl"), "ttl")
+    assert (ttl["attribute_name"], ttl["enabled"]) == ("expires_at", True)
+
+
+def test_kms_keys_rotate(tf: Module) -> None:
+    keys = tf.of_type("aws_kms_key")
+    assert set(keys) == {"data", "credstash"}
+    for name, key in keys.items():
+        assert key["enable_key_rotation"] is True, f"aws_kms_key.{name} does not rotate"
+        policy = key["policy"]["__jsonencode__"]
+        assert isinstance(policy, str)
+        assert policy.removeprefix("${local.").removesuffix("}") in KEY_POLICY_LOCALS
+
+
+# --------------------------------------------------------------------------------------
+# IAM
+# --------------------------------------------------------------------------------------
+
+
+def _identity_statements(tf: Module) -> Iterator[tuple[str, dict[str, Any]]]:
+    for (kind, name), body in tf.data.items():
+        if kind == "aws_iam_policy_document":
+            for statement in body.get("statement", []):
+                yield name, statement
+
+
+def test_identity_policies_name_their_resources_except_listed_exceptions(tf: Module) -> None:
+    seen = set()
+    for document, statement in _identity_statements(tf):
+        assert "*" not in as_list(statement.get("actions", [])), f"{document}: Action '*'"
+        if "*" not in as_list(statement.get("resources", [])):
+            continue
+        key = (document, statement.get("sid"))
+        assert key in STAR_RESOURCE_EXCEPTIONS, (
+            f"{document}/{statement.get('sid')}: Resource '*' not allowed"
+        )
+        seen.add(key)
+        _, required_condition = STAR_RESOURCE_EXCEPTIONS[key]
+        if required_condition:
+            variables = [c["variable"] for c in statement.get("condition", [])]
+            assert required_condition in variables, (
+                f"{key} needs its {required_condition} condition"
+            )
+    assert seen == set(STAR_RESOURCE_EXCEPTIONS), (
+        f"stale exceptions: {set(STAR_RESOURCE_EXCEPTIONS) - seen}"
+    )
+
+
+def test_key_policies_use_star_only_as_this_key_and_never_an_open_principal(tf: Module) -> None:
+    for local_name in KEY_POLICY_LOCALS:
+        statements = [resolve(tf, s) for s in tf.locals[local_name]["Statement"]]
+        assert statements, f"{local_name} has no statements"
+        for statement in statements:
+            assert statement["Resource"] == "*"  # the key itself: the only value AWS accepts
+            principal = statement["Principal"]
+            if principal.get("AWS") == "*":
+                assert "kms:CallerAccount" in statement["Condition"]["StringEquals"], (
+                    "open principal"
+                )
+                assert "kms:ViaService" in statement["Condition"]["StringEquals"], "open principal"
+
+
+def test_instance_role_has_exactly_the_access_courier_needs(tf: Module) -> None:
+    statements = {s["sid"]: s for d, s in _identity_statements(tf) if d == "instance"}
+    assert set(statements["WorkQueueAndDlq"]["resources"]) == {
+        "${aws_sqs_queue.work.arn}",
+        "${aws_sqs_queue.dlq.arn}",
+    }
+    assert set(statements["WorkQueueAndDlq"]["actions"]) == {
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:ChangeMessageVisibility",
+        "sqs:SendMessage",
+        "sqs:GetQueueAttributes",
+    }
+    assert set(statements["StatusTable"]["actions"]) == {
+        "dynamodb:GetItem",
+        "dynamodb:PutItem",
+        "dynamodb:UpdateItem",
+        "dynamodb:Query",
+        "dynamodb:ConditionCheckItem",
+    }
+    assert statements["StatusTable"]["resources"] == ["${aws_dynamodb_table.status.arn}"]
+    assert set(statements["CredStashTableRead"]["actions"]) == {
+        "dynamodb:Query",
+        "dynamodb:GetItem",
+    }
+    assert statements["DataKeyUse"]["resources"] == [DATA_KEY]
+    assert statements["CredStashDecrypt"]["actions"] == ["kms:Decrypt"]
+    dynamic_condition = statements["CredStashDecrypt"]["dynamic"][0]["condition"]
+    assert dynamic_condition["for_each"] == "${var.credstash_encryption_context}"
+    assert dynamic_condition["content"][0]["variable"] == "kms:EncryptionContext:${condition.key}"
+    lifecycle = statements["OwnLifecycleHook"]
+    assert set(lifecycle["actions"]) == {
+        "autoscaling:CompleteLifecycleAction",
+        "autoscaling:RecordLifecycleActionHeartbeat",
+    }
+    assert lifecycle["resources"] == ["${local.asg_arn}"]
+    assert tf.locals["asg_arn"].endswith(":autoScalingGroupName/${local.asg_name}")
+    attachments = tf.of_type("aws_iam_role_policy_attachment")
+    assert [a["policy_arn"] for a in attachments.values()] == [
+        "arn:${local.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# Conventions
+# --------------------------------------------------------------------------------------
+
+
+def test_every_taggable_resource_merges_the_module_tags(tf: Module) -> None:
+    assert tf.locals["tags"].startswith("${merge(var.tags,")
+    for (kind, name), body in tf.resources.items():
+        if kind in UNTAGGABLE:
+            continue
+        if kind == "aws_autoscaling_group":
+            tags = {n: b for entry in body["dynamic"] for n, b in entry.items()}["tag"]["for_each"]
+        else:
+            assert "tags" in body, f"{kind}.{name} has no tags"
+            tags = body["tags"]
+        assert tags.startswith("${merge(local.tags"), f"{kind}.{name} does not merge local.tags"
+
+
+def test_every_variable_is_typed_and_described(parsed_files: dict[str, Any]) -> None:
+    count = 0
+    for path, parsed in parsed_files.items():
+        for entry in parsed.get("variable", []):
+            for name, body in entry.items():
+                count += 1
+                assert body.get("type"), f"{path}: variable {name} has no type"
+                assert str(body.get("description", "")).strip(), (
+                    f"{path}: variable {name} has no description"
+                )
+    assert count > 40
+
+
+def test_example_calls_the_module_from_the_repository(parsed_files: dict[str, Any]) -> None:
+    modules = {}
+    for entry in parsed_files["examples/complete/main.tf"]["module"]:
+        modules.update(entry)
+    assert modules["courier"]["source"] == "../../"
+
+
+def test_provider_is_pinned(parsed_files: dict[str, Any]) -> None:
+    for path in ("versions.tf", "examples/complete/versions.tf"):
+        terraform = one(parsed_files[path]["terraform"], f"{path} terraform")
+        assert terraform["required_version"] == ">= 1.5"
+        aws = terraform["required_providers"][0]["aws"]
+        assert (aws["source"], aws["version"]) == ("hashicorp/aws", "~> 5.100")
+
+
+# --------------------------------------------------------------------------------------
+# Rendered templates (needs the terraform binary; no providers, no network)
+# --------------------------------------------------------------------------------------
+
+TEMPLATE_VALUES: dict[str, Any] = {
+    "role": "all",
+    "api_port": 8080,
+    "drain_seconds": 20,
+    "log_level": "INFO",
+    "region": "eu-west-1",
+    "queue_url": "https://sqs.eu-west-1.amazonaws.com/123456789012/courier-work",
+    "dlq_url": "https://sqs.eu-west-1.amazonaws.com/123456789012/courier-dlq",
+    "status_table": "courier-status",
+    "secrets_table": "credential-store",
+    "secrets_ttl_seconds": 300,
+    "kms_key_id": "arn:aws:kms:eu-west-1:123456789012:key/11111111-2222-3333-4444-555555555555",
+    "jwt_issuer": "https://login.example.net/",
+    # Quotes, backslashes and non-ASCII must survive the TOML rendering.
+    "jwt_audience": 'courier "prod" \\ é <&>',
+    "jwks_url": "",
+    "jwt_hs256_secret": "courier.jwt.hs256",
+    "idm_url": "https://idm.example.net",
+    "idm_api_key_secret": "courier.idm.api_key",
+    "max_in_flight": 100,
+    "metrics_base_port": 9100,
+    "asg_name": "courier-asg",
+    "lifecycle_hook_name": "courier-drain",
+    "targets": [
+        {
+            "name": "mail",
+            "url": "https://mail.example.net/api",
+            "format": "json",
+            "secret": "courier.target.mail",
+            "timeout_seconds": 0.5,
+            "concurrency": 32,
+        },
+        {
+            "name": "billing",
+            "url": "https://billing.example.net/soap",
+            "format": "soap",
+            "secret": "",
+            "timeout_seconds": 5,
+            "concurrency": 8,
+        },
+    ],
+}
+
+
+def _render(template: str, values: dict[str, Any], tmp_path: Path) -> str:
+    terraform = shutil.which("terraform")
+    if terraform is None:
+        pytest.skip("terraform is not installed: the templates cannot be rendered")
+    env = {**os.environ, "CHECKPOINT_DISABLE": "1"}
+    if env.get("TF_CLI_CONFIG_FILE") and not Path(env["TF_CLI_CONFIG_FILE"]).exists():
+        del env["TF_CLI_CONFIG_FILE"]
+    # JSON is valid HCL expression syntax; escape template sequences inside its strings.
+    literal = json.dumps(values).replace("${", "$${").replace("%{", "%%{")
+    expression = f"base64encode(templatefile({json.dumps(str(TERRAFORM / 'templates' / template))}, {literal}))"
+    result = subprocess.run(
+        [terraform, "console", "-no-color"],
+        input=expression,
+        cwd=tmp_path,  # an empty directory: no configuration, no providers
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"terraform console failed:\n{result.stderr}"
+    return base64.b64decode(result.stdout.strip().strip('"')).decode()
+
+
+def test_rendered_courier_toml_is_accepted_by_the_daemon(tmp_path: Path) -> None:
+    settings_module = pytest.importorskip("service.settings")
+    rendered = _render("courier.toml.tftpl", TEMPLATE_VALUES, tmp_path)
+    document = tomllib.loads(rendered)
+    assert document["auth"]["audience"] == TEMPLATE_VALUES["jwt_audience"]
+    assert [t["name"] for t in document["targets"]] == ["mail", "billing"]
+    path = tmp_path / "courier.toml"
+    path.write_text(rendered)
+    settings = settings_module.load_settings(path, environ={})
+    assert settings.http.host == "0.0.0.0"
+    assert settings.http.port == 8080
+    assert settings.http.drain_seconds == 20
+    assert settings.queue.dlq_url == TEMPLATE_VALUES["dlq_url"]
+    assert settings.envelope.kms_key_id == TEMPLATE_VALUES["kms_key_id"]
+    assert [(t.name, t.format) for t in settings.targets] == [("mail", "json"), ("billing", "soap")]
+    assert settings.http.metrics_port == 9100
+    assert (settings.ec2.enabled, settings.ec2.asg_name, settings.ec2.lifecycle_hook) == (
+        "on", "courier-asg", "courier-drain",
+    )
+
+
+def test_rendered_user_data_is_valid_bash_with_valid_agent_config(tmp_path: Path) -> None:
+    config = _render("courier.toml.tftpl", TEMPLATE_VALUES, tmp_path)
+    agent = _render(
+        "cloudwatch-agent.json.tftpl",
+        {"log_group_name": "/courier/courier", "metrics_namespace": "Courier"},
+        tmp_path,
+    )
+    agent_config = json.loads(agent)
+    assert (
+        agent_config["metrics"]["append_dimensions"]["AutoScalingGroupName"]
+        == "${aws:AutoScalingGroupName}"
+    )
+    emf = agent_config["logs"]["logs_collected"]["prometheus"]["emf_processor"]
+    assert emf["metric_namespace"] == "Courier"
+    assert any(
+        "^courier_target_circuit_open$" in d["metric_selectors"] and d["dimensions"] == [["target"]]
+        for d in emf["metric_declaration"]
+    )
+    user_data = _render(
+        "user_data.sh.tftpl",
+        {
+            "courier_config": config,
+            "cloudwatch_agent_config": agent,
+            "metrics_base_port": 9100,
+            "asg_name": "courier",
+            "lifecycle_hook_name": "courier-drain",
+            "region": "eu-west-1",
+        },
+        tmp_path,
+    )
+    assert user_data.startswith("#!/bin/bash\n")
+    assert config in user_data
+    assert "systemctl restart courier.target" in user_data
+    script = tmp_path / "user_data.sh"
+    script.write_text(user_data)
+    check = subprocess.run(
+        ["bash", "-n", str(script)], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert check.returncode == 0, check.stderr
+    assert len(user_data.encode()) < 16 * 1024 * 3 // 4, (
+        "user data must stay below 16 KiB once base64-encoded"
+    )
