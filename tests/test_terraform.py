@@ -689,7 +689,9 @@ def test_rendered_courier_toml_is_accepted_by_the_daemon(tmp_path: Path) -> None
     assert [(t.name, t.format) for t in settings.targets] == [("mail", "json"), ("billing", "soap")]
     assert settings.http.metrics_port == 9100
     assert (settings.ec2.enabled, settings.ec2.asg_name, settings.ec2.lifecycle_hook) == (
-        "on", "courier-asg", "courier-drain",
+        "on",
+        "courier-asg",
+        "courier-drain",
     )
 
 
