@@ -707,7 +707,8 @@ def test_rendered_user_data_is_valid_bash_with_valid_agent_config(tmp_path: Path
         agent_config["metrics"]["append_dimensions"]["AutoScalingGroupName"]
         == "${aws:AutoScalingGroupName}"
     )
-    emf = agent_config["logs"]["logs_collected"]["prometheus"]["emf_processor"]
+    # The agent reads Prometheus scraping from logs.metrics_collected (AWS's documented layout).
+    emf = agent_config["logs"]["metrics_collected"]["prometheus"]["emf_processor"]
     assert emf["metric_namespace"] == "Courier"
     assert any(
         "^courier_target_circuit_open$" in d["metric_selectors"] and d["dimensions"] == [["target"]]
