@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck pytest terraform-check format clean
+.PHONY: install run test lint typecheck pytest terraform-check test-provisioning wheelhouse ami format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ pytest: install
 
 terraform-check: ## fmt, validate (local provider mirror), terraform test, checkov; builds the HCL parser env
 	bash terraform/check.sh
+
+test-provisioning: install ## provision.sh for real in a fresh Debian 12 root (root, debootstrap)
+	$(BIN)/python -m pytest -m provisioning tests/test_provisioning.py
+
+wheelhouse: install ## dist/wheelhouse: courier + runtime wheels for the AMI
+	PYTHON=$(BIN)/python scripts/build-wheelhouse.sh dist/wheelhouse
+
+ami: wheelhouse ## bake the AMI (needs AWS credentials and Packer >= 1.7)
+	packer init packer/ && packer build -var version=$$(git describe --tags --always) packer/
 
 format: install
 	$(BIN)/ruff format service tests
