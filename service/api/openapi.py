@@ -10,8 +10,6 @@ from .. import __version__
 from ..operations import create_mailbox
 from .problems import TYPE_PREFIX
 
-PROBLEM = {"$ref": "#/components/responses/Problem"}
-
 _PROBLEM_SCHEMA = {
     "type": "object",
     "required": ["type", "title", "status", "detail"],
@@ -64,8 +62,28 @@ _STATUS_SCHEMA = {
 _REQUEST_SCHEMA = {k: v for k, v in create_mailbox.REQUEST_SCHEMA.items() if k != "$schema"}
 
 
+# Problems that always carry a header clients act on have their own response component.
+_PROBLEM_RESPONSES = {401: "Unauthorized", 403: "Forbidden", 503: "Unavailable"}
+
+
 def _problems(*statuses: int) -> dict[str, Any]:
-    return {str(status): PROBLEM for status in statuses}
+    return {
+        str(status): {"$ref": f"#/components/responses/{_PROBLEM_RESPONSES.get(status, 'Problem')}"}
+        for status in statuses
+    }
+
+
+def _problem_response(description: str, header: str = "", meaning: str = "") -> dict[str, Any]:
+    headers: dict[str, Any] = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
+    if header:
+        headers[header] = {"required": True, "description": meaning, "schema": {"type": "string"}}
+    return {
+        "description": description,
+        "headers": headers,
+        "content": {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        },
+    }
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -74,7 +92,6 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def document() -> dict[str, Any]:
     """The OpenAPI document."""
-    request_id_header = {"$ref": "#/components/headers/X-Request-Id"}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -95,19 +112,27 @@ def document() -> dict[str, Any]:
             "headers": {
                 "X-Request-Id": {
                     "description": "correlation id (echoed or generated)",
+                    "required": True,
                     "schema": {"type": "string"},
                 }
             },
             "responses": {
-                "Problem": {
-                    "description": "an RFC 9457 problem",
-                    "headers": {"X-Request-Id": request_id_header},
-                    "content": {
-                        "application/problem+json": {
-                            "schema": {"$ref": "#/components/schemas/Problem"}
-                        }
-                    },
-                }
+                "Problem": _problem_response("an RFC 9457 problem"),
+                "Unauthorized": _problem_response(
+                    "missing or invalid bearer token",
+                    "WWW-Authenticate",
+                    "Bearer challenge (RFC 6750)",
+                ),
+                "Forbidden": _problem_response(
+                    "the token lacks the operation's scope",
+                    "WWW-Authenticate",
+                    "Bearer challenge naming the missing scope",
+                ),
+                "Unavailable": _problem_response(
+                    "a dependency is down; nothing was accepted",
+                    "Retry-After",
+                    "seconds to wait before retrying",
+                ),
             },
         },
         "paths": {
@@ -171,6 +196,7 @@ def _create_operation() -> dict[str, Any]:
                 ),
                 "headers": {
                     "Location": {
+                        "required": True,
                         "schema": {"type": "string"},
                         "description": "/v1/requests/{request_id}",
                     },
