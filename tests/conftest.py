@@ -59,3 +59,14 @@ def settings(aws_settings: AwsSettings, fresh: Resources) -> Settings:
     """Settings pointed at moto and this test's fresh resources."""
     base = load_settings(environ={}).replace(aws=aws_settings)
     return fresh.apply_to(base)
+
+
+@pytest.fixture(autouse=True)
+def _release_stopped_apps() -> Iterator[None]:
+    """aiohttp memoises middleware chains per app in a module-level LRU (1024 entries) that
+    keeps every stopped app, and its AWS clients, alive; with an app per test the heap grows
+    until full GC pauses take seconds. Production runs one app, so this is test-only."""
+    yield
+    from aiohttp import web_app
+
+    web_app._cached_build_middleware.cache_clear()

@@ -204,10 +204,7 @@ async def running_api(
             async with daemon.serving(configured) as listening, aiohttp.ClientSession() as http:
                 yield Api(listening.url, configured, resources, idm, http, aws, listening.app)
     finally:
-        # aiohttp memoises middleware chains per (handler, apps) in a module-level LRU cache of
-        # 1024 entries, which keeps every stopped app (and its AWS clients) alive; with one app
-        # per test the heap grows until full GC pauses take seconds.
-        web_app._cached_build_middleware.cache_clear()
+        web_app._cached_build_middleware.cache_clear()  # see conftest._release_stopped_apps
 
 
 @pytest.fixture
@@ -871,3 +868,15 @@ async def test_wrong_method_is_a_405_problem_with_allow(rejecting_api: Api) -> N
         reply, 405, "method-not-allowed", "Method Not Allowed", "405: Method Not Allowed"
     )
     assert reply.headers["Allow"] == "POST"
+
+
+async def test_a_caller_cannot_read_another_callers_request(api: Api) -> None:
+    status, headers, _ = await api.post()
+    assert status == 202
+    location = f"{api.url}{headers['Location']}"
+    other = api.token("mailbox:read", sub="someone-else")
+    async with api.http.get(location, headers={"Authorization": f"Bearer {other}"}) as response:
+        assert response.status == 404
+    admin = api.token("mailbox:read mailbox:admin", sub="operator")
+    async with api.http.get(location, headers={"Authorization": f"Bearer {admin}"}) as response:
+        assert response.status == 200

@@ -15,7 +15,10 @@ from service.settings import Settings, load_settings
 
 
 def on_free_port(settings: Settings) -> Settings:
-    return settings.replace(http=dataclasses.replace(settings.http, port=0, drain_seconds=2))
+    """The API alone (the worker needs targets) on any free port."""
+    return settings.replace(
+        role="api", http=dataclasses.replace(settings.http, port=0, drain_seconds=2)
+    )
 
 
 @pytest.fixture
@@ -116,7 +119,7 @@ async def test_metrics_port_serves_only_metrics(
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
     http_settings = dataclasses.replace(settings.http, port=0, metrics_port=free)
-    async with daemon.serving(settings.replace(http=http_settings)) as listening:
+    async with daemon.serving(settings.replace(role="api", http=http_settings)) as listening:
         assert listening.metrics_url == f"http://127.0.0.1:{free}/metrics"
         async with http.get(listening.metrics_url) as response:
             assert response.status == 200
@@ -138,3 +141,21 @@ def test_local_settings_round_trip_through_toml(tmp_path: object, settings: Sett
     path = Path(str(tmp_path)) / "local.toml"
     path.write_text(to_toml(settings))
     assert load_settings(path, environ={}) == settings
+
+
+def test_the_worker_role_needs_targets_and_a_dlq(settings: Settings) -> None:
+    from service.app import create_app
+    from service.errors import SettingsError
+
+    with pytest.raises(
+        SettingsError, match=r"^targets: the worker needs at least one \[\[targets\]\] entry$"
+    ):
+        create_app(settings.replace(role="worker"))
+    queue = dataclasses.replace(settings.queue, dlq_url="")
+    with pytest.raises(
+        SettingsError, match=r"^queue.dlq_url \(COURIER_QUEUE_DLQ_URL\) is required"
+    ):
+        create_app(settings.replace(role="all", queue=queue))
+    queue = dataclasses.replace(settings.queue, url="")
+    with pytest.raises(SettingsError, match=r"^queue.url \(COURIER_QUEUE_URL\) is required"):
+        create_app(settings.replace(role="api", queue=queue))

@@ -470,9 +470,9 @@ async def test_rs256_is_refused_when_only_hs256_is_configured(
         ),
         pytest.param(
             "Basic dXNlcjpwYXNz",
-            "malformed",
+            "unsupported_scheme",
             "the Authorization header must be 'Bearer <token>'",
-            INVALID,
+            REALM,
             id="basic",
         ),
         pytest.param(
@@ -484,9 +484,9 @@ async def test_rs256_is_refused_when_only_hs256_is_configured(
         ),
         pytest.param(
             "Token abc.def.ghi",
-            "malformed",
+            "unsupported_scheme",
             "the Authorization header must be 'Bearer <token>'",
-            INVALID,
+            REALM,
             id="other-scheme",
         ),
     ],

@@ -46,7 +46,9 @@ class AuthError(Problem):
                 headers={"WWW-Authenticate": challenge},
             )
         else:
-            challenge = REALM if reason == "missing" else f'{REALM}, error="invalid_token"'
+            # RFC 6750 §3.1: no error code when the client sent no Bearer credentials at all.
+            no_bearer = reason in ("missing", "unsupported_scheme")
+            challenge = REALM if no_bearer else f'{REALM}, error="invalid_token"'
             super().__init__(
                 401,
                 "invalid-token",
@@ -196,7 +198,9 @@ def _bearer_token(authorization: str | None) -> str:
     if not authorization:
         raise AuthError("missing", "an 'Authorization: Bearer <token>' header is required")
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    if scheme.lower() != "bearer":
+        raise AuthError("unsupported_scheme", "the Authorization header must be 'Bearer <token>'")
+    if not token.strip():
         raise AuthError("malformed", "the Authorization header must be 'Bearer <token>'")
     if len(token) > MAX_TOKEN_BYTES:
         raise AuthError("oversized", f"the token is longer than {MAX_TOKEN_BYTES} bytes")

@@ -36,6 +36,7 @@ from .problems import Problem
 
 log = logging.getLogger("courier.api")
 
+ADMIN_SCOPE = "mailbox:admin"
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f0c2f55-8d43-4a9b-9d0b-8c1f5f3c2a11")
 _VALID_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -91,14 +92,19 @@ async def create(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    """The status record of a request."""
-    await request.app[VERIFIER].verify(request.headers.get("Authorization"), "mailbox:read")
+    """The status record of a request: the caller's own, or any with scope ``mailbox:admin``."""
+    principal = await request.app[VERIFIER].verify(
+        request.headers.get("Authorization"), "mailbox:read"
+    )
     request_id = request.match_info["request_id"]
     record = (
         await request.app[STATUS].get(request_id)
         if re.fullmatch(r"[0-9a-f]{32}", request_id)
         else None
     )
+    if record is not None and record.subject and record.subject != principal.subject:
+        # Someone else's request: answer as if it did not exist, so ids cannot be probed.
+        record = record if ADMIN_SCOPE in principal.scopes else None
     if record is None:
         raise Problem(
             404, "request-not-found", "Not Found", f"no request with id {request_id[:64]!r}"
