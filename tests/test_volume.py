@@ -1,0 +1,425 @@
+"""Volume acceptance: 5,000 create-mailbox events, three targets answering in 20 ms, none lost.
+
+SQS is fauxqs (moto's SQS slows down as a queue fills). KMS (the data key) is moto's session
+server. The status table is moto too, but in a server process of its own: moto spends
+~8 ms of CPU parsing each UpdateItem expression, and in the session server's thread that
+CPU shares the test process's GIL with courier and the stubs (measured: 62 msg/s, 80 s for
+5,000, two thirds of the CPU in moto); in its own process it runs beside them (80-120 msg/s,
+42-64 s on a 2-vCPU machine). It is still the bottleneck: the report below shows how long
+courier waited for UpdateItem and how busy moto was.
+
+The events are sealed the way the API seals them and pre-loaded with SendMessageBatch; then
+courier runs in-process with ``role = worker`` and default worker settings (only the
+long-poll wait is shortened) against three stub legacy systems. The test prints wall time,
+throughput, SQS requests per message, KMS and DynamoDB calls and where the CPU went.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import pytest
+from aiobotocore.session import get_session
+from prometheus_client.metrics import MetricWrapperBase
+
+from service import daemon, metrics
+from service.aws import AwsClients, client_config
+from service.bootstrap import ResourceNames, Resources, _queue, _table, _work_attributes
+from service.envelope import EnvelopeCipher
+from service.operations import create_mailbox
+from service.settings import (
+    AwsSettings,
+    EnvelopeSettings,
+    QueueSettings,
+    Settings,
+    TargetFormat,
+    TargetSettings,
+    WorkerSettings,
+)
+from service.state import AWS
+from service.status import now_iso
+from service.stubs import LegacyStub
+from tests.chain import TARGETS, mailbox
+
+if TYPE_CHECKING:  # at run time it is loaded only as the plugin below, so pytest can rewrite it
+    from tests.fauxqs import FauxqsServer
+
+pytest_plugins = ("tests.fauxqs",)
+pytestmark = pytest.mark.volume
+
+MESSAGES = 5_000
+TARGET_LATENCY_SECONDS = 0.02
+LOAD_CONCURRENCY = 16
+# 42-64 s on a 2-vCPU machine, bound by moto's UpdateItem; the bounds leave room for a slow run.
+DELIVERY_DEADLINE_SECONDS = 100.0
+TEST_TIMEOUT_SECONDS = 150
+POLL_SECONDS = 0.1
+
+# moto's threaded server in a child process; it exits when the test closes its stdin.
+MOTO_SERVER = """
+import logging, sys
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print("moto listening http://%s:%d" % server.get_host_and_port(), flush=True)
+sys.stdin.read()
+server.stop()
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MotoProcess:
+    """moto's server in a child process."""
+
+    endpoint_url: str
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU the process has used so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture
+def status_dynamodb() -> Iterator[MotoProcess]:
+    """A moto server process of its own, for the status table."""
+    with (
+        tempfile.TemporaryFile() as err,
+        subprocess.Popen(
+            [sys.executable, "-c", MOTO_SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        ) as process,
+    ):
+        assert process.stdin is not None
+        assert process.stdout is not None
+        try:
+            line = process.stdout.readline()
+            found = re.fullmatch(r"moto listening (http://127\.0\.0\.1:\d+)\n", line)
+            if found is None:
+                err.seek(0)
+                pytest.fail(f"moto did not start: {line!r} {err.read().decode()[-2000:]}")
+            yield MotoProcess(found[1], process.pid)
+        finally:
+            process.stdin.close()  # the server's signal to stop
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@contextlib.asynccontextmanager
+async def _raw_client(service: str, endpoint_url: str, aws: AwsSettings) -> AsyncIterator[Any]:
+    """The test's own client: its requests do not count in courier's metrics."""
+    async with get_session().create_client(
+        service, region_name=aws.region, endpoint_url=endpoint_url, config=client_config(aws)
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+async def fauxqs_sqs(fauxqs_endpoint: str, aws_settings: AwsSettings) -> AsyncIterator[Any]:
+    async with _raw_client("sqs", fauxqs_endpoint, aws_settings) as client:
+        yield client
+
+
+async def _queue_pair(sqs: Any, prefix: str) -> QueueSettings:
+    """A work queue and its DLQ on fauxqs, with the attributes ``bootstrap`` gives them."""
+    names = ResourceNames(prefix=prefix)
+    dlq_url = await _queue(sqs, names.dlq, {"MessageRetentionPeriod": str(14 * 86400)})
+    url = await _queue(sqs, names.queue, await _work_attributes(sqs, names, dlq_url))
+    return QueueSettings(url=url, dlq_url=dlq_url)
+
+
+async def _status_table(endpoint_url: str, aws: AwsSettings, table: str) -> None:
+    async with _raw_client("dynamodb", endpoint_url, aws) as dynamodb:
+        await _table(dynamodb, table, [("pk", "HASH")], ttl_attribute="expires_at")
+
+
+async def _sealed_events(aws: AwsClients, key_arn: str, count: int) -> list[tuple[str, str]]:
+    """``count`` (request id, SQS body) pairs, sealed as the API seals them."""
+    cipher = EnvelopeCipher(aws.kms, EnvelopeSettings(kms_key_id=key_arn))
+    requested_at = now_iso()
+    events = []
+    for index in range(count):
+        request_id = uuid.uuid4().hex
+        event = create_mailbox.event(
+            mailbox(index), f"idm-{index:016x}", "volume-test", requested_at
+        )
+        events.append((request_id, await cipher.seal(create_mailbox.NAME, request_id, event)))
+    return events
+
+
+async def _load(sqs: Any, queue_url: str, events: list[tuple[str, str]]) -> None:
+    """SendMessageBatch in tens, ``LOAD_CONCURRENCY`` requests at a time."""
+    limit = asyncio.Semaphore(LOAD_CONCURRENCY)
+
+    async def send(batch: list[tuple[str, str]]) -> None:
+        entries = [
+            {
+                "Id": str(position),
+                "MessageBody": body,
+                "MessageAttributes": {
+                    name: {"DataType": "String", "StringValue": value}
+                    for name, value in (
+                        ("op", create_mailbox.NAME),
+                        ("request_id", request_id),
+                        ("traceparent", f"00-{request_id}-{request_id[:16]}-01"),
+                    )
+                },
+            }
+            for position, (request_id, body) in enumerate(batch)
+        ]
+        async with limit:
+            response = await sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+        assert not response.get("Failed"), response["Failed"]
+
+    await asyncio.gather(*(send(events[i : i + 10]) for i in range(0, len(events), 10)))
+
+
+async def _depth(sqs: Any, queue_url: str) -> int:
+    """Messages in the queue: visible, in flight and delayed."""
+    response = await sqs.get_queue_attributes(
+        QueueUrl=queue_url,
+        AttributeNames=[
+            "ApproximateNumberOfMessages",
+            "ApproximateNumberOfMessagesNotVisible",
+            "ApproximateNumberOfMessagesDelayed",
+        ],
+    )
+    return sum(int(value) for value in response["Attributes"].values())
+
+
+def _samples(metric: MetricWrapperBase) -> Counter[tuple[str, ...]]:
+    """A metric's current samples, keyed by (sample suffix, *label values)."""
+    counts: Counter[tuple[str, ...]] = Counter()
+    for family in metric.collect():
+        for sample in family.samples:
+            suffix = sample.name.removeprefix(family.name)
+            counts[(suffix, *sample.labels.values())] += int(sample.value)
+    return counts
+
+
+def _snapshot() -> dict[str, Counter[tuple[str, ...]]]:
+    return {
+        "aws": _samples(metrics.aws_requests),
+        "processed": _samples(metrics.messages_processed),
+        "received": _samples(metrics.messages_received),
+        "batch": _samples(metrics.sqs_batch_size),
+    }
+
+
+def _delta(
+    after: dict[str, Counter[tuple[str, ...]]], before: dict[str, Counter[tuple[str, ...]]]
+) -> dict[str, Counter[tuple[str, ...]]]:
+    return {name: after[name] - before[name] for name in after}
+
+
+def _calls(requests: Counter[tuple[str, ...]], service: str) -> dict[str, int]:
+    return {
+        operation: int(count)
+        for (suffix, name, operation), count in sorted(requests.items())
+        if suffix == "_total" and name == service
+    }
+
+
+class CallTimer:
+    """Latency of one operation of an aiobotocore client, from before-call to after-call."""
+
+    def __init__(self, client: Any, operation: str) -> None:
+        service = client.meta.service_model.service_id.hyphenize()
+        self._events = client.meta.events
+        self._names = (f"before-call.{service}.{operation}", f"after-call.{service}.{operation}")
+        self._started: dict[int, float] = {}
+        self.seconds: list[float] = []
+
+    def _before(self, context: dict[str, Any], **_: Any) -> None:
+        self._started[id(context)] = time.perf_counter()
+
+    def _after(self, context: dict[str, Any], **_: Any) -> None:
+        started = self._started.pop(id(context), None)
+        if started is not None:
+            self.seconds.append(time.perf_counter() - started)
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[CallTimer]:
+        before, after = self._names
+        self._events.register(before, self._before)
+        self._events.register(after, self._after)
+        try:
+            yield self
+        finally:
+            self._events.unregister(before, self._before)
+            self._events.unregister(after, self._after)
+
+    def summary(self) -> str:
+        if not self.seconds:
+            return "no calls"
+        ordered = sorted(self.seconds)
+        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        return (
+            f"mean {statistics.fmean(ordered) * 1000:.0f} ms, "
+            f"p50 {ordered[len(ordered) // 2] * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms"
+        )
+
+
+def _worker_settings(
+    settings: Settings,
+    fauxqs_endpoint: str,
+    dynamodb_endpoint: str,
+    queues: QueueSettings,
+    urls: dict[str, str],
+) -> Settings:
+    targets = tuple(
+        TargetSettings(name=name, url=f"{urls[name]}/{name}", format=cast(TargetFormat, fmt))
+        for name, fmt in TARGETS
+    )
+    aws = dataclasses.replace(
+        settings.aws, sqs_endpoint_url=fauxqs_endpoint, dynamodb_endpoint_url=dynamodb_endpoint
+    )
+    return settings.replace(
+        role="worker",
+        aws=aws,
+        queue=queues,
+        targets=targets,
+        # Default worker settings; only a short long-poll, so shutdown does not wait 20 s.
+        worker=WorkerSettings(wait_seconds=1),
+        http=dataclasses.replace(settings.http, port=0, drain_seconds=5),
+    )
+
+
+async def _until(condition: Callable[[], bool], deadline: float, what: Callable[[], str]) -> float:
+    while not condition():
+        assert time.perf_counter() < deadline, f"timed out waiting for {what()}"
+        await asyncio.sleep(POLL_SECONDS)
+    return time.perf_counter()
+
+
+@pytest.mark.timeout(TEST_TIMEOUT_SECONDS)
+async def test_5000_messages_to_three_targets_none_lost(
+    fauxqs_server: FauxqsServer,
+    fauxqs_endpoint: str,
+    fauxqs_sqs: Any,
+    status_dynamodb: MotoProcess,
+    settings: Settings,
+    fresh: Resources,
+    aws: AwsClients,
+    aws_settings: AwsSettings,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    queues = await _queue_pair(fauxqs_sqs, f"volume-{uuid.uuid4().hex[:8]}")
+    await _status_table(status_dynamodb.endpoint_url, aws_settings, fresh.status_table)
+    load_started = time.perf_counter()
+    events = await _sealed_events(aws, fresh.data_key_arn, MESSAGES)
+    sealed = time.perf_counter()
+    await _load(fauxqs_sqs, queues.url, events)
+    loaded = time.perf_counter()
+    assert await _depth(fauxqs_sqs, queues.url) == MESSAGES
+
+    stubs = {name: LegacyStub(name=name) for name, _ in TARGETS}
+    for stub in stubs.values():
+        stub.behaviour.latency_seconds = TARGET_LATENCY_SECONDS
+    expected = {name: {f"{request_id}:{name}" for request_id, _ in events} for name in stubs}
+
+    def progress() -> str:
+        counts = {name: len(stub.effects) for name, stub in stubs.items()}
+        return f"deliveries {counts} after {time.perf_counter() - started:.1f}s"
+
+    async with contextlib.AsyncExitStack() as stack:
+        urls = {
+            name: await stack.enter_async_context(stub.serving()) for name, stub in stubs.items()
+        }
+        configured = _worker_settings(
+            settings, fauxqs_endpoint, status_dynamodb.endpoint_url, queues, urls
+        )
+        before = _snapshot()
+        cpu_before, loop_cpu_before = time.process_time(), time.thread_time()
+        fauxqs_cpu_before = fauxqs_server.cpu_seconds()
+        moto_cpu_before = status_dynamodb.cpu_seconds()
+        started = time.perf_counter()
+        deadline = started + DELIVERY_DEADLINE_SECONDS
+        listening = await stack.enter_async_context(daemon.serving(configured))
+        timer = stack.enter_context(
+            CallTimer(listening.app[AWS].dynamodb, "UpdateItem").measuring()
+        )
+        delivered = await _until(
+            lambda: all(len(stub.effects) >= MESSAGES for stub in stubs.values()),
+            deadline,
+            progress,
+        )
+        # Acknowledgements follow deliveries in batches: wait for the deletes to land.
+        while (depth := await _depth(fauxqs_sqs, queues.url)) and time.perf_counter() < deadline:
+            await asyncio.sleep(POLL_SECONDS)
+        acked = time.perf_counter()
+        counted = _delta(_snapshot(), before)
+        cpu = time.process_time() - cpu_before
+        loop_cpu = time.thread_time() - loop_cpu_before
+        fauxqs_cpu = fauxqs_server.cpu_seconds() - fauxqs_cpu_before
+        moto_cpu = status_dynamodb.cpu_seconds() - moto_cpu_before
+
+    dlq_depth = await _depth(fauxqs_sqs, queues.dlq_url)
+    lost = {name: len(expected[name] - set(stub.effects)) for name, stub in stubs.items()}
+    unexpected = {name: len(set(stub.effects) - expected[name]) for name, stub in stubs.items()}
+    duplicates = {
+        name: sum(count - 1 for count in stub.effects.values() if count > 1)
+        for name, stub in stubs.items()
+    }
+    processed = {
+        outcome: int(n)
+        for (suffix, outcome), n in counted["processed"].items()
+        if suffix == "_total"
+    }
+    sqs, kms = _calls(counted["aws"], "sqs"), _calls(counted["aws"], "kms")
+    dynamodb = _calls(counted["aws"], "dynamodb")
+    sqs_total = sum(sqs.values())
+    received = counted["received"][("_total",)]
+    deletes = counted["batch"][("_sum", "delete")], counted["batch"][("_count", "delete")]
+    wall = delivered - started
+    report = [
+        "",
+        f"volume: {MESSAGES} messages x {len(stubs)} targets answering in "
+        f"{TARGET_LATENCY_SECONDS * 1000:.0f} ms; SQS fauxqs, status table moto (own process), "
+        "KMS moto",
+        f"  load: sealed in {sealed - load_started:.2f}s, SendMessageBatch in {loaded - sealed:.2f}s",
+        f"  wall: every target had every message after {wall:.1f}s = {MESSAGES / wall:.0f} msg/s; "
+        f"queue empty after {acked - started:.1f}s",
+        f"  SQS: {sqs_total} requests = {sqs_total / MESSAGES:.3f} per message {sqs}; "
+        f"{received / max(1, sqs.get('ReceiveMessage', 0)):.1f} messages per receive, "
+        f"{deletes[0] / max(1, deletes[1]):.1f} per DeleteMessageBatch",
+        f"  KMS: {sum(kms.values())} calls by the worker {kms}",
+        f"  DynamoDB: {sum(dynamodb.values())} calls {dynamodb}; "
+        f"UpdateItem as courier waited for it: {timer.summary()}; moto's CPU "
+        f"{moto_cpu:.1f}s = {moto_cpu / max(1, len(timer.seconds)) * 1000:.1f} ms per UpdateItem, "
+        f"{moto_cpu / wall:.0%} of a core",
+        f"  CPU: test process {cpu:.1f}s = {cpu / MESSAGES * 1000:.2f} ms per message "
+        f"({loop_cpu:.1f}s in the event loop: courier, stubs), {cpu / wall:.0%} of a core; "
+        f"fauxqs {fauxqs_cpu:.1f}s",
+        f"  outcomes {processed}; lost {lost}; duplicates {duplicates}; "
+        f"DLQ {dlq_depth}; left in queue {depth}",
+    ]
+    with capsys.disabled():
+        print("\n".join(report))
+
+    assert lost == dict.fromkeys(stubs, 0), f"messages lost: {lost}"
+    assert unexpected == dict.fromkeys(stubs, 0)
+    assert dlq_depth == 0, "messages were dead-lettered"
+    assert depth == 0, "messages were delivered but never deleted"
+    assert duplicates == dict.fromkeys(stubs, 0), f"duplicate deliveries: {duplicates}"
+    assert processed.get("completed") == MESSAGES, processed
