@@ -64,6 +64,14 @@ class CircuitBreaker:
         if self.state is not CircuitState.CLOSED:
             self._set(CircuitState.CLOSED)
 
+    def abandon(self) -> None:
+        """A call let through ended with no news of the target's health (cancelled, no secret).
+
+        Without this a half-open circuit whose probe never answered would refuse every call
+        for good: the probe slot is given back so the next call can probe instead.
+        """
+        self._probing = False
+
     def record_failure(self) -> None:
         """A call failed transiently."""
         self._consecutive += 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections import defaultdict
@@ -186,13 +187,17 @@ class Consumer:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        unfinished = list(self._tracked.values())
-        await asyncio.gather(
-            *(self._apply(t.message, Release()) for t in unfinished), return_exceptions=True
-        )
+        # The heartbeat stops first: an extension racing a release would hide the message again.
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
+        # Untracked as they are released, so a second stop cannot release them again later,
+        # with receipt handles that another consumer may since have been given a newer one of.
+        unfinished = list(self._tracked.values())
+        self._tracked.clear()
+        await asyncio.gather(
+            *(self._apply(t.message, Release()) for t in unfinished), return_exceptions=True
+        )
         await self._deletes.drain()
         await self._visibility.drain()
         log.info(
@@ -321,10 +326,13 @@ class Consumer:
         return outcome
 
     async def _finish(self, message: Message, outcome: Outcome) -> None:
+        # Untracked before the outcome is applied, so the heartbeat cannot extend the message
+        # after (and so undo) a Retry's delay or a Release.
+        tracked = self._tracked.pop(message.receipt_handle, None)
         try:
             await self._apply(message, outcome)
         finally:
-            if self._tracked.pop(message.receipt_handle, None) is not None:
+            if tracked is not None:
                 self._capacity.release()
 
     async def _apply(self, message: Message, outcome: Outcome) -> None:
@@ -338,7 +346,8 @@ class Consumer:
                 await self._deletes.submit(handle)
                 metrics.messages_processed.labels("dead_lettered").inc()
             elif isinstance(outcome, Retry):
-                delay = min(MAX_VISIBILITY_SECONDS, max(0, round(outcome.delay_seconds)))
+                # Rounded up: SQS counts whole seconds, and rounding 0.4 s down would retry at once.
+                delay = min(MAX_VISIBILITY_SECONDS, max(0, math.ceil(outcome.delay_seconds)))
                 await self._visibility.submit({**handle, "VisibilityTimeout": delay})
                 metrics.messages_processed.labels("retried").inc()
             else:

@@ -79,6 +79,9 @@ class TargetClient:
                 ok=False,
             )
             raise TransientError(f"target {self.name!r}: {type(exc).__name__}") from exc
+        except BaseException:
+            self.breaker.abandon()  # e.g. the secret could not be read: the target said nothing
+            raise
         if 200 <= status < 300:
             self._record(started, "ok", ok=True)
             return

@@ -93,7 +93,11 @@ class Pipeline:
         record = await self._status.get(request_id)
         if record is None:
             return {}
-        if record.state in (RequestState.COMPLETED, RequestState.FAILED):
+        if record.state is RequestState.COMPLETED:
+            return None
+        # A failed request is final, except when an operator replays it from the DLQ (after
+        # fixing the target that refused it): then the targets not yet delivered are called.
+        if record.state is RequestState.FAILED and not message.attributes.get("replayed"):
             return None
         return dict(record.targets)
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
+import signal
+import socket
+import sys
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,9 +22,17 @@ import jwt
 from service import daemon
 from service.aws import AwsClients
 from service.bootstrap import Resources
+from service.consumer import Consumer
+from service.envelope import EnvelopeCipher
+from service.local import to_toml
+from service.operations import create_mailbox
 from service.settings import Settings, TargetSettings, WorkerSettings
+from service.state import CONSUMER
+from service.status import now_iso
 from service.stubs import IdmStub, LegacyStub
 from tests.conftest import DEMO_SECRETS
+
+REPO = Path(__file__).resolve().parent.parent
 
 TARGETS = (("crm", "json"), ("billing", "soap"), ("directory", "json"))
 
@@ -46,6 +60,12 @@ class Chain:
     targets: dict[str, LegacyStub]
     app: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def consumer(self) -> Consumer:
+        """The running courier's SQS consumer."""
+        consumer: Consumer = self.app[CONSUMER]
+        return consumer
 
     def token(self, scopes: str = "mailbox:create mailbox:read") -> str:
         now = int(time.time())
@@ -116,17 +136,28 @@ class Chain:
 
 
 def chain_settings(
-    settings: Settings, idm_url: str, target_urls: dict[str, str], **worker: Any
+    settings: Settings,
+    idm_url: str,
+    target_urls: dict[str, str],
+    *,
+    target_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    drain_seconds: float = 3,
+    **worker: Any,
 ) -> Settings:
+    """Settings of a courier talking to the stubs; ``target_overrides``: name -> fields."""
+    overrides = target_overrides or {}
     targets = tuple(
         TargetSettings(
-            name=name,
-            url=f"{target_urls[name]}/api",
-            format=fmt,
-            timeout_seconds=1.0,
-            retries=0,
-            breaker_failures=3,
-            breaker_cooldown_seconds=1.0,
+            **{
+                "name": name,
+                "url": f"{target_urls[name]}/api",
+                "format": fmt,
+                "timeout_seconds": 1.0,
+                "retries": 0,
+                "breaker_failures": 3,
+                "breaker_cooldown_seconds": 1.0,
+                **overrides.get(name, {}),
+            }
         )
         for name, fmt in TARGETS
     )
@@ -142,25 +173,215 @@ def chain_settings(
     )
     return settings.replace(
         role="all",
-        http=dataclasses.replace(settings.http, port=0, drain_seconds=3),
+        http=dataclasses.replace(settings.http, port=0, drain_seconds=drain_seconds),
         idm=dataclasses.replace(settings.idm, url=idm_url, timeout_seconds=1, retries=1),
         targets=targets,
         worker=worker_settings,
     )
 
 
+def legacy_stubs() -> dict[str, LegacyStub]:
+    """One stub per target of ``TARGETS``."""
+    return {name: LegacyStub(name=name) for name, _ in TARGETS}
+
+
+@contextlib.asynccontextmanager
+async def serving_stubs(
+    stubs: Mapping[str, LegacyStub] | None = None,
+) -> AsyncIterator[dict[str, LegacyStub]]:
+    """The legacy stubs of ``TARGETS`` (or ``stubs``) serving on free ports."""
+    served = {**legacy_stubs(), **(stubs or {})}
+    async with contextlib.AsyncExitStack() as stack:
+        for stub in served.values():
+            await stack.enter_async_context(stub.serving())
+        yield served
+
+
 @contextlib.asynccontextmanager
 async def running_chain(
-    settings: Settings, resources: Resources, aws: AwsClients, **worker: Any
+    settings: Settings,
+    resources: Resources,
+    aws: AwsClients,
+    *,
+    stubs: Mapping[str, LegacyStub] | None = None,
+    target_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    drain_seconds: float = 3,
+    **worker: Any,
 ) -> AsyncIterator[Chain]:
+    """Stubs + courier (role all) in this loop; ``stubs`` replaces some of the legacy stubs."""
     idm = IdmStub(api_key=DEMO_SECRETS["courier.idm.api_key"])
-    stubs = {name: LegacyStub(name=name) for name, _ in TARGETS}
+    stubs = {**legacy_stubs(), **(stubs or {})}
     async with contextlib.AsyncExitStack() as stack:
         idm_url = await stack.enter_async_context(idm.serving())
         urls = {
             name: await stack.enter_async_context(stub.serving()) for name, stub in stubs.items()
         }
-        configured = chain_settings(settings, idm_url, urls, **worker)
+        configured = chain_settings(
+            settings,
+            idm_url,
+            urls,
+            target_overrides=target_overrides,
+            drain_seconds=drain_seconds,
+            **worker,
+        )
         listening = await stack.enter_async_context(daemon.serving(configured))
         http = await stack.enter_async_context(aiohttp.ClientSession())
         yield Chain(listening.url, configured, resources, aws, http, idm, stubs, listening.app)
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10, what: str = ""
+) -> None:
+    """Wait until ``condition()`` is true (polling every 50 ms), or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
+        await asyncio.sleep(0.05)
+
+
+def event_payload(index: int = 0, **mailbox_overrides: Any) -> dict[str, Any]:
+    """A valid create-mailbox event, as the API queues it (before sealing)."""
+    return create_mailbox.event(
+        mailbox(index, **mailbox_overrides), "idm-test", "tester", now_iso()
+    )
+
+
+async def plant(
+    aws: AwsClients,
+    queue_url: str,
+    body: str,
+    attributes: Mapping[str, str] | None = None,
+    group_id: str | None = None,
+) -> str:
+    """Put ``body`` on a queue directly (no API); returns the MessageId."""
+    extra: dict[str, Any] = {}
+    if group_id is not None:
+        extra = {"MessageGroupId": group_id, "MessageDeduplicationId": uuid.uuid4().hex}
+    response = await aws.sqs.send_message(
+        QueueUrl=queue_url,
+        MessageBody=body,
+        MessageAttributes={
+            k: {"DataType": "String", "StringValue": v} for k, v in (attributes or {}).items()
+        },
+        **extra,
+    )
+    return str(response["MessageId"])
+
+
+async def plant_request(
+    aws: AwsClients, settings: Settings, index: int = 0, request_id: str | None = None
+) -> str:
+    """Seal a valid create-mailbox event and put it on the work queue; returns the request id."""
+    request_id = request_id or uuid.uuid4().hex
+    cipher = EnvelopeCipher(aws.kms, settings.envelope)
+    body = await cipher.seal(create_mailbox.NAME, request_id, event_payload(index))
+    attributes = {"op": create_mailbox.NAME, "request_id": request_id}
+    await plant(aws, settings.queue.url, body, attributes)
+    return request_id
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class CourierProcess:
+    """``python -m service run`` in a child process (see ``courier_process``)."""
+
+    process: asyncio.subprocess.Process
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        """What the process wrote so far (JSON log lines)."""
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_ready(self, timeout: float = 15) -> None:
+        """Until ``/readyz`` answers 200 (fails if the process exits first)."""
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while True:
+                assert self.process.returncode is None, f"courier exited:\n{self.log()}"
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{self.url}/readyz") as response:
+                        if response.status == 200:
+                            return
+                assert time.monotonic() < deadline, f"courier not ready:\n{self.log()}"
+                await asyncio.sleep(0.1)
+
+    async def signal_and_wait(self, signum: int, timeout: float = 15) -> int:
+        """Send ``signum``; the exit code once the process has ended."""
+        self.process.send_signal(signum)
+        return await asyncio.wait_for(self.process.wait(), timeout)
+
+
+def write_config(settings: Settings, directory: Path, name: str = "courier.toml") -> Path:
+    """``settings`` as a TOML file the CLI reads back."""
+    path = directory / name
+    path.write_text(to_toml(settings))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def courier_process(
+    settings: Settings, directory: Path, *args: str
+) -> AsyncIterator[CourierProcess]:
+    """Run ``python -m service --config <file> run <args>`` with ``settings`` on a free port.
+
+    The child's stdout and stderr go to a file in ``directory``; it is killed on exit if still
+    running.
+    """
+    port = free_port()
+    configured = settings.replace(http=dataclasses.replace(settings.http, port=port))
+    config = write_config(configured, directory, f"courier-{port}.toml")
+    log_path = directory / f"courier-{port}.log"
+    with log_path.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "service",
+            "--config",
+            str(config),
+            "run",
+            *args,
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    running = CourierProcess(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        yield running
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+
+
+async def run_cli(settings: Settings, directory: Path, *args: str) -> tuple[int, str]:
+    """``python -m service --config <settings as TOML> <args>``: exit code and output."""
+    config = write_config(settings, directory, f"cli-{uuid.uuid4().hex[:8]}.toml")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "--config",
+        str(config),
+        *args,
+        cwd=REPO,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, output.decode(errors="replace")

@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import itertools
+import json
+import os
+import signal
+import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
+from prometheus_client import REGISTRY
 
 from service.aws import AwsClients
 from service.bootstrap import Resources
+from service.envelope import EnvelopeCipher
+from service.operations import create_mailbox
 from service.settings import Settings
-from tests.chain import Chain, mailbox, running_chain
+from service.status import StatusStore
+from service.stubs import LegacyStub
+from tests.chain import (
+    Chain,
+    chain_settings,
+    courier_process,
+    event_payload,
+    eventually,
+    mailbox,
+    plant,
+    plant_request,
+    running_chain,
+    serving_stubs,
+)
 
 
 @pytest.fixture
@@ -33,3 +60,287 @@ async def test_happy_path_delivers_to_every_target_once(chain: Chain) -> None:
     assert b"<Username>user00001</Username>" in soap.body
     assert chain.targets["crm"].calls[0].headers["Content-Type"] == "application/json"
     assert await chain.queue_depth() == 0
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def circuit_open(target: str) -> float:
+    return sample("courier_target_circuit_open", target=target)
+
+
+async def dlq_depth(chain: Chain) -> int:
+    return await chain.queue_depth(chain.resources.dlq_url)
+
+
+def attributes(raw: dict[str, Any]) -> dict[str, str]:
+    return {name: value["StringValue"] for name, value in raw["MessageAttributes"].items()}
+
+
+# --- a target goes down, then comes back ------------------------------------------------------
+
+
+async def test_target_down_then_back_completes_without_calling_delivered_targets_again(
+    chain: Chain,
+) -> None:
+    billing = chain.targets["billing"]
+    billing.behaviour.down = True
+    retried = sample("courier_messages_processed_total", outcome="retried")
+    request_id = await chain.create(mailbox(10))
+
+    progress: dict[str, Any] = {}
+
+    async def shows_progress() -> bool:
+        progress.update(await chain.status(request_id))
+        return bool(progress["targets"])
+
+    await eventually(shows_progress, 10, "per-target progress in the status record")
+    assert progress["status"] == "processing"
+    assert progress["targets"] == {
+        "crm": "delivered",
+        "directory": "delivered",
+        "billing": "pending",
+    }
+    await eventually(lambda: circuit_open("billing") == 1, 10, "billing's circuit to open")
+    assert len(billing.calls) >= 3  # breaker_failures
+    assert (await chain.status(request_id))["status"] == "processing"
+    await eventually(
+        lambda: sample("courier_messages_processed_total", outcome="retried") - retried >= 3,
+        5,
+        "three retries",
+    )
+
+    billing.behaviour.down = False
+    record = await chain.wait_status(request_id, "completed", timeout=10)
+    assert record["targets"] == {
+        "crm": "delivered",
+        "billing": "delivered",
+        "directory": "delivered",
+    }
+    for name, stub in chain.targets.items():
+        assert stub.effects == {f"{request_id}:{name}": 1}, name
+    assert len(chain.targets["crm"].calls) == 1  # delivered once, never called again
+    assert len(chain.targets["directory"].calls) == 1
+    assert circuit_open("billing") == 0
+    # Retried with visibility backoff, never in a hot loop: one call per receive, >= 1 s apart.
+    times = [call.at for call in billing.calls]
+    assert all(later - earlier >= 0.9 for earlier, later in itertools.pairwise(times)), times
+    await eventually(lambda: _is_empty(chain), 5, "queue empty")
+
+
+async def _is_empty(chain: Chain) -> bool:
+    return await chain.queue_depth() == 0
+
+
+# --- poison messages -------------------------------------------------------------------------
+
+
+def _edit(body: str, **changes: Any) -> str:
+    document = json.loads(body)
+    for path, value in changes.items():
+        *parents, leaf = path.split("__")
+        node = document
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return json.dumps(document)
+
+
+def _flip_last_byte(b64: str) -> str:
+    raw = bytearray(base64.b64decode(b64))
+    raw[-1] ^= 0x01
+    return base64.b64encode(bytes(raw)).decode()
+
+
+async def test_poison_messages_go_to_the_dlq_with_reasons_while_healthy_ones_flow(
+    chain: Chain, aws: AwsClients
+) -> None:
+    cipher = EnvelopeCipher(aws.kms, chain.settings.envelope)
+    valid = await cipher.seal(create_mailbox.NAME, uuid.uuid4().hex, event_payload(1))
+    bodies = {
+        "malformed": "this is not JSON at all",
+        "unsupported_version": _edit(valid, v=2),
+        "undecryptable": _edit(
+            valid, key__ek=base64.b64encode(os.urandom(16)).decode()
+        ),  # random bytes: no KMS blob
+        "tampered": _edit(valid, ct=_flip_last_byte(json.loads(valid)["ct"])),
+        "unknown_op": await cipher.seal("delete-universe", uuid.uuid4().hex, {"everything": True}),
+        "invalid_payload": await cipher.seal(
+            create_mailbox.NAME, uuid.uuid4().hex, {"mailbox": {"username": "incomplete"}}
+        ),
+    }
+    planted: dict[str, str] = {}  # message id -> expected reason
+    healthy: list[str] = []
+    for index, (reason, body) in enumerate(bodies.items()):
+        message_id = await plant(
+            aws, chain.resources.queue_url, body, {"op": "create-mailbox", "request_id": reason}
+        )
+        planted[message_id] = reason
+        if index % 2:
+            healthy.append(await chain.create(mailbox(20 + index)))
+    for request_id in healthy:
+        await chain.wait_status(request_id, "completed", timeout=10)
+    await eventually(lambda: _dlq_holds(chain, len(planted)), 10, "every poison message in the DLQ")
+
+    moved = await chain.dlq_messages()
+    assert len(moved) == len(planted)
+    for raw in moved:
+        found = attributes(raw)
+        source = found["dlq_source_message_id"]
+        assert found["dlq_reason"] == planted[source], found
+        assert found["dlq_receive_count"] == "1"  # at once, not after maxReceiveCount
+        assert found["dlq_source_queue"] == chain.resources.queue_url
+        assert found["request_id"] == planted[source]  # original attributes kept
+        assert "dlq_target" not in found
+        assert raw["Body"] == bodies[planted[source]]
+    await eventually(lambda: _is_empty(chain), 5, "source queue empty")
+    for name, stub in chain.targets.items():
+        assert set(stub.effects) == {f"{r}:{name}" for r in healthy}
+
+
+async def _dlq_holds(chain: Chain, count: int) -> bool:
+    return await dlq_depth(chain) == count
+
+
+async def test_target_rejection_dead_letters_and_fails_the_request(chain: Chain) -> None:
+    chain.targets["crm"].behaviour.fixed_status = 400
+    request_id = await chain.create(mailbox(30))
+    record = await chain.wait_status(request_id, "failed", timeout=10)
+    assert record["targets"] == {"crm": "failed", "billing": "delivered", "directory": "delivered"}
+    assert "400" in record["error"]
+    await eventually(lambda: _dlq_holds(chain, 1), 5, "the rejected message in the DLQ")
+    [raw] = await chain.dlq_messages()
+    found = attributes(raw)
+    assert found["dlq_reason"] == "target_rejected"
+    assert found["dlq_target"] == "crm"
+    assert found["dlq_receive_count"] == "1"
+    assert found["request_id"] == request_id
+    assert found["dlq_source_message_id"]
+    assert len(chain.targets["crm"].calls) == 1  # a 4xx is never retried
+    assert circuit_open("crm") == 0
+    await eventually(lambda: _is_empty(chain), 5, "source queue empty")
+
+    chain.targets["crm"].behaviour.fixed_status = 0  # the next request is not held up
+    healthy = await chain.create(mailbox(31))
+    await chain.wait_status(healthy, "completed", timeout=10)
+
+
+# --- crash in the middle of a delivery -------------------------------------------------------
+
+
+async def test_crash_mid_delivery_is_redelivered_after_the_visibility_timeout(
+    settings: Settings, fresh: Resources, aws: AwsClients, tmp_path: Path
+) -> None:
+    async with serving_stubs() as stubs:
+        urls = {name: stub.url for name, stub in stubs.items()}
+        configured = chain_settings(
+            settings,
+            "http://127.0.0.1:9",  # no IdM: the worker role never calls it
+            urls,
+            target_overrides={"billing": {"timeout_seconds": 10}},
+            visibility_timeout_seconds=5,
+        ).replace(role="worker")
+        stubs["billing"].behaviour.latency_seconds = 2
+        status = StatusStore(aws.dynamodb, fresh.status_table, 1)
+        async with courier_process(configured, tmp_path) as first:
+            await first.wait_ready()
+            request_id = await plant_request(aws, configured, 35)
+            keys = {name: f"{request_id}:{name}" for name in stubs}
+            await eventually(lambda: bool(stubs["billing"].calls), 10, "billing being called")
+            await eventually(
+                lambda: bool(stubs["crm"].effects and stubs["directory"].effects), 5, "crm, dir"
+            )
+            assert await first.signal_and_wait(signal.SIGKILL) == -signal.SIGKILL
+        record = await status.get(request_id)
+        assert record is None or record.state != "completed"
+
+        async with courier_process(configured, tmp_path) as second:
+            await second.wait_ready()
+
+            async def completed() -> bool:
+                found = await status.get(request_id)
+                return found is not None and found.state == "completed"
+
+            await eventually(completed, 15, "the redelivered message to complete")
+            await eventually(lambda: _queue_empty(aws, fresh.queue_url), 5, "queue empty")
+    # Redelivered, not released: it came back only when the 5 s visibility timeout ran out.
+    crm_calls = stubs["crm"].calls
+    assert crm_calls[1].at - crm_calls[0].at >= 4, [call.at for call in crm_calls]
+    redelivered_calls = {name: len(stub.calls) for name, stub in stubs.items()}
+    for name, stub in stubs.items():
+        assert keys[name] in stub.effects, name  # every target applied every key
+        assert {call.idempotency_key for call in stub.calls} == {keys[name]}
+    # The crash came before any progress write, so the redelivery calls every target again.
+    assert all(count >= 2 for count in redelivered_calls.values()), redelivered_calls
+    print(  # reported by `pytest -s`
+        "crash redeliveries:",
+        {name: stub.stats() for name, stub in stubs.items()},
+    )
+
+
+async def _queue_empty(aws: AwsClients, url: str) -> bool:
+    response = await aws.sqs.get_queue_attributes(
+        QueueUrl=url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )
+    return set(response["Attributes"].values()) == {"0"}
+
+
+# --- FIFO ------------------------------------------------------------------------------------
+
+
+@dataclass
+class FirstMatchHeldStub(LegacyStub):
+    """Holds the first delivery whose body contains ``marker`` until ``release`` is set."""
+
+    marker: bytes = b""
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    holding: bool = False
+
+    async def _deliver(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if self.marker and self.marker in body:
+            self.marker = b""
+            self.holding = True
+            await asyncio.wait_for(self.release.wait(), 9)
+            self.holding = False
+        return await super()._deliver(request)
+
+
+async def test_fifo_groups_progress_independently_and_stay_in_order(
+    settings: Settings, fresh: Resources, aws: AwsClients
+) -> None:
+    slow = FirstMatchHeldStub(name="crm", marker=b'"username":"alpha"')
+    async with running_chain(
+        fresh.apply_to(settings, fifo=True),
+        fresh,
+        aws,
+        stubs={"crm": slow},
+        target_overrides={"crm": {"timeout_seconds": 10}},
+    ) as chain:
+        sent: dict[str, list[str]] = {"alpha": [], "bravo": []}
+        for index in range(5):
+            for username, ids in sent.items():
+                chain.idm.identities.clear()  # the stub IdM refuses a username twice
+                body = mailbox(index, username=username, display_name=f"{username} {index}")
+                ids.append(await chain.create(body))
+        for request_id in sent["bravo"]:
+            await chain.wait_status(request_id, "completed", timeout=10)
+        # bravo finished while alpha's first message was held at crm.
+        assert slow.holding
+        for request_id in sent["alpha"]:  # the rest of alpha waits behind its first message
+            assert (await chain.status(request_id))["status"] != "completed"
+        slow.release.set()
+        for request_id in sent["alpha"]:
+            await chain.wait_status(request_id, "completed", timeout=10)
+
+        for name, stub in chain.targets.items():
+            order = [call.idempotency_key.split(":")[0] for call in stub.calls]
+            for username, ids in sent.items():
+                first_calls = list(dict.fromkeys(r for r in order if r in ids))
+                assert first_calls == ids, (name, username)
+            assert sum(stub.effects.values()) == 10, name

@@ -1,0 +1,333 @@
+"""The SQS consumer against moto: backoff, poller count, heartbeat, FIFO groups, stop and drain."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from service import metrics
+from service.aws import AwsClients
+from service.bootstrap import Resources
+from service.consumer import (
+    Ack,
+    Consumer,
+    DeadLetter,
+    Message,
+    Outcome,
+    Retry,
+    backoff_seconds,
+)
+from service.settings import Settings, WorkerSettings
+from tests.chain import (
+    Chain,
+    chain_settings,
+    courier_process,
+    eventually,
+    mailbox,
+    plant_request,
+    running_chain,
+    serving_stubs,
+)
+
+# --- backoff ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("receive_count", [0, 1, 2, 3, 4, 5, 8, 20, 100])
+def test_backoff_is_exponential_with_jitter_in_the_upper_half(receive_count: int) -> None:
+    rng = random.Random(receive_count)
+    base, maximum = 2.0, 60.0
+    step = min(maximum, base * 2 ** max(0, receive_count - 1))
+    delays = [backoff_seconds(receive_count, base, maximum, rng) for _ in range(500)]
+    assert all(step / 2 <= delay <= step for delay in delays)
+    assert max(delays) - min(delays) > step / 4  # really jittered, not a constant
+
+
+def test_backoff_doubles_per_receive_and_is_capped() -> None:
+    rng = random.Random(7)
+    assert backoff_seconds(1, 2, 900, rng) <= 2
+    assert 2 <= backoff_seconds(2, 2, 900, rng) <= 4
+    assert 4 <= backoff_seconds(3, 2, 900, rng) <= 8
+    assert all(450 <= backoff_seconds(n, 2, 900, rng) <= 900 for n in range(11, 60))
+
+
+def test_backoff_with_zero_base_is_immediate() -> None:
+    assert backoff_seconds(5, 0, 900) == 0
+
+
+# --- a bare consumer on a fresh queue --------------------------------------------------------
+
+
+def worker_settings(**overrides: Any) -> WorkerSettings:
+    return WorkerSettings(
+        **{
+            "wait_seconds": 1,
+            "visibility_timeout_seconds": 5,
+            "backoff_base_seconds": 0.5,
+            "backoff_max_seconds": 2,
+            **overrides,
+        }
+    )
+
+
+async def no_dead_letters(message: Message, verdict: DeadLetter) -> None:
+    raise AssertionError(f"unexpected dead letter {verdict}")
+
+
+@pytest.fixture
+async def stopping() -> AsyncIterator[list[Consumer]]:
+    """Consumers a test starts; stopped at teardown even when the test fails."""
+    consumers: list[Consumer] = []
+    yield consumers
+    for consumer in consumers:
+        await consumer.stop(1)
+
+
+async def send_batch(aws: AwsClients, queue_url: str, bodies: list[str], **extra: str) -> None:
+    for start in range(0, len(bodies), 10):
+        entries = [
+            {"Id": str(i), "MessageBody": body, **extra}
+            for i, body in enumerate(bodies[start : start + 10])
+        ]
+        response = await aws.sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+        assert not response.get("Failed")
+
+
+def receive_calls() -> float:
+    value = REGISTRY.get_sample_value(
+        "courier_aws_requests_total", {"service": "sqs", "operation": "ReceiveMessage"}
+    )
+    return value or 0.0
+
+
+async def test_idle_queue_settles_to_one_poller(
+    aws: AwsClients, fresh: Resources, stopping: list[Consumer]
+) -> None:
+    handled: list[str] = []
+
+    async def handler(message: Message) -> Outcome:
+        await asyncio.sleep(0.2)
+        handled.append(message.body)
+        return Ack()
+
+    await send_batch(aws, fresh.queue_url, [f"m{i}" for i in range(30)])
+    consumer = Consumer(
+        aws.sqs, fresh.queue_url, handler, worker_settings(pollers=4), no_dead_letters
+    )
+    peak = 0.0
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, metrics.pollers_active._value.get())
+            await asyncio.sleep(0.01)
+
+    sampler = asyncio.create_task(sample())
+    consumer.start()
+    stopping.append(consumer)
+    await eventually(lambda: len(handled) == 30, 10, "30 messages handled")
+    # An extra poller stops once the first poller has seen the queue empty: it may finish the
+    # long poll it is in and, having raced the first poller, one more (2 x wait_seconds).
+    await asyncio.sleep(2.5)
+    sampler.cancel()
+    busy_peak, peak = peak, 0.0
+    sampler = asyncio.create_task(sample())
+    before = receive_calls()
+    await asyncio.sleep(3)
+    calls = receive_calls() - before
+    sampler.cancel()
+    assert busy_peak >= 2, "a busy queue should have had several pollers"
+    assert peak <= 1
+    assert 2 <= calls <= 4, f"{calls} ReceiveMessage calls in 3 s with wait_seconds=1"
+    assert sorted(handled) == sorted(f"m{i}" for i in range(30))
+
+
+async def test_retry_hides_the_message_for_at_least_its_delay(
+    aws: AwsClients, fresh: Resources, stopping: list[Consumer]
+) -> None:
+    seen: list[tuple[float, int]] = []
+
+    async def handler(message: Message) -> Outcome:
+        seen.append((time.monotonic(), message.receive_count))
+        return Retry(0.3, "not yet") if len(seen) == 1 else Ack()
+
+    await send_batch(aws, fresh.queue_url, ["once"])
+    consumer = Consumer(aws.sqs, fresh.queue_url, handler, worker_settings(), no_dead_letters)
+    consumer.start()
+    stopping.append(consumer)
+    await eventually(lambda: len(seen) == 2, 8, "the retried message back")
+    (first, count1), (second, count2) = seen
+    assert (count1, count2) == (1, 2)
+    # 0.3 s rounds up to SQS's 1 s granularity: not back at once, which would be a hot loop.
+    assert second - first >= 0.9
+
+
+async def test_handler_error_is_retried_not_lost(
+    aws: AwsClients, fresh: Resources, stopping: list[Consumer]
+) -> None:
+    counts: list[int] = []
+
+    async def handler(message: Message) -> Outcome:
+        counts.append(message.receive_count)
+        if len(counts) == 1:
+            raise RuntimeError("bug in a handler")
+        return Ack()
+
+    await send_batch(aws, fresh.queue_url, ["boom"])
+    consumer = Consumer(
+        aws.sqs, fresh.queue_url, handler, worker_settings(backoff_base_seconds=0), no_dead_letters
+    )
+    consumer.start()
+    stopping.append(consumer)
+    await eventually(lambda: len(counts) == 2, 8, "redelivery after a handler error")
+    assert counts == [1, 2]
+
+
+async def test_fifo_group_released_behind_a_retry_keeps_its_order(
+    aws: AwsClients, fresh: Resources, stopping: list[Consumer]
+) -> None:
+    handled: list[str] = []
+
+    async def handler(message: Message) -> Outcome:
+        handled.append(message.body)
+        if message.body == "g-1" and handled.count("g-1") == 1:
+            return Retry(1, "first attempt fails")
+        return Ack()
+
+    for body in ("g-1", "g-2", "g-3"):
+        await aws.sqs.send_message(
+            QueueUrl=fresh.fifo_queue_url, MessageBody=body, MessageGroupId="g"
+        )
+    consumer = Consumer(aws.sqs, fresh.fifo_queue_url, handler, worker_settings(), no_dead_letters)
+    consumer.start()
+    stopping.append(consumer)
+    await eventually(lambda: handled.count("g-3") == 1, 10, "the whole group")
+    assert handled == ["g-1", "g-1", "g-2", "g-3"]
+
+
+# --- heartbeat -------------------------------------------------------------------------------
+
+
+async def test_heartbeat_keeps_a_slow_message_invisible(
+    settings: Settings, fresh: Resources, aws: AwsClients
+) -> None:
+    extensions = metrics.visibility_extensions._value.get()
+    received = metrics.messages_received._value.get()
+    async with running_chain(
+        settings,
+        fresh,
+        aws,
+        target_overrides={"billing": {"timeout_seconds": 10}},
+        visibility_timeout_seconds=5,
+    ) as chain:
+        chain.targets["billing"].behaviour.latency_seconds = 8
+        request_id = await chain.create(mailbox(40))
+        await chain.wait_status(request_id, "completed", timeout=14)
+        assert metrics.messages_received._value.get() - received == 1  # never redelivered
+        assert metrics.visibility_extensions._value.get() - extensions >= 2
+        assert len(chain.targets["billing"].calls) == 1
+        for name, stub in chain.targets.items():
+            assert stub.effects == {f"{request_id}:{name}": 1}, name
+        await eventually(lambda: _empty(chain), 5, "queue empty")
+
+
+async def _empty(chain: Chain) -> bool:
+    return await chain.queue_depth() == 0
+
+
+# --- stop and drain --------------------------------------------------------------------------
+
+
+async def test_stop_finishes_in_flight_work_within_the_bound(
+    settings: Settings, fresh: Resources, aws: AwsClients
+) -> None:
+    async with running_chain(
+        settings, fresh, aws, drain_seconds=3, target_overrides={"crm": {"timeout_seconds": 5}}
+    ) as chain:
+        chain.targets["crm"].behaviour.latency_seconds = 1
+        ids = [await chain.create(mailbox(50 + i)) for i in range(4)]
+        await eventually(lambda: len(chain.targets["crm"].calls) == 4, 5, "4 calls in flight")
+        started = time.monotonic()
+        await chain.consumer.stop(3)
+        elapsed = time.monotonic() - started
+        assert elapsed < 3
+        for request_id in ids:
+            assert (await chain.status(request_id))["status"] == "completed"
+        assert await chain.queue_depth() == 0
+        assert chain.consumer.in_flight == 0
+
+
+async def test_stop_releases_what_does_not_finish_in_time(
+    settings: Settings, fresh: Resources, aws: AwsClients
+) -> None:
+    released = REGISTRY.get_sample_value(
+        "courier_messages_processed_total", {"outcome": "released"}
+    )
+    async with running_chain(
+        settings,
+        fresh,
+        aws,
+        drain_seconds=1,
+        target_overrides={"crm": {"timeout_seconds": 10}},
+    ) as chain:
+        chain.targets["crm"].behaviour.latency_seconds = 3
+        ids = {await chain.create(mailbox(60 + i)) for i in range(3)}
+        await eventually(lambda: len(chain.targets["crm"].calls) == 3, 5, "3 calls in flight")
+        started = time.monotonic()
+        await chain.consumer.stop(1)
+        assert time.monotonic() - started < 2
+        assert chain.consumer.in_flight == 0
+        assert await chain.queue_depth() == 3  # nothing deleted
+        found: dict[str, str] = {}
+        for _ in range(3):  # visible again at once: no wait, no visibility timeout to sit out
+            response = await aws.sqs.receive_message(
+                QueueUrl=fresh.queue_url,
+                MaxNumberOfMessages=10,
+                WaitTimeSeconds=0,
+                MessageAttributeNames=["All"],
+            )
+            for raw in response.get("Messages", []):
+                found[raw["MessageId"]] = raw["MessageAttributes"]["request_id"]["StringValue"]
+        assert set(found.values()) == ids
+        for request_id in ids:
+            assert (await chain.status(request_id))["status"] == "accepted"
+    after = REGISTRY.get_sample_value("courier_messages_processed_total", {"outcome": "released"})
+    assert (after or 0) - (released or 0) == 3
+
+
+async def test_sigterm_drains_and_exits_zero_within_the_bound(
+    settings: Settings, fresh: Resources, aws: AwsClients, tmp_path: Path
+) -> None:
+    async with serving_stubs() as stubs:
+        urls = {name: stub.url for name, stub in stubs.items()}
+        configured = chain_settings(
+            settings,
+            "http://127.0.0.1:9",  # no IdM: the worker role never calls it
+            urls,
+            target_overrides={"crm": {"timeout_seconds": 10}},
+            drain_seconds=1,
+        ).replace(role="worker")
+        stubs["crm"].behaviour.latency_seconds = 3
+        async with courier_process(configured, tmp_path) as courier:
+            await courier.wait_ready()
+            request_id = await plant_request(aws, configured, 70)
+            await eventually(lambda: bool(stubs["crm"].calls), 10, "a call in flight")
+            started = time.monotonic()
+            code = await courier.signal_and_wait(signal.SIGTERM, timeout=10)
+            elapsed = time.monotonic() - started
+            log = courier.log()
+        assert code == 0, log
+        assert elapsed < 1 + 2.5, f"took {elapsed:.1f}s to stop with a 1 s drain bound"
+        assert '"consumer_stopped"' in log, log
+        response = await aws.sqs.receive_message(
+            QueueUrl=fresh.queue_url, WaitTimeSeconds=0, MessageAttributeNames=["All"]
+        )
+        [raw] = response["Messages"]  # released, not deleted: visible again at once
+        assert raw["MessageAttributes"]["request_id"]["StringValue"] == request_id

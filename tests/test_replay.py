@@ -1,0 +1,218 @@
+"""Replay from the DLQ (library and ``courier replay``): filters, dry run, and nothing lost."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from service.aws import AwsClients
+from service.bootstrap import Resources
+from service.replay import ReplayFilter, replay
+from service.settings import QueueSettings, Settings
+from tests.chain import eventually, mailbox, plant, run_cli, running_chain
+
+# (dlq_reason, dlq_target) of the planted dead letters
+DEAD_LETTERS = (
+    ("target_rejected", "crm"),
+    ("target_rejected", "crm"),
+    ("target_rejected", "billing"),
+    ("undecryptable", ""),
+    ("undecryptable", ""),
+    ("malformed", ""),
+)
+
+
+async def plant_dead_letters(aws: AwsClients, dlq_url: str) -> dict[str, dict[str, str]]:
+    """The DEAD_LETTERS in the DLQ, as the worker leaves them; body -> attributes."""
+    planted: dict[str, dict[str, str]] = {}
+    for index, (reason, target) in enumerate(DEAD_LETTERS):
+        body = f"body-{index}-{uuid.uuid4().hex[:8]}"
+        attributes = {
+            "op": "create-mailbox",
+            "request_id": f"req-{index}",
+            "traceparent": f"00-{index:032x}-{index:016x}-01",
+            "dlq_reason": reason,
+            "dlq_detail": "why it failed",
+            "dlq_receive_count": "1",
+            "dlq_source_message_id": str(uuid.uuid4()),
+            "dlq_failed_at": "1700000000",
+        }
+        if target:
+            attributes["dlq_target"] = target
+        await plant(aws, dlq_url, body, attributes)
+        planted[body] = attributes
+    return planted
+
+
+async def depth(aws: AwsClients, url: str) -> tuple[int, int]:
+    """(visible, in flight) messages of a queue."""
+    response = await aws.sqs.get_queue_attributes(
+        QueueUrl=url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )
+    found = response["Attributes"]
+    return int(found["ApproximateNumberOfMessages"]), int(
+        found["ApproximateNumberOfMessagesNotVisible"]
+    )
+
+
+async def drain(aws: AwsClients, url: str) -> list[dict[str, Any]]:
+    """Every visible message of a queue (received, left in flight)."""
+    found: dict[str, dict[str, Any]] = {}
+    while True:
+        response = await aws.sqs.receive_message(
+            QueueUrl=url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=0,
+            VisibilityTimeout=30,
+            MessageAttributeNames=["All"],
+        )
+        if not response.get("Messages"):
+            return list(found.values())
+        for raw in response["Messages"]:
+            found[raw["MessageId"]] = raw
+
+
+def attributes(raw: dict[str, Any]) -> dict[str, str]:
+    return {name: value["StringValue"] for name, value in raw.get("MessageAttributes", {}).items()}
+
+
+async def test_dry_run_lists_and_moves_nothing(aws: AwsClients, fresh: Resources) -> None:
+    await plant_dead_letters(aws, fresh.dlq_url)
+    listed: list[tuple[str, bool]] = []
+    report = await replay(
+        aws.sqs,
+        fresh.dlq_url,
+        fresh.queue_url,
+        ReplayFilter(reason="target_rejected"),
+        dry_run=True,
+        on_message=lambda message, chosen: listed.append((message.body, chosen)),
+    )
+    assert (report.examined, report.matched, report.moved, report.failed) == (6, 3, 0, 0)
+    assert len(listed) == 6
+    assert sum(chosen for _, chosen in listed) == 3
+    assert await depth(aws, fresh.queue_url) == (0, 0)
+    assert await depth(aws, fresh.dlq_url) == (6, 0)  # all back in view at once
+
+
+async def test_filter_moves_only_matching_messages_as_clean_replayed_copies(
+    aws: AwsClients, fresh: Resources
+) -> None:
+    planted = await plant_dead_letters(aws, fresh.dlq_url)
+    report = await replay(
+        aws.sqs,
+        fresh.dlq_url,
+        fresh.queue_url,
+        ReplayFilter(reason="target_rejected", target="crm"),
+        rate_per_second=100,
+    )
+    assert (report.examined, report.matched, report.moved, report.failed) == (6, 2, 2, 0)
+    copies = await drain(aws, fresh.queue_url)
+    assert len(copies) == 2
+    for raw in copies:
+        original = planted[raw["Body"]]
+        found = attributes(raw)
+        assert original["dlq_reason"] == "target_rejected"
+        assert original["dlq_target"] == "crm"
+        assert found["replayed"] == "1"
+        assert not [name for name in found if name.startswith("dlq_")]
+        for name in ("op", "request_id", "traceparent"):
+            assert found[name] == original[name]
+    assert await depth(aws, fresh.dlq_url) == (4, 0)
+    left = {attributes(raw)["dlq_reason"] for raw in await drain(aws, fresh.dlq_url)}
+    assert left == {"target_rejected", "undecryptable", "malformed"}
+
+
+async def test_limit_and_reason_filter(aws: AwsClients, fresh: Resources) -> None:
+    await plant_dead_letters(aws, fresh.dlq_url)
+    report = await replay(
+        aws.sqs, fresh.dlq_url, fresh.queue_url, ReplayFilter(reason="undecryptable"), limit=1
+    )
+    assert (report.matched, report.moved) == (1, 1)
+    [copy] = await drain(aws, fresh.queue_url)
+    assert "dlq_reason" not in attributes(copy)
+    visible, in_flight = await depth(aws, fresh.dlq_url)
+    assert visible + in_flight == 5
+
+
+async def test_nothing_leaves_the_dlq_when_the_send_fails(
+    aws: AwsClients, fresh: Resources
+) -> None:
+    await plant_dead_letters(aws, fresh.dlq_url)
+    missing = fresh.queue_url.rsplit("/", 1)[0] + f"/no-such-queue-{uuid.uuid4().hex[:8]}"
+    report = await replay(aws.sqs, fresh.dlq_url, missing, ReplayFilter(), rate_per_second=100)
+    assert (report.examined, report.matched, report.moved, report.failed) == (6, 6, 0, 6)
+    visible, in_flight = await depth(aws, fresh.dlq_url)
+    assert visible + in_flight == 6  # every copy still in the DLQ
+    assert await depth(aws, fresh.queue_url) == (0, 0)
+
+
+async def test_cli_dry_run_then_replay(
+    aws: AwsClients, fresh: Resources, settings: Settings, tmp_path: Path
+) -> None:
+    await plant_dead_letters(aws, fresh.dlq_url)
+    code, output = await run_cli(
+        settings, tmp_path, "replay", "--dry-run", "--reason", "target_rejected"
+    )
+    assert code == 0, output
+    lines = [line for line in output.splitlines() if line.startswith("would move ")]
+    assert len(lines) == 3, output
+    assert all("reason=target_rejected" in line for line in lines)
+    assert {line.split("target=")[1] for line in lines} == {"crm", "billing"}
+    assert "examined 6, matched 3, would move 3, failed 0" in output
+    assert await depth(aws, fresh.queue_url) == (0, 0)
+    assert await depth(aws, fresh.dlq_url) == (6, 0)
+
+    code, output = await run_cli(settings, tmp_path, "replay", "--target", "billing")
+    assert code == 0, output
+    assert "examined 6, matched 1, moved 1, failed 0" in output
+    [copy] = await drain(aws, fresh.queue_url)
+    assert attributes(copy)["replayed"] == "1"
+    visible, in_flight = await depth(aws, fresh.dlq_url)
+    assert visible + in_flight == 5
+
+
+async def test_cli_replay_exits_1_when_sends_fail(
+    aws: AwsClients, fresh: Resources, settings: Settings, tmp_path: Path
+) -> None:
+    await plant(aws, fresh.dlq_url, "poison", {"dlq_reason": "malformed"})
+    missing = fresh.queue_url.rsplit("/", 1)[0] + "/no-such-queue"
+    broken = settings.replace(queue=QueueSettings(url=missing, dlq_url=fresh.dlq_url))
+    code, output = await run_cli(broken, tmp_path, "replay")
+    assert code == 1, output
+    assert "matched 1, moved 0, failed 1" in output
+    visible, in_flight = await depth(aws, fresh.dlq_url)
+    assert visible + in_flight == 1
+
+
+async def test_replayed_rejection_completes_once_the_target_is_fixed(
+    settings: Settings, fresh: Resources, aws: AwsClients
+) -> None:
+    async with running_chain(settings, fresh, aws) as chain:
+        crm = chain.targets["crm"]
+        crm.behaviour.fixed_status = 400
+        request_id = await chain.create(mailbox(80))
+        await chain.wait_status(request_id, "failed", timeout=10)
+
+        async def dead_lettered() -> bool:
+            return await depth(aws, fresh.dlq_url) == (1, 0)
+
+        await eventually(dead_lettered, 5, "the rejected message in the DLQ")
+        crm.behaviour.fixed_status = 0  # the operator fixed the target
+        report = await replay(
+            aws.sqs, fresh.dlq_url, fresh.queue_url, ReplayFilter(reason="target_rejected")
+        )
+        assert report.moved == 1
+        record = await chain.wait_status(request_id, "completed", timeout=10)
+        assert record["targets"] == {
+            "crm": "delivered",
+            "billing": "delivered",
+            "directory": "delivered",
+        }
+        assert crm.effects == {f"{request_id}:crm": 1}
+        assert len(crm.calls) == 2  # the 400, then the replay
+        for name in ("billing", "directory"):  # delivered before: not called again
+            assert len(chain.targets[name].calls) == 1, name
+            assert chain.targets[name].effects == {f"{request_id}:{name}": 1}
+        assert await depth(aws, fresh.dlq_url) == (0, 0)

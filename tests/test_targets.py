@@ -1,0 +1,237 @@
+"""TargetClient against a real aiohttp stub: keys, auth, timeouts, retries, breaker, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import REGISTRY
+
+from service.circuit import CircuitState
+from service.errors import (
+    CircuitOpenError,
+    SecretUnavailableError,
+    TargetHttpError,
+    TransientError,
+    is_retryable,
+)
+from service.settings import TargetSettings
+from service.stubs import LegacyStub
+from service.targets import Delivery, TargetClient
+
+TRACEPARENT = "00-0123456789abcdef0123456789abcdef-0123456789abcdef-01"
+
+
+@dataclass
+class CountingStub(LegacyStub):
+    """A legacy stub that also records the most calls it served at once."""
+
+    active: int = 0
+    peak: int = 0
+
+    async def _deliver(self, request: web.Request) -> web.Response:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            return await super()._deliver(request)
+        finally:
+            self.active -= 1
+
+
+class Secrets:
+    """A secret getter that records what it was asked and can be made to fail."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
+        self.asked: list[str] = []
+        self.failing = False
+
+    async def __call__(self, name: str) -> str:
+        self.asked.append(name)
+        if self.failing:
+            raise SecretUnavailableError(f"secret {name!r} unavailable")
+        return self.values[name]
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[CountingStub]:
+    server = CountingStub(name="crm", token="")
+    async with server.serving():
+        yield server
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+def client(
+    stub: LegacyStub,
+    session: aiohttp.ClientSession,
+    secrets: Secrets | None = None,
+    **overrides: Any,
+) -> TargetClient:
+    settings = TargetSettings(
+        **{
+            "name": "crm",
+            "url": f"{stub.url}/api/mailboxes",
+            "timeout_seconds": 2.0,
+            "retries": 0,
+            **overrides,
+        }
+    )
+    return TargetClient(settings, session, secrets or Secrets({}))
+
+
+def delivery(request_id: str = "req-1") -> Delivery:
+    return Delivery(request_id, b'{"hello":"world"}', "application/json", TRACEPARENT)
+
+
+def calls(target: str, outcome: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "courier_target_calls_total", {"target": target, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+async def test_call_carries_idempotency_key_body_and_trace(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    secrets = Secrets({})
+    await client(stub, session, secrets).deliver(delivery("req-1"))
+    [call] = stub.calls
+    assert call.path == "/api/mailboxes"
+    assert call.idempotency_key == "req-1:crm"
+    assert call.headers["Content-Type"] == "application/json"
+    assert call.headers["traceparent"] == TRACEPARENT
+    assert "Authorization" not in call.headers
+    assert call.body == b'{"hello":"world"}'
+    assert stub.effects == {"req-1:crm": 1}
+    assert secrets.asked == []  # no secret configured: none read
+
+
+async def test_authorization_comes_from_the_secret(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.token = "s3cret-token"
+    secrets = Secrets({"courier.crm.token": "s3cret-token"})
+    target = client(stub, session, secrets, secret="courier.crm.token")
+    await target.deliver(delivery("req-auth"))
+    assert stub.calls[0].headers["Authorization"] == "Bearer s3cret-token"
+    assert stub.effects == {"req-auth:crm": 1}
+    assert secrets.asked == ["courier.crm.token"]
+
+
+async def test_wrong_secret_is_a_permanent_rejection(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.token = "expected"
+    target = client(stub, session, Secrets({"tok": "other"}), secret="tok", retries=2)
+    with pytest.raises(TargetHttpError) as caught:
+        await target.deliver(delivery())
+    assert caught.value.status == 401
+    assert not is_retryable(caught.value)
+    assert len(stub.calls) == 1
+
+
+async def test_timeout_is_transient(stub: CountingStub, session: aiohttp.ClientSession) -> None:
+    stub.behaviour.latency_seconds = 0.5
+    before = calls("crm", "timeout")
+    target = client(stub, session, timeout_seconds=0.1)
+    with pytest.raises(TransientError):
+        await target.deliver(delivery())
+    assert calls("crm", "timeout") == before + 1
+
+
+async def test_503_is_retried_retries_times_then_raised(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.behaviour.fixed_status = 503
+    target = client(stub, session, retries=2, breaker_failures=10)
+    with pytest.raises(TargetHttpError) as caught:
+        await target.deliver(delivery())
+    assert caught.value.status == 503
+    assert is_retryable(caught.value)
+    assert len(stub.calls) == 3
+    assert {call.idempotency_key for call in stub.calls} == {"req-1:crm"}
+
+
+async def test_a_retry_that_succeeds_delivers_once(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.behaviour.fixed_status = 503
+    target = client(stub, session, retries=3)
+    task = asyncio.create_task(target.deliver(delivery()))
+    while not stub.calls:
+        await asyncio.sleep(0.01)
+    stub.behaviour.fixed_status = 0
+    await task
+    assert stub.effects == {"req-1:crm": 1}
+    assert len(stub.calls) == 2
+
+
+async def test_400_is_not_retried_and_does_not_trip_the_breaker(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.behaviour.fixed_status = 400
+    target = client(stub, session, retries=3, breaker_failures=1)
+    for _ in range(3):
+        with pytest.raises(TargetHttpError) as caught:
+            await target.deliver(delivery())
+        assert caught.value.status == 400
+        assert not is_retryable(caught.value)
+    assert len(stub.calls) == 3  # one per delivery: never retried
+    assert target.breaker.state is CircuitState.CLOSED
+
+
+async def test_transient_failures_open_the_circuit_and_stop_calling(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.behaviour.down = True
+    target = client(stub, session, breaker_failures=2, breaker_cooldown_seconds=60)
+    for _ in range(2):
+        with pytest.raises(TargetHttpError):
+            await target.deliver(delivery())
+    with pytest.raises(CircuitOpenError) as caught:
+        await target.deliver(delivery())
+    assert 0 < caught.value.retry_after <= 60
+    assert len(stub.calls) == 2
+    assert REGISTRY.get_sample_value("courier_target_circuit_open", {"target": "crm"}) == 1
+
+
+async def test_half_open_probe_without_a_secret_does_not_wedge_the_circuit(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.token = "tok"
+    secrets = Secrets({"crm.token": "tok"})
+    target = client(
+        stub, session, secrets, secret="crm.token", breaker_failures=1, breaker_cooldown_seconds=0.1
+    )
+    stub.behaviour.down = True
+    with pytest.raises(TargetHttpError):
+        await target.deliver(delivery())
+    stub.behaviour.down = False
+    await asyncio.sleep(0.15)
+    secrets.failing = True  # the probe ends before reaching the target
+    with pytest.raises(SecretUnavailableError):
+        await target.deliver(delivery())
+    secrets.failing = False
+    await target.deliver(delivery())  # the next call may probe: the circuit is not stuck
+    assert target.breaker.state is CircuitState.CLOSED
+    assert stub.effects == {"req-1:crm": 1}
+
+
+async def test_concurrency_limit_is_respected(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.behaviour.latency_seconds = 0.2
+    target = client(stub, session, concurrency=2)
+    await asyncio.gather(*(target.deliver(delivery(f"req-{i}")) for i in range(6)))
+    assert stub.peak == 2
+    assert len(stub.effects) == 6
