@@ -43,10 +43,13 @@ def _count_request(event_name: str, **_: Any) -> None:
 
 @contextlib.asynccontextmanager
 async def open_client(
-    service: str, settings: AwsSettings, endpoint_url: str | None = None
+    service: str,
+    settings: AwsSettings,
+    endpoint_url: str | None = None,
+    session: AioSession | None = None,
 ) -> AsyncIterator[Any]:
     """One aiobotocore client for ``service``, counting every request it sends."""
-    session = get_session()
+    session = session or get_session()
     async with session.create_client(
         service,
         region_name=settings.region,
@@ -60,8 +63,10 @@ async def open_client(
 @contextlib.asynccontextmanager
 async def open_clients(settings: AwsSettings) -> AsyncIterator[AwsClients]:
     """Open the SQS, DynamoDB and KMS clients; close them on exit."""
+    session = get_session()  # one session: botocore loads its endpoint and model data once
     async with contextlib.AsyncExitStack() as stack:
         clients = [
-            await stack.enter_async_context(open_client(name, settings)) for name in SERVICES
+            await stack.enter_async_context(open_client(name, settings, session=session))
+            for name in SERVICES
         ]
         yield AwsClients(*clients)
