@@ -22,7 +22,9 @@ class ResourceNames:
     """Names of what ``bootstrap`` creates; a ``prefix`` keeps parallel test runs apart."""
 
     prefix: str = "courier"
-    max_receive_count: int = 5
+    # Retries count as receives: with the worker's backoff (2 s doubling, capped at 15 min)
+    # 20 receives ride out a few hours of target outage before redrive gives up.
+    max_receive_count: int = 20
     retention_seconds: int = 4 * 86400
     visibility_timeout_seconds: int = 30
     secrets_table: str = "credential-store"

@@ -128,7 +128,13 @@ class _Capacity:
         self._room = asyncio.Event()
 
     async def reserve(self, wanted: int) -> int:
-        while self._used >= self._limit:
+        """Wait until ``wanted`` slots are free (or all, if the bound is smaller); take them.
+
+        Waiting for a whole batch of room, not one slot, keeps receives full: asking SQS for
+        one message whenever one finishes would multiply the requests per message under load.
+        """
+        needed = min(wanted, self._limit)
+        while self._limit - self._used < needed:
             self._room.clear()
             await self._room.wait()
         granted = min(wanted, self._limit - self._used)
@@ -159,8 +165,9 @@ class Consumer:
     def __post_init__(self) -> None:
         self.fifo = is_fifo(self.queue_url)
         self._capacity = _Capacity(self.settings.max_in_flight)
-        self._deletes = Batcher("delete", self._delete_batch)
-        self._visibility = Batcher("visibility", self._visibility_batch)
+        linger = self.settings.ack_linger_seconds
+        self._deletes = Batcher("delete", self._delete_batch, linger)
+        self._visibility = Batcher("visibility", self._visibility_batch, linger)
         self._heartbeat: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -328,12 +335,11 @@ class Consumer:
     async def _finish(self, message: Message, outcome: Outcome) -> None:
         # Untracked before the outcome is applied, so the heartbeat cannot extend the message
         # after (and so undo) a Retry's delay or a Release.
-        tracked = self._tracked.pop(message.receipt_handle, None)
-        try:
-            await self._apply(message, outcome)
-        finally:
-            if tracked is not None:
-                self._capacity.release()
+        # The slot is free as soon as the outcome is known: waiting for the batched ack would
+        # hold it for the linger and throttle the pollers for nothing.
+        if self._tracked.pop(message.receipt_handle, None) is not None:
+            self._capacity.release()
+        await self._apply(message, outcome)
 
     async def _apply(self, message: Message, outcome: Outcome) -> None:
         handle = {"ReceiptHandle": message.receipt_handle}

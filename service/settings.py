@@ -203,9 +203,14 @@ class WorkerSettings:
 
     max_in_flight: int = setting(100, "messages processed at once per process", min=1, max=10_000)
     pollers: int = setting(4, "concurrent long-polls when the queue is busy", min=1, max=64)
-    wait_seconds: int = setting(20, "SQS long-poll WaitTimeSeconds", min=0, max=20)
+    wait_seconds: int = setting(
+        20, "SQS long-poll WaitTimeSeconds (short polls would spin)", min=1, max=20
+    )
     visibility_timeout_seconds: int = setting(
         30, "visibility granted per receive; extended while work runs", min=5, max=43200
+    )
+    ack_linger_seconds: float = setting(
+        0.01, "how long a delete/visibility change waits to share a batch request", min=0, max=1
     )
     backoff_base_seconds: float = setting(
         2.0, "first retry delay for transient failures", min=0, max=3600

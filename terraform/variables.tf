@@ -418,9 +418,9 @@ variable "visibility_timeout_seconds" {
 }
 
 variable "max_receive_count" {
-  description = "Receives after which SQS moves a message to the DLQ (the redrive policy safety net for crashes; courier moves permanent failures itself)."
+  description = "Receives after which SQS moves a message to the DLQ (the redrive policy safety net for crashes; courier moves permanent failures itself). Transient retries count as receives: with courier's backoff (2 s doubling, capped at 15 min) 20 rides out a few hours of target outage."
   type        = number
-  default     = 5
+  default     = 20
 
   validation {
     condition     = var.max_receive_count >= 1 && var.max_receive_count <= 1000 && floor(var.max_receive_count) == var.max_receive_count

@@ -100,7 +100,7 @@ def test_endpoint_for_service() -> None:
         ),
         (
             {"COURIER_WORKER_WAIT_SECONDS": "21"},
-            "invalid setting worker.wait_seconds (COURIER_WORKER_WAIT_SECONDS) = '21': expected an integer between 0 and 20",
+            "invalid setting worker.wait_seconds (COURIER_WORKER_WAIT_SECONDS) = '21': expected an integer between 1 and 20",
         ),
         (
             {"COURIER_IDM_URL": "idm.internal"},
