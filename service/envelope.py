@@ -325,7 +325,10 @@ class _SingleFlight(Generic[_K, _V]):
 
     async def run(self, key: _K, call: Callable[[], Coroutine[Any, Any, _V]]) -> _V:
         task = self._calls.get(key)
-        if task is None:
+        # A finished task lingers until its done-callback runs; reusing it would hand back a
+        # stale result (an exhausted data key) without yielding, and callers looping on
+        # "key exhausted, get another" would spin forever.
+        if task is None or task.done():
             task = asyncio.create_task(call())
             self._calls[key] = task
             task.add_done_callback(lambda done: self._finish(key, done))

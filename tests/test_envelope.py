@@ -785,3 +785,18 @@ async def test_a_failed_decrypt_is_not_cached(
             await cipher.open(sealed)
 
     assert stub.requests == 3
+
+
+async def test_rotation_under_concurrency_with_one_message_per_key_does_not_spin(
+    aws: AwsClients, fresh: Resources
+) -> None:
+    # Regression: a finished key-generation task was reused before its done-callback ran,
+    # and 50 concurrent seals with max_messages=1 livelocked the event loop.
+    settings = EnvelopeSettings(
+        kms_key_id=fresh.data_key_arn, data_key_max_messages=1, decrypt_cache_size=0
+    )
+    cipher = EnvelopeCipher(aws.kms, settings)
+    bodies = await asyncio.wait_for(
+        asyncio.gather(*(cipher.seal("create-mailbox", f"id-{i}", {"i": i}) for i in range(50))), 30
+    )
+    assert len(set(bodies)) == 50
