@@ -1,0 +1,51 @@
+"""The framework ceiling: an aiohttp handler that reads the body and answers 202, nothing else.
+
+Same server setup as courier's API (aiohttp on uvloop, no access log). Prints
+``listening http://127.0.0.1:<port>``; stops on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import uuid
+
+from aiohttp import web
+
+
+async def create(request: web.Request) -> web.Response:
+    await request.read()
+    request_id = uuid.uuid4().hex
+    return web.json_response(
+        {"request_id": request_id, "status": "accepted"},
+        status=202,
+        headers={"Location": f"/v1/requests/{request_id}"},
+    )
+
+
+async def serve(port: int) -> None:
+    app = web.Application()
+    app.router.add_post("/v1/mailboxes", create)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    print(f"listening http://127.0.0.1:{bound}", flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    import uvloop
+
+    uvloop.run(serve(parser.parse_args().port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""PNG plots of a benchmark report (matplotlib, Agg backend): small files, one idea each."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from bench.api import LABELS as API_LABELS
+from bench.consumers import KINDS, LABELS
+
+DPI = 80
+COLOURS = {
+    "naive": "#9e9e9e",
+    "sqs-consumer": "#e69f00",
+    "courier": "#0072b2",
+    "courier-2p": "#56b4e9",
+    "ceiling": "#cccccc",
+}
+
+
+def _bars(ax: Any, names: list[str], stats: list[Mapping[str, float]], colours: list[str]) -> None:
+    medians = [s["median"] for s in stats]
+    low = [max(0.0, s["median"] - s["min"]) for s in stats]
+    high = [max(0.0, s["max"] - s["median"]) for s in stats]
+    ax.barh(names, medians, xerr=[low, high], color=colours, capsize=3)
+    for y, value in enumerate(medians):
+        ax.text(value, y, f" {value:,.0f}", va="center", fontsize=8)
+    ax.invert_yaxis()
+
+
+def worker_throughput(report: Mapping[str, Any], out: Path) -> Path:
+    summary = report["workers"]["summary"]
+    latencies = sorted(summary, key=float)
+    fig, axes = plt.subplots(1, len(latencies), figsize=(5.2 * len(latencies), 2.8), squeeze=False)
+    for ax, latency in zip(axes[0], latencies, strict=True):
+        kinds = [k for k in KINDS if k in summary[latency]]
+        _bars(
+            ax,
+            [LABELS[k] for k in kinds],
+            [summary[latency][k]["msgs_per_s"] for k in kinds],
+            [COLOURS[k] for k in kinds],
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel("messages/s (log; median, bars = min-max)")
+        ax.set_title(f"3 targets at {latency} ms", fontsize=10)
+    fig.tight_layout()
+    path = out / "worker-throughput.png"
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def worker_costs(report: Mapping[str, Any], out: Path) -> Path:
+    summary = report["workers"]["summary"]["20"]
+    kinds = [k for k in KINDS if k in summary]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
+    metrics = (
+        ("sqs_requests_per_message", "SQS requests per message"),
+        ("cpu_s_per_1000", "consumer CPU s per 1,000 messages"),
+        ("peak_rss_mb", "peak RSS per process, MB"),
+    )
+    for ax, (key, title) in zip(axes, metrics, strict=True):
+        names = [LABELS[k] if ax is axes[0] else "" for k in kinds]
+        stats = [summary[k][key] for k in kinds]
+        medians = [s["median"] for s in stats]
+        ax.barh(range(len(kinds)), medians, color=[COLOURS[k] for k in kinds])
+        ax.set_yticks(range(len(kinds)), names)
+        for y, value in enumerate(medians):
+            ax.text(
+                value,
+                y,
+                f" {value:.2f}" if value < 10 else f" {value:.0f}",
+                va="center",
+                fontsize=8,
+            )
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+    fig.suptitle("at load, 3 targets at 20 ms", fontsize=10)
+    fig.tight_layout()
+    path = out / "worker-costs.png"
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def worker_latency(report: Mapping[str, Any], out: Path) -> Path:
+    summary = report["workers"]["summary"]
+    latencies = sorted(summary, key=float)
+    fig, axes = plt.subplots(1, len(latencies), figsize=(5.2 * len(latencies), 2.8), squeeze=False)
+    for ax, latency in zip(axes[0], latencies, strict=True):
+        kinds = [k for k in KINDS if k in summary[latency] and k != "ceiling"]
+        y = range(len(kinds))
+        p50 = [summary[latency][k]["p50_ms"]["median"] for k in kinds]
+        p99 = [summary[latency][k]["p99_ms"]["median"] for k in kinds]
+        ax.barh([i + 0.2 for i in y], p99, height=0.4, color="#d55e00", label="p99")
+        ax.barh([i - 0.2 for i in y], p50, height=0.4, color="#009e73", label="p50")
+        ax.set_yticks(list(y), [LABELS[k] for k in kinds])
+        ax.invert_yaxis()
+        ax.set_xlabel("send -> last target call, ms (at 50% of each one's drain rate)")
+        ax.set_title(f"3 targets at {latency} ms", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "worker-latency.png"
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def api(report: Mapping[str, Any], out: Path) -> Path:
+    saturation = report["api"]["saturation"]["summary"]
+    variants = [
+        v
+        for v in ("bare", "courier", "courier-nobatch", "stateless", "stateless-1")
+        if "rps" in saturation.get(v, {})
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 2.8))
+    _bars(
+        axes[0],
+        [API_LABELS[v] for v in variants],
+        [saturation[v]["rps"] for v in variants],
+        ["#cccccc", "#0072b2", "#56b4e9", "#e69f00", "#f0e442"][: len(variants)],
+    )
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("requests/s at saturation (wrk, log)")
+    rates = report["api"].get("fixed_rates", [])
+    if rates:
+        offered = [r["offered_rps"] for r in rates]
+        axes[1].plot(offered, [r["p50_ms"] for r in rates], "o-", label="p50", color="#009e73")
+        axes[1].plot(offered, [r["p99_ms"] for r in rates], "o-", label="p99", color="#d55e00")
+        axes[1].set_xlabel("offered requests/s (open loop)")
+        axes[1].set_ylabel("ms (log)")
+        axes[1].set_yscale("log")
+        axes[1].set_title("courier API latency at fixed offered rates", fontsize=10)
+        axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "api.png"
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def render_all(report: Mapping[str, Any], out: Path) -> list[Path]:
+    """Every plot of ``report`` into ``out``; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for plot in (worker_throughput, worker_latency, worker_costs, api):
+        try:
+            made.append(plot(report, out))
+        except (KeyError, ValueError) as exc:  # a partial report still gets the plots it can
+            print(f"plot {plot.__name__} skipped: {exc!r}")
+    return made

@@ -1,0 +1,167 @@
+"""The messages every consumer processes: sealed once, loaded into a fresh queue per run.
+
+Events are create-mailbox events sealed the way courier's API seals them (one KMS data key,
+AES-256-GCM), with the ``op``, ``request_id`` and ``traceparent`` attributes the API sets.
+Peers that do not decrypt get the same bodies and simply forward them.
+
+Times are on ``time.monotonic()`` (CLOCK_MONOTONIC, system-wide on Linux), so a send time
+recorded here compares with an arrival time recorded by the stub process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiobotocore.session import get_session
+
+from service.aws import client_config
+from service.envelope import EnvelopeCipher
+from service.operations import create_mailbox
+from service.settings import AwsSettings, EnvelopeSettings
+from service.status import now_iso
+
+LOAD_CONCURRENCY = 16
+PACE_TICK_SECONDS = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One sealed message: its request id and SQS body."""
+
+    request_id: str
+    body: str
+
+
+def mailbox(index: int) -> dict[str, Any]:
+    return {
+        "username": f"bench{index:07d}",
+        "display_name": f"Bench User {index}",
+        "plan": "standard",
+        "contact_email": f"bench{index}@example.com",
+    }
+
+
+@contextlib.asynccontextmanager
+async def client(service: str, settings: AwsSettings) -> AsyncIterator[Any]:
+    """A plain aiobotocore client (not courier's: its requests are not in courier's metrics)."""
+    async with get_session().create_client(
+        service,
+        region_name=settings.region,
+        endpoint_url=settings.endpoint_for(service),
+        config=client_config(settings),
+    ) as made:
+        yield made
+
+
+async def seal_events(aws: AwsSettings, key_arn: str, count: int, tag: str) -> list[Event]:
+    """``count`` events sealed under fresh data keys (KMS once per 10,000, courier's default)."""
+    async with client("kms", aws) as kms:
+        cipher = EnvelopeCipher(kms, EnvelopeSettings(kms_key_id=key_arn))
+        requested_at = now_iso()
+        events = []
+        for index in range(count):
+            request_id = uuid.uuid4().hex
+            event = create_mailbox.event(
+                mailbox(index), f"idm-{tag}-{index:x}", "bench", requested_at
+            )
+            events.append(
+                Event(request_id, await cipher.seal(create_mailbox.NAME, request_id, event))
+            )
+    return events
+
+
+def _entry(position: int, event: Event) -> dict[str, Any]:
+    attributes = {
+        "op": create_mailbox.NAME,
+        "request_id": event.request_id,
+        "traceparent": f"00-{event.request_id}-{event.request_id[:16]}-01",
+    }
+    return {
+        "Id": str(position),
+        "MessageBody": event.body,
+        "MessageAttributes": {
+            name: {"DataType": "String", "StringValue": value} for name, value in attributes.items()
+        },
+    }
+
+
+async def _send_batch(sqs: Any, queue_url: str, batch: Sequence[Event]) -> None:
+    entries = [_entry(position, event) for position, event in enumerate(batch)]
+    response = await sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+    if response.get("Failed"):
+        raise RuntimeError(f"SendMessageBatch refused entries: {response['Failed'][:3]}")
+
+
+async def load(aws: AwsSettings, queue_url: str, events: Sequence[Event]) -> float:
+    """Put ``events`` on the queue (SendMessageBatch in tens, 16 at a time); returns seconds."""
+    started = time.perf_counter()
+    limit = asyncio.Semaphore(LOAD_CONCURRENCY)
+    async with client("sqs", aws) as sqs:
+
+        async def send(batch: Sequence[Event]) -> None:
+            async with limit:
+                await _send_batch(sqs, queue_url, batch)
+
+        await asyncio.gather(*(send(events[i : i + 10]) for i in range(0, len(events), 10)))
+    return time.perf_counter() - started
+
+
+async def paced(
+    aws: AwsSettings, queue_url: str, events: Sequence[Event], rate: float, duration: float
+) -> dict[str, float]:
+    """Send at ``rate`` messages/s for ``duration`` s (open loop); request id -> send time.
+
+    Every 10 ms the messages due by then go out in SendMessageBatch requests of up to 10,
+    without waiting for earlier requests, so a slow answer does not slow the offered rate.
+    The send time is taken just before the request.
+    """
+    wanted = min(len(events), max(1, round(rate * duration)))
+    sent: dict[str, float] = {}
+    tasks: set[asyncio.Task[None]] = set()
+    async with client("sqs", aws) as sqs:
+
+        async def send(batch: Sequence[Event]) -> None:
+            at = time.monotonic()
+            for event in batch:
+                sent[event.request_id] = at
+            await _send_batch(sqs, queue_url, batch)
+
+        start = time.monotonic()
+        position = 0
+        while position < wanted:
+            due = min(wanted, int((time.monotonic() - start) * rate) + 1)
+            while position < due:
+                batch = events[position : min(due, position + 10)]
+                position += len(batch)
+                task = asyncio.create_task(send(batch))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.sleep(PACE_TICK_SECONDS)
+        await asyncio.gather(*tasks)
+    return sent
+
+
+async def depth(aws: AwsSettings, queue_url: str) -> tuple[int, int]:
+    """(visible, in flight) messages of a queue."""
+    async with client("sqs", aws) as sqs:
+        response = await sqs.get_queue_attributes(
+            QueueUrl=queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )
+    attributes = response["Attributes"]
+    return (
+        int(attributes["ApproximateNumberOfMessages"]),
+        int(attributes["ApproximateNumberOfMessagesNotVisible"]),
+    )
+
+
+async def purge(aws: AwsSettings, queue_url: str) -> None:
+    """Drop the visible messages (what a consumer has in flight stays, and finishes)."""
+    async with client("sqs", aws) as sqs:
+        await sqs.purge_queue(QueueUrl=queue_url)
