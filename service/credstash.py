@@ -67,25 +67,34 @@ class SealedSecret:
     @classmethod
     def from_item(cls, item: Mapping[str, Any]) -> SealedSecret:
         """Parse a low-level DynamoDB item (``{"name": {"S": ...}, ...}``)."""
-        name = item.get("name", {}).get("S", "?")
+        if not isinstance(item, Mapping):
+            raise SecretIntegrityError("malformed CredStash item (not a map of attributes)")
+        try:
+            name = _text(item, "name")
+        except TypeError:
+            name = "?"  # only used in messages; the fields below decide validity
         try:
             hmac_attr = item["hmac"]
             hex_hmac = hmac_attr["S"] if "S" in hmac_attr else bytes(hmac_attr["B"]).decode("ascii")
             return cls(
                 name=name,
-                version=item["version"]["S"],
+                version=_text(item, "version"),
                 wrapped_key=base64.b64decode(item["key"]["S"], validate=True),
                 ciphertext=base64.b64decode(item["contents"]["S"], validate=True),
                 hmac=binascii.unhexlify(hex_hmac),
-                digest=item.get("digest", {}).get("S", DEFAULT_DIGEST),
+                digest=_text(item, "digest", DEFAULT_DIGEST),
             )
-        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as exc:
             raise SecretIntegrityError(
                 f"secret {name!r}: malformed CredStash item ({exc})"
             ) from None
 
     def open(self, data_key: bytes) -> str:
         """Check the HMAC, then decrypt; raises SecretIntegrityError on any mismatch."""
+        if len(data_key) != 64:
+            raise SecretIntegrityError(
+                f"secret {self.name!r}: data key is {len(data_key)} bytes, CredStash uses 64"
+            )
         aes_key, hmac_key = data_key[: len(data_key) // 2], data_key[len(data_key) // 2 :]
         expected = _hmac(hmac_key, self.ciphertext, self.digest, self.name)
         if not hmac_module.compare_digest(expected, self.hmac):
@@ -99,6 +108,16 @@ class SealedSecret:
             return plaintext.decode("utf-8")
         except UnicodeDecodeError:
             raise SecretIntegrityError(f"secret {self.name!r}: plaintext is not UTF-8") from None
+
+
+def _text(item: Mapping[str, Any], attribute: str, default: str | None = None) -> str:
+    """A String attribute of a low-level item; anything else is a malformed item."""
+    value = item.get(attribute)
+    if value is None and default is not None:
+        return default
+    if not isinstance(value, Mapping) or not isinstance(value.get("S"), str):
+        raise TypeError(f"attribute {attribute!r} is not a string")
+    return str(value["S"])
 
 
 def seal(secret: str, data_key: bytes, digest: str = DEFAULT_DIGEST) -> tuple[bytes, bytes]:

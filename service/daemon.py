@@ -24,6 +24,7 @@ from .systemd import Notifier, watchdog_running
 log = logging.getLogger("courier.daemon")
 
 READY_POLL_SECONDS = 0.1
+MAX_HEADER_FIELD_BYTES = 16384
 STATUS_INTERVAL_SECONDS = 10.0
 
 
@@ -47,7 +48,14 @@ def _bound_port(site: web.TCPSite) -> int:
 async def serving(settings: Settings) -> AsyncIterator[Listening]:
     """Start the app (and the metrics-only port, if set); drain and stop on exit."""
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.http.drain_seconds)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=settings.http.drain_seconds,
+        keepalive_timeout=settings.http.keepalive_timeout_seconds,
+        # Room for courier's own 8 KiB token limit to answer with a 401 problem first.
+        max_field_size=MAX_HEADER_FIELD_BYTES,
+    )
     await runner.setup()
     metrics_runner: web.AppRunner | None = None
     try:

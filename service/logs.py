@@ -71,6 +71,24 @@ def _iso(created: float) -> str:
     return f"{seconds}.{int(created % 1 * 1000):03d}Z"
 
 
+class _RedactRefusedRequests(logging.Filter):
+    """aiohttp logs a refused request (header line too long, bad syntax) with a traceback that
+    quotes the raw line, which may be a bearer token: keep the fact, drop the bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg, record.args = (
+                "refused a malformed HTTP request (%s)",
+                (type(error).__name__,),
+            )
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
     """Route every logger through one JSON handler on stderr (journald takes it from there)."""
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -78,6 +96,9 @@ def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _RedactRefusedRequests) for f in server_log.filters):
+        server_log.addFilter(_RedactRefusedRequests())
     # Library chatter at INFO says nothing an operator needs; keep their warnings.
     for noisy in ("botocore", "aiobotocore", "urllib3", "werkzeug", "moto"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

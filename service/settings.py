@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 import types
@@ -66,6 +67,18 @@ class HttpSettings:
         20.0, "bound on finishing in-flight work at shutdown", min=0, max=600
     )
     reuse_port: bool = setting(True, "set SO_REUSEPORT so several processes share the port")
+    body_timeout_seconds: float = setting(
+        10.0,
+        "longest time a client may take to send its request body (slow bodies get 408)",
+        min=0.1,
+        max=600,
+    )
+    keepalive_timeout_seconds: float = setting(
+        75.0,
+        "idle keep-alive connections (and unfinished headers) are closed after this (> ALB's 60 s)",
+        min=1,
+        max=3600,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +310,8 @@ def _read_toml(path: Path | None) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise SettingsError(f"config file {path}: not found") from None
+    except RecursionError:
+        raise SettingsError(f"config file {path}: nested too deeply") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise SettingsError(f"config file {path}: {exc}") from None
 
@@ -354,7 +369,7 @@ def _targets(document: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Targe
     if "COURIER_TARGETS" in env:
         try:
             raw = json.loads(env["COURIER_TARGETS"])
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise SettingsError(
                 f"invalid setting targets (COURIER_TARGETS): not JSON: {exc}"
             ) from None
@@ -415,9 +430,11 @@ def _coerce_number(
         raise _invalid(source, raw, expected)
     try:
         value = hint(raw) if not isinstance(raw, str) else hint(raw.strip())
-    except (TypeError, ValueError):
+        if hint is int and isinstance(raw, float) and raw != int(raw):
+            raise ValueError("not a whole number")
+    except (TypeError, ValueError, OverflowError):
         raise _invalid(source, raw, expected) from None
-    if hint is int and isinstance(raw, float) and raw != int(raw):
+    if not math.isfinite(value):  # nan compares false with every bound
         raise _invalid(source, raw, expected)
     if (low is not None and value < low) or (high is not None and value > high):
         raise _invalid(source, raw, expected)
@@ -430,7 +447,10 @@ def _coerce_str(raw: Any, meta: Mapping[str, Any], source: str) -> str:
     value = raw.strip()
     kind = meta.get("kind")
     if kind in {"url", "url?"} and (value or kind == "url"):
-        parsed = urlparse(value)
+        try:
+            parsed = urlparse(value)
+        except ValueError:
+            raise _invalid(source, raw, "an http(s) URL") from None
         if parsed.scheme not in {"http", "https"} or not parsed.netloc:
             raise _invalid(source, raw, "an http(s) URL")
     return value

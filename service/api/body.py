@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
+import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
 
+from ..state import SETTINGS
 from .problems import Problem
 
 
@@ -28,6 +32,31 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name!r} is not a JSON value")
 
 
+async def _read_body(request: web.Request) -> bytes:
+    timeout = request.app[SETTINGS].http.body_timeout_seconds
+    try:
+        # aiohttp raises 413 beyond client_max_size; nothing bounds a slow body but this.
+        return await asyncio.wait_for(request.read(), timeout)
+    except TimeoutError:
+        raise Problem(
+            408,
+            "body-timeout",
+            "Request Timeout",
+            f"the request body did not arrive within {timeout:g}s",
+        ) from None
+    except (
+        aiohttp.ClientPayloadError,
+        aiohttp.http_exceptions.HttpProcessingError,
+        ConnectionError,
+    ):
+        raise Problem(
+            400,
+            "incomplete-body",
+            "Bad Request",
+            "the request body ended before its Content-Length",
+        ) from None
+
+
 async def read_json(request: web.Request) -> Any:
     """The parsed body, or a 415/413/400 problem saying exactly what is wrong."""
     if request.content_type != "application/json":
@@ -37,7 +66,7 @@ async def read_json(request: web.Request) -> Any:
             "Unsupported Media Type",
             f"the body must be application/json, not {request.content_type or 'missing'!r}",
         )
-    raw = await request.read()  # aiohttp raises 413 beyond client_max_size
+    raw = await _read_body(request)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -11,6 +11,9 @@ from jsonschema import Draft202012Validator, FormatChecker
 
 NAME = "create-mailbox"
 
+# Printable text only: no C0/DEL control characters, no unpaired UTF-16 surrogates.
+TEXT_PATTERN = "^[^\\x00-\\x1f\\x7f\\ud800-\\udfff]*$"
+
 REQUEST_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "CreateMailboxRequest",
@@ -28,6 +31,8 @@ REQUEST_SCHEMA: dict[str, Any] = {
             "type": "string",
             "minLength": 1,
             "maxLength": 128,
+            "pattern": TEXT_PATTERN,
+            "description": "Printable text: no control characters or lone surrogates (SOAP needs well-formed XML).",
             "examples": ["Jane Doe"],
         },
         "plan": {"type": "string", "enum": ["basic", "standard", "premium"]},
@@ -36,6 +41,7 @@ REQUEST_SCHEMA: dict[str, Any] = {
             "format": "email",
             "maxLength": 254,
             "pattern": "^[^@\\s]+@[^@\\s]+\\.[^@\\s]+$",
+            "allOf": [{"pattern": TEXT_PATTERN}],
             "description": "Existing address for notifications about the new mailbox.",
         },
         "msisdn": {
@@ -130,7 +136,12 @@ _event_validator = Draft202012Validator(EVENT_SCHEMA, format_checker=FormatCheck
 
 def event_errors(event_payload: Any) -> list[str]:
     """Why a decrypted event cannot be delivered (empty when it can)."""
-    return [error.message[:200] for error in _event_validator.iter_errors(event_payload)]
+    # Where and which rule, never the message: jsonschema quotes the offending (personal) value,
+    # and this text ends up in DLQ attributes.
+    return [
+        f"/{'/'.join(map(str, error.absolute_path))}: fails {error.validator!r}"
+        for error in _event_validator.iter_errors(event_payload)
+    ]
 
 
 def render(
