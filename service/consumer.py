@@ -36,6 +36,8 @@ log = logging.getLogger("courier.consumer")
 
 MAX_VISIBILITY_SECONDS = 43_200
 POLL_ERROR_BACKOFF_SECONDS = (1.0, 30.0)
+# A receive that already has messages answers at once; one still waiting has none to return.
+INTERRUPTED_RECEIVE_WAIT_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +171,7 @@ class Consumer:
         self._deletes = Batcher("delete", self._delete_batch, linger)
         self._visibility = Batcher("visibility", self._visibility_batch, linger)
         self._heartbeat: asyncio.Task[None] | None = None
+        self._interrupted: set[asyncio.Future[list[Message]]] = set()
 
     def start(self) -> None:
         """Start the pollers and the heartbeat."""
@@ -188,6 +191,7 @@ class Consumer:
         """Stop polling, finish in-flight work within ``drain_seconds``, release the rest, flush."""
         self.stop_polling()
         await asyncio.gather(*self._pollers, return_exceptions=True)
+        await self._release_interrupted()
         tasks = {t.task for t in self._tracked.values() if t.task is not None}
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=drain_seconds)
@@ -228,7 +232,7 @@ class Consumer:
             try:
                 metrics.pollers_active.inc()
                 try:
-                    batch = await self._receive(room)
+                    batch = await self._receive_unless_stopped(room)
                 finally:
                     metrics.pollers_active.dec()
             except Exception as exc:
@@ -240,6 +244,35 @@ class Consumer:
             self._capacity.release(room - len(batch))
             self._adapt(index, len(batch), room)
             self._dispatch(batch)
+
+    async def _receive_unless_stopped(self, room: int) -> list[Message]:
+        # Shielded: stopping cancels the poller, not the request, so messages SQS already
+        # handed to this receive are not stranded invisible; stop() releases them.
+        receive = asyncio.ensure_future(self._receive(room))
+        try:
+            return await asyncio.shield(receive)
+        except asyncio.CancelledError:
+            self._interrupted.add(receive)
+            raise
+
+    async def _release_interrupted(self) -> None:
+        """Give back what receives cut short by stop() had already taken off the queue."""
+        if not self._interrupted:
+            return
+        done, pending = await asyncio.wait(
+            self._interrupted, timeout=INTERRUPTED_RECEIVE_WAIT_SECONDS
+        )
+        for task in pending:  # still long-polling an empty queue: nothing to give back
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        messages = [
+            m
+            for task in done
+            if not task.cancelled() and task.exception() is None
+            for m in task.result()
+        ]
+        self._interrupted.clear()
+        await asyncio.gather(*(self._apply(m, Release()) for m in messages), return_exceptions=True)
 
     async def _receive(self, room: int) -> list[Message]:
         response = await self.sqs.receive_message(

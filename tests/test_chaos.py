@@ -91,13 +91,6 @@ async def test_graceful_shutdown_under_load(chaos_rig: Rig) -> None:
     assert row.notes["exit_code"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Consumer.stop_polling cancels pollers in the middle of ReceiveMessage; messages "
-    "SQS already handed to that receive are neither processed nor released and stay invisible "
-    "for the whole visibility timeout (seen in the graceful scenario as deliveries 30 s late); "
-    "fix in service/consumer.py (see the report)",
-)
 async def test_sigterm_releases_the_messages_of_an_interrupted_receive(chaos_rig: Rig) -> None:
     """SQS answers every request 1 s late, so at SIGTERM a receive is always in flight with
     messages SQS has already handed over. After the process exits, nothing may stay invisible."""
