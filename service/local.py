@@ -162,7 +162,12 @@ def _print_banner(
 
 def to_toml(settings: Settings) -> str:
     """Render settings as a TOML file that ``load_settings`` reads back identically."""
-    out = [f"role = {_toml_value(settings.role)}"]
+    scalars = [
+        f
+        for f in fields(settings)
+        if f.name != "targets" and not is_dataclass(getattr(settings, f.name))
+    ]
+    out = [f"{f.name} = {_toml_value(getattr(settings, f.name))}" for f in scalars]
     for section in fields(settings):
         value = getattr(settings, section.name)
         if is_dataclass(value):

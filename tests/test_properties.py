@@ -645,12 +645,6 @@ def test_settings_from_any_toml_file_without_the_known_escapes(text: str) -> Non
     load_toml(text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: service.local.to_toml renders only `role` of the top-level fields, so "
-    "`instance` (and the per-instance metrics port) is lost on the way to `courier --config`; "
-    "fix: render every top-level scalar field",
-)
 @FEWER
 @given(
     instance=st.integers(min_value=0, max_value=999),
