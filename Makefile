@@ -48,8 +48,8 @@ wheelhouse: install ## dist/wheelhouse: courier + runtime wheels for the AMI
 ami: wheelhouse ## bake the AMI (needs AWS credentials and Packer >= 1.7)
 	packer init packer/ && packer build -var version=$$(git describe --tags --always) packer/
 
-chaos: install ## the full fault scenarios with real processes: JSON report + table (chaos/results/)
-	$(BIN)/python -m chaos
+chaos: install ## fault and load scenarios with real processes (~10 min): table + build/chaos-report.json
+	$(BIN)/python -m chaos --report build/chaos-report.json
 
 $(VENV)/.bench: $(STAMP) constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
