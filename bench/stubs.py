@@ -32,11 +32,7 @@ def _harness_routes(stub: StubServer, app: web.Application) -> None:
         )
 
     async def reset(_: web.Request) -> web.Response:
-        stub.calls.clear()
-        stub.effects.clear()
-        if isinstance(stub, IdmStub):
-            stub.identities.clear()
-            stub.by_key.clear()
+        stub.reset()
         return web.json_response({"reset": True})
 
     app.router.add_get("/_harness/calls", calls)

@@ -79,13 +79,9 @@ class Recorder:
             )
 
         async def reset(_: web.Request) -> web.Response:
-            stub.calls.clear()
-            stub.effects.clear()
+            stub.reset()
             self.first_at.clear()
             self.requests.clear()
-            if isinstance(stub, IdmStub):
-                stub.identities.clear()
-                stub.by_key.clear()
             return web.json_response({"reset": True})
 
         app.router.add_get("/_chaos/effects", effects)

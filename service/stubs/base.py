@@ -88,6 +88,11 @@ class StubServer:
             return body, web.json_response({"error": "injected"}, status=behaviour.failure_status)
         return body, None
 
+    def reset(self) -> None:
+        """Forget every call and effect (between benchmark or chaos rounds)."""
+        self.calls.clear()
+        self.effects.clear()
+
     def stats(self) -> dict[str, Any]:
         """Call and effect counts."""
         return {

@@ -19,6 +19,12 @@ class IdmStub(StubServer):
     identities: dict[str, str] = field(default_factory=dict)  # username -> identity id
     by_key: dict[str, str] = field(default_factory=dict)  # idempotency key -> identity id
 
+    def reset(self) -> None:
+        """Also forget the identities created, so usernames can be reused."""
+        super().reset()
+        self.identities.clear()
+        self.by_key.clear()
+
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/identities", self._create)
 
