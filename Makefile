@@ -27,8 +27,8 @@ run: install ## the whole chain locally: embedded AWS, stubs, API and worker
 test: lint typecheck terraform-check pytest ## everything CI runs
 
 lint: install
-	$(BIN)/ruff check service tests bench chaos
-	$(BIN)/ruff format --check service tests bench chaos
+	$(BIN)/ruff check service tests bench chaos courier_testkit
+	$(BIN)/ruff format --check service tests bench chaos courier_testkit
 
 typecheck: install
 	$(BIN)/mypy

@@ -495,7 +495,13 @@ class CountingProxy:
 
     async def counts(self) -> dict[str, dict[str, int]]:
         """Requests forwarded so far: {upstream name: {operation: count}}."""
-        result: dict[str, dict[str, int]] = await self._call("GET", "/_proxy/stats")
+        result: dict[str, Any] = await self._call("GET", "/_proxy/stats")
+        result.pop("_calls", None)
+        return result
+
+    async def calls(self) -> dict[str, Any]:
+        """AWS calls per access key and the strict layer's refusals (``ActionRecorder.as_json``)."""
+        result: dict[str, Any] = (await self._call("GET", "/_proxy/stats"))["_calls"]
         return result
 
     async def reset(self) -> None:
@@ -509,9 +515,14 @@ class CountingProxy:
 
 
 @contextlib.asynccontextmanager
-async def counting_proxy(upstreams: Mapping[str, str]) -> AsyncIterator[CountingProxy]:
-    """One listener on 127.0.0.1 per upstream (name -> URL), all in one process."""
-    argv = [sys.executable, "-m", "bench.proxy"]
+async def counting_proxy(
+    upstreams: Mapping[str, str], *, lenient: bool = False
+) -> AsyncIterator[CountingProxy]:
+    """One listener on 127.0.0.1 per upstream (name -> URL), all in one process.
+
+    It enforces AWS's limits (``courier_testkit.strict``) unless ``lenient``.
+    """
+    argv = [sys.executable, "-m", "bench.proxy", *(["--lenient"] if lenient else [])]
     for name, url in upstreams.items():
         argv += ["--upstream", f"{name}={url}"]
     async with managed(argv, name="proxy", env=python_env()) as process:
@@ -563,7 +574,7 @@ class AwsStack:
         them by path; a client that took the host from the URL (the JavaScript SDK does when
         no endpoint is set) would resolve a name. Every URL handed out points at 127.0.0.1.
         """
-        endpoint = (self.direct if direct else self.settings).sqs_endpoint_url
+        endpoint: str = (self.direct if direct else self.settings).sqs_endpoint_url
         return endpoint + "/" + url.split("://", 1)[1].split("/", 1)[1]
 
     def servers(self) -> dict[str, Any]:
@@ -588,9 +599,8 @@ class AwsStack:
             )
             made = await bootstrap(clients, ResourceNames(prefix=prefix), secrets_)
         urls = ("queue_url", "dlq_url", "fifo_queue_url", "fifo_dlq_url")
-        self.resources = dataclasses.replace(
-            made, **{name: self.queue_url(getattr(made, name)) for name in urls}
-        )
+        proxied: dict[str, Any] = {name: self.queue_url(getattr(made, name)) for name in urls}
+        self.resources = dataclasses.replace(made, **proxied)
         self.secrets = dict(secrets_)
         return self.resources
 
@@ -623,8 +633,16 @@ def _no_time_to_live(**_: Any) -> tuple[Any, dict[str, Any]]:
 
 
 @contextlib.asynccontextmanager
-async def aws_stack(*, proxy: bool = True, region: str = "us-east-1") -> AsyncIterator[AwsStack]:
-    """Start fauxqs, dynalite and moto (and the counting proxy in front of SQS and KMS)."""
+async def aws_stack(
+    *, proxy: bool = True, region: str = "us-east-1", lenient: bool | None = None
+) -> AsyncIterator[AwsStack]:
+    """Start fauxqs, dynalite and moto, and the counting proxy in front of all three.
+
+    The proxy is also the strict layer that refuses what real AWS refuses; ``lenient`` (default:
+    ``COURIER_AWS_LENIENT=1`` in the environment) turns that off.
+    """
+    if lenient is None:
+        lenient = os.environ.get("COURIER_AWS_LENIENT") == "1"
     from service.local import use_fake_credentials
     from service.settings import AwsSettings
 
@@ -646,11 +664,17 @@ async def aws_stack(*, proxy: bool = True, region: str = "us-east-1") -> AsyncIt
         counting = None
         settings = direct
         if proxy:
+            # DynamoDB goes through it too: its item-size limit is one the stand-ins lack.
             counting = await stack.enter_async_context(
-                counting_proxy({"sqs": sqs.url, "kms": kms.url})
+                counting_proxy(
+                    {"sqs": sqs.url, "dynamodb": dynamodb.url, "kms": kms.url}, lenient=lenient
+                )
             )
             settings = dataclasses.replace(
-                direct, sqs_endpoint_url=counting.urls["sqs"], kms_endpoint_url=counting.urls["kms"]
+                direct,
+                sqs_endpoint_url=counting.urls["sqs"],
+                dynamodb_endpoint_url=counting.urls["dynamodb"],
+                kms_endpoint_url=counting.urls["kms"],
             )
         yield AwsStack(sqs, dynamodb, kms, counting, settings, direct)
 

@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,8 @@ def use_fake_credentials() -> None:
 class EmbeddedAws:
     """moto's server (SQS, DynamoDB, KMS, ...) in a thread, on 127.0.0.1 only."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, wsgi_middleware: Callable[[Any], Any] | None = None) -> None:
+        """``wsgi_middleware`` wraps moto's WSGI app (the test-suite's strict AWS limits)."""
         import logging
 
         from moto.server import ThreadedMotoServer
@@ -45,11 +47,16 @@ class EmbeddedAws:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
         self._server: Any = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self._middleware = wsgi_middleware
         self.endpoint_url = ""
 
     def start(self) -> str:
         """Start serving; returns the endpoint URL."""
         self._server.start()
+        if self._middleware is not None:
+            # werkzeug reads ``server.app`` per request; nothing is served before we return.
+            wsgi = self._server._server
+            wsgi.app = self._middleware(wsgi.app)
         host, port = self._server.get_host_and_port()
         self.endpoint_url = f"http://{host}:{port}"
         return self.endpoint_url
@@ -186,4 +193,7 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):  # an inline table, e.g. secrets.encryption_context
+        pairs = (f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + ", ".join(pairs) + "}"
     return json.dumps(str(value))
