@@ -89,11 +89,20 @@ class Retry:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """Permanent failure: move the message to the DLQ with the reason, then delete it."""
+    """Permanent failure: move the message to the DLQ with the reason, then delete it.
+
+    ``after_move`` runs once the DLQ copy exists and before the delete: it records the
+    terminal state, which must not exist while the copy does not (a redelivery that read
+    ``failed`` would drop the message as done). If it fails, the message is deleted anyway:
+    the DLQ copy exists, and keeping the message would only dead-letter it twice.
+    """
 
     reason: str
     target: str = ""
     detail: str = ""
+    after_move: Callable[[], Awaitable[None]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +113,25 @@ class Release:
 Outcome = Ack | Retry | DeadLetter | Release
 Handler = Callable[[Message], Awaitable[Outcome]]
 DeadLetterSink = Callable[[Message, DeadLetter], Awaitable[None]]
+
+
+async def _after_move(message: Message, verdict: DeadLetter) -> None:
+    if verdict.after_move is None:
+        return
+    try:
+        await verdict.after_move()
+    except Exception as exc:
+        log.warning(
+            "message dead-lettered, but its final state was not recorded",
+            extra={
+                "fields": {
+                    "event": "dead_letter_record_failed",
+                    "message_id": message.message_id,
+                    "reason": verdict.reason,
+                    "error": f"{type(exc).__name__}: {exc}"[:300],
+                }
+            },
+        )
 
 
 def backoff_seconds(
@@ -381,7 +409,9 @@ class Consumer:
                 await self._deletes.submit(handle)
                 metrics.messages_processed.labels(outcome.outcome).inc()
             elif isinstance(outcome, DeadLetter):
+                # A failed move raises: the message stays and comes back, nothing recorded.
                 await self.dead_letter(message, outcome)
+                await _after_move(message, outcome)
                 await self._deletes.submit(handle)
                 metrics.messages_processed.labels("dead_lettered").inc()
             elif isinstance(outcome, Retry):

@@ -65,6 +65,20 @@ class TargetHttpError(CourierError):
         self.status = status
 
 
+class TargetMisconfiguredError(TransientError):
+    """A target cannot be called as configured (e.g. its credential secret is missing).
+
+    Transient for the fleet, not poison for the message: once an operator fixes the
+    configuration, the retried message goes through. The target was never called.
+    """
+
+    reason = "target_misconfigured"
+
+    def __init__(self, target: str, cause: str) -> None:
+        super().__init__(f"target {target!r} is misconfigured: {cause}")
+        self.target = target
+
+
 class CircuitOpenError(TransientError):
     """The target's circuit is open: the call was not made."""
 

@@ -1,9 +1,15 @@
 """``courier replay``: move messages from the DLQ back to the work queue, selectively and slowly.
 
-Safety: a message leaves the DLQ only after the work queue accepted its copy. Messages that
-do not match the filters (and, in a dry run, every message) are made visible again at the
-end, untouched. The copy keeps the original attributes minus ``dlq_*`` and gains
-``replayed=1`` so the worker consults the request's status before delivering again.
+A replay takes what the DLQ held when it began. A copy dead-lettered after that, most often
+one this run moved and a target still refuses, is skipped and left for a later run: moving it
+again would loop for as long as the target refuses. Such a copy is recognised by its failure
+time (the ``dlq`` attribute's ``failed_at``, after the start) or, whatever the clocks say, by
+coming from a copy this run sent.
+
+Safety: a message leaves the DLQ only after the work queue accepted its copy. Messages not
+moved (not matching, skipped, beyond the limit, and in a dry run every message) are made
+visible again at the end, untouched. The copy keeps the original attributes minus ``dlq``
+and gains ``replayed=1`` so the worker consults the request's status before delivering again.
 """
 
 from __future__ import annotations
@@ -11,13 +17,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .consumer import Message
+from .dlq import DeadLetterInfo, carried_attributes
 from .queue import is_fifo, string_attributes
 
 LIST_VISIBILITY_SECONDS = 60
+OnMessage = Callable[[Message, bool], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,14 +40,14 @@ class ReplayFilter:
 
     def matches(self, message: Message, now: float) -> bool:
         """Whether ``message`` passes every filter."""
-        attributes = message.attributes
-        if self.reason and attributes.get("dlq_reason") != self.reason:
+        info = DeadLetterInfo.of(message.attributes)
+        if self.reason and (info is None or info.reason != self.reason):
             return False
-        if self.target and attributes.get("dlq_target") != self.target:
+        if self.target and (info is None or info.target != self.target):
             return False
-        if self.op and attributes.get("op") != self.op:
+        if self.op and message.attributes.get("op") != self.op:
             return False
-        failed_at = float(attributes.get("dlq_failed_at") or message.sent_at or now)
+        failed_at = (info.failed_at if info else 0.0) or message.sent_at or now
         age = now - failed_at
         if self.min_age_seconds and age < self.min_age_seconds:
             return False
@@ -51,10 +59,20 @@ class ReplayReport:
     """What a replay did (or, in a dry run, would do)."""
 
     examined: int = 0
+    # Passed the filters, among the messages the DLQ held when the replay began.
     matched: int = 0
+    # Matched and within the limit: moved or tried (listed, in a dry run).
+    chosen: int = 0
     moved: int = 0
+    # Chosen, but the work queue did not take the copy: still in the DLQ.
     failed: int = 0
-    listed: list[dict[str, str]] = field(default_factory=list)
+    # Dead-lettered after the replay began: left in the DLQ for a later run.
+    skipped: int = 0
+
+    @property
+    def left(self) -> int:
+        """Matched messages still in the DLQ: failed to move, or beyond the limit."""
+        return self.matched - self.moved
 
 
 class _RateLimiter:
@@ -78,36 +96,91 @@ async def replay(
     rate_per_second: float = 10.0,
     dry_run: bool = False,
     limit: int = 0,
-    on_message: Callable[[Message, bool], None] | None = None,
+    on_message: OnMessage | None = None,
 ) -> ReplayReport:
-    """Examine the DLQ once through; move (or list) the matching messages."""
-    report = ReplayReport()
-    seen: set[str] = set()
-    skipped: list[Message] = []
+    """Examine what the DLQ holds once through; move (or list) the matching messages."""
+    run = _Replay(sqs, dlq_url, queue_url, selection, limit=limit, on_message=on_message)
     limiter = _RateLimiter(rate_per_second)
-    while not limit or report.matched < limit:
-        batch = await _receive(sqs, dlq_url)
-        fresh = [m for m in batch if m.message_id not in seen]
-        if not fresh:
-            skipped += [m for m in batch if m.message_id in seen]
-            break
-        for message in fresh:
-            seen.add(message.message_id)
-            report.examined += 1
-            chosen = selection.matches(message, time.time()) and (
-                not limit or report.matched < limit
-            )
-            if on_message is not None:
-                on_message(message, chosen)
-            if not chosen or dry_run:
-                report.matched += int(chosen)
-                skipped.append(message)
-                continue
-            report.matched += 1
-            await limiter.wait()
-            await _move(sqs, message, dlq_url, queue_url, report)
-    await _release(sqs, dlq_url, skipped)
-    return report
+    try:
+        await run.examine(limiter, dry_run)
+    finally:
+        await _release(sqs, dlq_url, run.held)
+    return run.report
+
+
+class _Replay:
+    """One pass over the DLQ: what was seen, sent and held back."""
+
+    def __init__(
+        self,
+        sqs: Any,
+        dlq_url: str,
+        queue_url: str,
+        selection: ReplayFilter,
+        *,
+        limit: int,
+        on_message: OnMessage | None,
+    ) -> None:
+        self._sqs = sqs
+        self._dlq_url = dlq_url
+        self._queue_url = queue_url
+        self._selection = selection
+        self._limit = limit
+        self._on_message = on_message
+        self._started = time.time()
+        self._seen: set[str] = set()
+        self._sent: set[str] = set()  # message ids of the copies this run put on the work queue
+        self.held: list[Message] = []  # received and not moved: released at the end
+        self.report = ReplayReport()
+
+    async def examine(self, limiter: _RateLimiter, dry_run: bool) -> None:
+        """Receive until nothing new comes back (or the limit is reached); move the chosen."""
+        while not (self._limit and self.report.chosen >= self._limit):
+            batch = await _receive(self._sqs, self._dlq_url)
+            fresh = [m for m in batch if m.message_id not in self._seen]
+            # Seen before: its listing visibility ran out. Released with its new handle.
+            self.held += [m for m in batch if m.message_id in self._seen]
+            if not fresh:
+                return
+            for message in fresh:
+                self._seen.add(message.message_id)
+                chosen = self._choose(message)
+                if self._on_message is not None:
+                    self._on_message(message, chosen)
+                if not chosen or dry_run:
+                    self.held.append(message)
+                    continue
+                await limiter.wait()
+                await self._move(message)
+
+    def _choose(self, message: Message) -> bool:
+        report = self.report
+        report.examined += 1
+        if self._dead_lettered_since_start(message):
+            report.skipped += 1
+            return False
+        if not self._selection.matches(message, time.time()):
+            return False
+        report.matched += 1
+        if self._limit and report.chosen >= self._limit:
+            return False
+        report.chosen += 1
+        return True
+
+    def _dead_lettered_since_start(self, message: Message) -> bool:
+        info = DeadLetterInfo.of(message.attributes)
+        if info is None:  # moved by SQS's redrive, which keeps the message id
+            return message.message_id in self._sent
+        return info.source_message_id in self._sent or info.failed_at > self._started
+
+    async def _move(self, message: Message) -> None:
+        copy_id = await _move(self._sqs, message, self._dlq_url, self._queue_url)
+        if copy_id is None:
+            # The DLQ copy stays; it becomes visible again after the listing timeout.
+            self.report.failed += 1
+            return
+        self._sent.add(copy_id)
+        self.report.moved += 1
 
 
 async def _receive(sqs: Any, dlq_url: str) -> list[Message]:
@@ -122,11 +195,13 @@ async def _receive(sqs: Any, dlq_url: str) -> list[Message]:
     return [Message.from_sqs(raw) for raw in response.get("Messages", [])]
 
 
-async def _move(
-    sqs: Any, message: Message, dlq_url: str, queue_url: str, report: ReplayReport
-) -> None:
-    attributes = {k: v for k, v in message.attributes.items() if not k.startswith("dlq_")}
-    attributes["replayed"] = "1"
+async def _move(sqs: Any, message: Message, dlq_url: str, queue_url: str) -> str | None:
+    """Copy ``message`` to the work queue, then delete it from the DLQ.
+
+    Returns the copy's message id, or None when the work queue did not take it (nothing
+    deleted then).
+    """
+    attributes = carried_attributes(message.attributes, {"replayed": "1"})
     extra: dict[str, str] = {}
     if is_fifo(queue_url):
         extra = {
@@ -134,17 +209,16 @@ async def _move(
             "MessageDeduplicationId": f"replay-{message.message_id}",
         }
     try:
-        await sqs.send_message(
+        response = await sqs.send_message(
             QueueUrl=queue_url,
             MessageBody=message.body,
             MessageAttributes=string_attributes(attributes),
             **extra,
         )
     except Exception:
-        report.failed += 1  # the DLQ copy stays; it becomes visible again after the listing timeout
-        return
+        return None
     await sqs.delete_message(QueueUrl=dlq_url, ReceiptHandle=message.receipt_handle)
-    report.moved += 1
+    return str(response["MessageId"])
 
 
 async def _release(sqs: Any, dlq_url: str, messages: list[Message]) -> None:

@@ -2,6 +2,10 @@
 
 Every call carries ``Idempotency-Key: <request id>:<target>`` so a redelivered message is
 applied once by a target that honours it, and only targets not yet delivered are called.
+
+A target whose credential cannot be produced (no such secret, or one that fails its integrity
+check) is misconfigured: ``TargetMisconfiguredError``, transient, so the message waits with
+backoff for an operator instead of being dead-lettered for a call that was never made.
 """
 
 from __future__ import annotations
@@ -16,7 +20,15 @@ import aiohttp
 
 from . import metrics
 from .circuit import CircuitBreaker
-from .errors import CircuitOpenError, TargetHttpError, TransientError, is_retryable
+from .errors import (
+    CircuitOpenError,
+    SecretIntegrityError,
+    SecretNotFoundError,
+    TargetHttpError,
+    TargetMisconfiguredError,
+    TransientError,
+    is_retryable,
+)
 from .settings import TargetSettings
 
 log = logging.getLogger("courier.targets")
@@ -51,15 +63,18 @@ class TargetClient:
         )
 
     async def deliver(self, delivery: Delivery) -> None:
-        """Deliver once (with immediate retries); raises TargetHttpError, CircuitOpenError or TransientError."""
+        """Deliver once (with immediate retries).
+
+        Raises TargetHttpError, CircuitOpenError, TargetMisconfiguredError or TransientError.
+        """
         for attempt in range(self.settings.retries + 1):
             if attempt:
                 await asyncio.sleep(RETRY_DELAY_SECONDS * attempt)
             try:
                 await self._attempt(delivery)
                 return
-            except CircuitOpenError:
-                raise
+            except (CircuitOpenError, TargetMisconfiguredError):
+                raise  # an immediate retry cannot help: the call would not be made either
             except Exception as exc:
                 if not is_retryable(exc) or attempt == self.settings.retries:
                     raise
@@ -68,10 +83,15 @@ class TargetClient:
         if not self.breaker.allow():
             metrics.target_calls.labels(self.name, "circuit_open").inc()
             raise CircuitOpenError(self.name, self.breaker.retry_after())
+        try:
+            authorization = await self._authorization()
+        except BaseException:
+            self.breaker.abandon()  # e.g. the secret could not be read: the target said nothing
+            raise
         started = time.perf_counter()
         try:
             async with self._limit:
-                status = await self._call(delivery)
+                status = await self._call(delivery, authorization)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self._record(
                 started,
@@ -80,7 +100,7 @@ class TargetClient:
             )
             raise TransientError(f"target {self.name!r}: {type(exc).__name__}") from exc
         except BaseException:
-            self.breaker.abandon()  # e.g. the secret could not be read: the target said nothing
+            self.breaker.abandon()  # cancelled: the target's answer was not seen
             raise
         if 200 <= status < 300:
             self._record(started, "ok", ok=True)
@@ -90,15 +110,39 @@ class TargetClient:
         self._record(started, f"http_{status // 100}xx", ok=not is_retryable(error))
         raise error
 
-    async def _call(self, delivery: Delivery) -> int:
+    async def _authorization(self) -> str:
+        """The Authorization header ("" when the target has no secret)."""
+        if not self.settings.secret:
+            return ""
+        try:
+            return f"Bearer {await self._secret(self.settings.secret)}"
+        except (SecretNotFoundError, SecretIntegrityError) as exc:
+            metrics.target_calls.labels(self.name, "misconfigured").inc()
+            log.warning(
+                "target %s is misconfigured: its secret cannot be read",
+                self.name,
+                extra={
+                    "fields": {
+                        "event": "target_misconfigured",
+                        "reason": TargetMisconfiguredError.reason,
+                        "target": self.name,
+                        "secret": self.settings.secret,
+                        "error": exc.reason,
+                    }
+                },
+            )
+            cause = f"secret {self.settings.secret!r}: {exc.reason}"
+            raise TargetMisconfiguredError(self.name, cause) from exc
+
+    async def _call(self, delivery: Delivery, authorization: str) -> int:
         headers = {
             "Content-Type": delivery.content_type,
             "Idempotency-Key": f"{delivery.request_id}:{self.name}",
         }
         if delivery.traceparent:
             headers["traceparent"] = delivery.traceparent
-        if self.settings.secret:
-            headers["Authorization"] = f"Bearer {await self._secret(self.settings.secret)}"
+        if authorization:
+            headers["Authorization"] = authorization
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_seconds)
         async with self._session.request(
             self.settings.method,

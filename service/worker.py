@@ -2,24 +2,36 @@
 
 ``Pipeline.handle`` turns one message into one outcome; the consumer applies it. The single
 classification happens in ``_verdict``: a target that refused permanently dead-letters the
-message, anything transient retries it with backoff, all delivered acknowledges it.
+message, anything transient (a misconfigured target included) retries it with backoff, all
+delivered acknowledges it.
 
-Status writes: one per finished request (completed / failed); per-target progress only when
-an attempt ends with some targets delivered and others pending, so a redelivery skips them.
-The status record is read only on a redelivery (receive count > 1 or a replay), since a
-first delivery cannot have progress to skip.
+Status writes: one per finished request: ``completed`` before the ack; ``failed`` only once
+the DLQ copy exists (the consumer runs it between the move and the delete), so a message is
+never dropped as finished while its only copy could still be lost. Per-target progress is
+written only when an attempt ends with some targets delivered and others pending, so a
+redelivery skips them. The status record is read only for a message that may be a second
+copy: received before (receive count > 1), replayed from the DLQ (``replayed``), or re-sent
+by the API after an ambiguous send (``attempt``). A first receive of a first send cannot have
+been finished by another delivery, so the happy path reads nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .consumer import Ack, DeadLetter, Message, Outcome, Retry, backoff_seconds
 from .envelope import EnvelopeCipher, OpenedEnvelope
-from .errors import CircuitOpenError, EnvelopeError, TargetHttpError, is_retryable
+from .errors import (
+    CircuitOpenError,
+    EnvelopeError,
+    TargetHttpError,
+    TargetMisconfiguredError,
+    is_retryable,
+)
 from .operations import OPERATIONS
 from .settings import WorkerSettings
 from .status import RequestState, StatusStore
@@ -87,18 +99,26 @@ class Pipeline:
         )
 
     async def _previous_states(self, message: Message, request_id: str) -> dict[str, str] | None:
-        """Per-target states to resume from; None when the request already finished."""
-        if message.receive_count <= 1 and not message.attributes.get("replayed"):
+        """Per-target states to resume from; None when another delivery finished the request.
+
+        Only a message that may be a second copy is checked (see the module docstring): the
+        first receive of a first send resumes from nothing without a read.
+        """
+        replayed = bool(message.attributes.get("replayed"))
+        resent = bool(message.attributes.get("attempt"))
+        if message.receive_count <= 1 and not replayed and not resent:
             return {}
         record = await self._status.get(request_id)
         if record is None:
             return {}
         if record.state is RequestState.COMPLETED:
             return None
-        # A failed request is final, except when an operator replays it from the DLQ (after
-        # fixing the target that refused it): then the targets not yet delivered are called.
-        if record.state is RequestState.FAILED and not message.attributes.get("replayed"):
+        # Failed means its DLQ copy exists. It is final, except when an operator replays it
+        # (after fixing the target that refused it): then the targets not delivered are called.
+        if record.state is RequestState.FAILED and not replayed:
             return None
+        # Any other state (accepted, processing, or the API's pending / send_failed) is not
+        # terminal: finish the job from the per-target states.
         return dict(record.targets)
 
     async def _call(
@@ -119,16 +139,7 @@ class Pipeline:
     ) -> Outcome:
         permanent = {name: exc for name, exc in failures.items() if not is_retryable(exc)}
         if permanent:
-            name, exc = next(iter(permanent.items()))
-            states.update({n: FAILED for n in permanent})
-            await self._status.update(
-                opened.id,
-                state=RequestState.FAILED,
-                targets=states,
-                error=str(exc)[:256],
-                op=opened.op,
-            )
-            return DeadLetter("target_rejected", target=name, detail=str(exc)[:256])
+            return self._rejected(opened, states, permanent)
         if failures:
             if delivered_now:
                 states.update({n: PENDING for n in failures})
@@ -140,6 +151,27 @@ class Pipeline:
             opened.id, state=RequestState.COMPLETED, targets=states, op=opened.op
         )
         return Ack("completed")
+
+    def _rejected(
+        self,
+        opened: OpenedEnvelope,
+        states: dict[str, str],
+        permanent: Mapping[str, BaseException],
+    ) -> DeadLetter:
+        name, exc = next(iter(permanent.items()))
+        states.update({n: FAILED for n in permanent})
+        # Recorded by the consumer once the DLQ copy exists, not now (see the module docstring).
+        mark_failed = functools.partial(
+            self._status.update,
+            opened.id,
+            state=RequestState.FAILED,
+            targets=dict(states),
+            error=str(exc)[:256],
+            op=opened.op,
+        )
+        return DeadLetter(
+            "target_rejected", target=name, detail=str(exc)[:256], after_move=mark_failed
+        )
 
     def _retry(self, message: Message, failures: Mapping[str, BaseException]) -> Retry:
         delay = backoff_seconds(
@@ -171,4 +203,6 @@ class Pipeline:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TargetHttpError):
         return f"HTTP {exc.status}"
+    if isinstance(exc, TargetMisconfiguredError):
+        return f"{exc.reason}: {exc}"[:120]
     return f"{type(exc).__name__}: {exc}"[:120]

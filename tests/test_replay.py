@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import re
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from service.aws import AwsClients
 from service.bootstrap import Resources
+from service.dlq import DeadLetterInfo
 from service.replay import ReplayFilter, replay
 from service.settings import QueueSettings, Settings
 from tests.chain import eventually, mailbox, plant, run_cli, running_chain
 
-# (dlq_reason, dlq_target) of the planted dead letters
+# (reason, target) of the planted dead letters
 DEAD_LETTERS = (
     ("target_rejected", "crm"),
     ("target_rejected", "crm"),
@@ -21,6 +25,20 @@ DEAD_LETTERS = (
     ("undecryptable", ""),
     ("malformed", ""),
 )
+
+
+def dead_letter(reason: str, target: str = "", failed_at: float = 1700000000.0) -> str:
+    """A ``dlq`` attribute as the worker writes it."""
+    document = {
+        "reason": reason,
+        "target": target,
+        "detail": "why it failed",
+        "receive_count": 1,
+        "source_message_id": str(uuid.uuid4()),
+        "source_queue": "https://sqs.example/queue",
+        "failed_at": failed_at,
+    }
+    return json.dumps(document, separators=(",", ":"))
 
 
 async def plant_dead_letters(aws: AwsClients, dlq_url: str) -> dict[str, dict[str, str]]:
@@ -32,17 +50,29 @@ async def plant_dead_letters(aws: AwsClients, dlq_url: str) -> dict[str, dict[st
             "op": "create-mailbox",
             "request_id": f"req-{index}",
             "traceparent": f"00-{index:032x}-{index:016x}-01",
-            "dlq_reason": reason,
-            "dlq_detail": "why it failed",
-            "dlq_receive_count": "1",
-            "dlq_source_message_id": str(uuid.uuid4()),
-            "dlq_failed_at": "1700000000",
+            "dlq": dead_letter(reason, target),
         }
-        if target:
-            attributes["dlq_target"] = target
         await plant(aws, dlq_url, body, attributes)
         planted[body] = attributes
     return planted
+
+
+def info(attributes: dict[str, str]) -> DeadLetterInfo:
+    found = DeadLetterInfo.of(attributes)
+    assert found is not None, attributes
+    return found
+
+
+def counts(report: Any) -> tuple[int, ...]:
+    """(examined, matched, moved, skipped, left, failed)."""
+    return (
+        report.examined,
+        report.matched,
+        report.moved,
+        report.skipped,
+        report.left,
+        report.failed,
+    )
 
 
 async def depth(aws: AwsClients, url: str) -> tuple[int, int]:
@@ -90,6 +120,7 @@ async def test_dry_run_lists_and_moves_nothing(aws: AwsClients, fresh: Resources
         on_message=lambda message, chosen: listed.append((message.body, chosen)),
     )
     assert (report.examined, report.matched, report.moved, report.failed) == (6, 3, 0, 0)
+    assert report.skipped == 0
     assert len(listed) == 6
     assert sum(chosen for _, chosen in listed) == 3
     assert await depth(aws, fresh.queue_url) == (0, 0)
@@ -107,20 +138,20 @@ async def test_filter_moves_only_matching_messages_as_clean_replayed_copies(
         ReplayFilter(reason="target_rejected", target="crm"),
         rate_per_second=100,
     )
-    assert (report.examined, report.matched, report.moved, report.failed) == (6, 2, 2, 0)
+    assert counts(report) == (6, 2, 2, 0, 0, 0)
     copies = await drain(aws, fresh.queue_url)
     assert len(copies) == 2
     for raw in copies:
         original = planted[raw["Body"]]
         found = attributes(raw)
-        assert original["dlq_reason"] == "target_rejected"
-        assert original["dlq_target"] == "crm"
+        assert (info(original).reason, info(original).target) == ("target_rejected", "crm")
         assert found["replayed"] == "1"
-        assert not [name for name in found if name.startswith("dlq_")]
+        assert "dlq" not in found
+        assert set(found) == {"op", "request_id", "traceparent", "replayed"}
         for name in ("op", "request_id", "traceparent"):
             assert found[name] == original[name]
     assert await depth(aws, fresh.dlq_url) == (4, 0)
-    left = {attributes(raw)["dlq_reason"] for raw in await drain(aws, fresh.dlq_url)}
+    left = {info(attributes(raw)).reason for raw in await drain(aws, fresh.dlq_url)}
     assert left == {"target_rejected", "undecryptable", "malformed"}
 
 
@@ -129,9 +160,12 @@ async def test_limit_and_reason_filter(aws: AwsClients, fresh: Resources) -> Non
     report = await replay(
         aws.sqs, fresh.dlq_url, fresh.queue_url, ReplayFilter(reason="undecryptable"), limit=1
     )
-    assert (report.matched, report.moved) == (1, 1)
+    assert report.moved == 1
+    # The rest of its batch was looked at: a second match, if seen, is left for the next run.
+    assert report.matched in (1, 2)
+    assert report.left == report.matched - 1
     [copy] = await drain(aws, fresh.queue_url)
-    assert "dlq_reason" not in attributes(copy)
+    assert "dlq" not in attributes(copy)
     visible, in_flight = await depth(aws, fresh.dlq_url)
     assert visible + in_flight == 5
 
@@ -142,7 +176,7 @@ async def test_nothing_leaves_the_dlq_when_the_send_fails(
     await plant_dead_letters(aws, fresh.dlq_url)
     missing = fresh.queue_url.rsplit("/", 1)[0] + f"/no-such-queue-{uuid.uuid4().hex[:8]}"
     report = await replay(aws.sqs, fresh.dlq_url, missing, ReplayFilter(), rate_per_second=100)
-    assert (report.examined, report.matched, report.moved, report.failed) == (6, 6, 0, 6)
+    assert counts(report) == (6, 6, 0, 0, 6, 6)
     visible, in_flight = await depth(aws, fresh.dlq_url)
     assert visible + in_flight == 6  # every copy still in the DLQ
     assert await depth(aws, fresh.queue_url) == (0, 0)
@@ -160,13 +194,13 @@ async def test_cli_dry_run_then_replay(
     assert len(lines) == 3, output
     assert all("reason=target_rejected" in line for line in lines)
     assert {line.split("target=")[1] for line in lines} == {"crm", "billing"}
-    assert "examined 6, matched 3, would move 3, failed 0" in output
+    assert "examined 6, matched 3, would move 3, skipped 0" in output
     assert await depth(aws, fresh.queue_url) == (0, 0)
     assert await depth(aws, fresh.dlq_url) == (6, 0)
 
     code, output = await run_cli(settings, tmp_path, "replay", "--target", "billing")
     assert code == 0, output
-    assert "examined 6, matched 1, moved 1, failed 0" in output
+    assert "examined 6, matched 1, moved 1, skipped 0, left 0, failed 0" in output
     [copy] = await drain(aws, fresh.queue_url)
     assert attributes(copy)["replayed"] == "1"
     visible, in_flight = await depth(aws, fresh.dlq_url)
@@ -176,12 +210,12 @@ async def test_cli_dry_run_then_replay(
 async def test_cli_replay_exits_1_when_sends_fail(
     aws: AwsClients, fresh: Resources, settings: Settings, tmp_path: Path
 ) -> None:
-    await plant(aws, fresh.dlq_url, "poison", {"dlq_reason": "malformed"})
+    await plant(aws, fresh.dlq_url, "poison", {"dlq": dead_letter("malformed")})
     missing = fresh.queue_url.rsplit("/", 1)[0] + "/no-such-queue"
     broken = settings.replace(queue=QueueSettings(url=missing, dlq_url=fresh.dlq_url))
     code, output = await run_cli(broken, tmp_path, "replay")
     assert code == 1, output
-    assert "matched 1, moved 0, failed 1" in output
+    assert "matched 1, moved 0, skipped 0, left 1, failed 1" in output
     visible, in_flight = await depth(aws, fresh.dlq_url)
     assert visible + in_flight == 1
 
@@ -216,3 +250,76 @@ async def test_replayed_rejection_completes_once_the_target_is_fixed(
             assert len(chain.targets[name].calls) == 1, name
             assert chain.targets[name].effects == {f"{request_id}:{name}": 1}
         assert await depth(aws, fresh.dlq_url) == (0, 0)
+
+
+async def test_copies_written_before_the_dlq_attribute_are_still_understood(
+    aws: AwsClients, fresh: Resources
+) -> None:
+    # A DLQ keeps messages for 14 days: copies an older courier wrote carry dlq_* attributes.
+    legacy = {
+        "op": "create-mailbox",
+        "request_id": "req-old",
+        "dlq_reason": "target_rejected",
+        "dlq_target": "crm",
+        "dlq_receive_count": "3",
+        "dlq_failed_at": "1700000000",
+    }
+    await plant(aws, fresh.dlq_url, "old-body", legacy)
+    found = info(legacy)
+    assert (found.reason, found.target, found.receive_count) == ("target_rejected", "crm", 3)
+    report = await replay(
+        aws.sqs, fresh.dlq_url, fresh.queue_url, ReplayFilter(target="crm"), rate_per_second=100
+    )
+    assert counts(report) == (1, 1, 1, 0, 0, 0)
+    [copy] = await drain(aws, fresh.queue_url)
+    assert attributes(copy) == {"op": "create-mailbox", "request_id": "req-old", "replayed": "1"}
+
+
+async def test_replay_takes_only_what_the_dlq_held_when_it_began(
+    aws: AwsClients, fresh: Resources
+) -> None:
+    await plant_dead_letters(aws, fresh.dlq_url)
+    # Dead-lettered after the replay began (a clock a little ahead shows it as the future).
+    later = {"op": "create-mailbox", "dlq": dead_letter("target_rejected", "crm", time.time() + 60)}
+    await plant(aws, fresh.dlq_url, "dead-lettered-during-the-replay", later)
+    report = await replay(
+        aws.sqs, fresh.dlq_url, fresh.queue_url, ReplayFilter(), rate_per_second=100
+    )
+    assert counts(report) == (7, 6, 6, 1, 0, 0)
+    assert len(await drain(aws, fresh.queue_url)) == 6
+    assert await depth(aws, fresh.dlq_url) == (1, 0)  # released for the next run at once
+
+
+async def test_replay_ends_while_the_target_still_refuses(
+    settings: Settings, fresh: Resources, aws: AwsClients, tmp_path: Path
+) -> None:
+    async with running_chain(settings, fresh, aws) as chain:
+        crm = chain.targets["crm"]
+        crm.behaviour.fixed_status = 400  # refuses, and keeps refusing during the replay
+        ids = [await chain.create(mailbox(81 + index)) for index in range(3)]
+        for request_id in ids:
+            await chain.wait_status(request_id, "failed", timeout=10)
+
+        async def dead_lettered() -> bool:
+            return await depth(aws, fresh.dlq_url) == (3, 0)
+
+        await eventually(dead_lettered, 5, "the rejected messages in the DLQ")
+        started = time.time()
+        # Slow enough that the worker dead-letters the first copies while the replay still runs.
+        code, output = await run_cli(chain.settings, tmp_path, "replay", "--rate", "2")
+        assert code == 0, output
+        found = re.search(r"moved (\d+), skipped (\d+), left (\d+), failed (\d+)", output)
+        assert found is not None, output
+        moved, skipped, left, failed = map(int, found.groups())
+        assert (moved, left, failed) == (3, 0, 0), output
+        assert skipped <= 3, output
+
+        async def back_in_the_dlq() -> bool:
+            return await depth(aws, fresh.dlq_url) == (3, 0) and len(crm.calls) == 6
+
+        await eventually(back_in_the_dlq, 15, "every replayed copy refused again")
+        again = [info(attributes(raw)) for raw in await drain(aws, fresh.dlq_url)]
+        assert len(again) == 3
+        assert all(found.failed_at >= started for found in again), again
+        assert len(crm.calls) == 6  # each request moved once: not again and again
+        assert await depth(aws, fresh.queue_url) == (0, 0)

@@ -15,8 +15,10 @@ from prometheus_client import REGISTRY
 from service.circuit import CircuitState
 from service.errors import (
     CircuitOpenError,
+    SecretNotFoundError,
     SecretUnavailableError,
     TargetHttpError,
+    TargetMisconfiguredError,
     TransientError,
     is_retryable,
 )
@@ -230,8 +232,35 @@ async def test_half_open_probe_without_a_secret_does_not_wedge_the_circuit(
 async def test_concurrency_limit_is_respected(
     stub: CountingStub, session: aiohttp.ClientSession
 ) -> None:
-    stub.behaviour.latency_seconds = 0.2
+    # Long enough that the second call arrives while the first is held, even on a busy machine.
+    stub.behaviour.latency_seconds = 0.5
     target = client(stub, session, concurrency=2)
     await asyncio.gather(*(target.deliver(delivery(f"req-{i}")) for i in range(6)))
     assert stub.peak == 2
     assert len(stub.effects) == 6
+
+
+class MissingSecrets(Secrets):
+    """A secret getter whose store has no item of that name (CredStash's answer)."""
+
+    async def __call__(self, name: str) -> str:
+        self.asked.append(name)
+        raise SecretNotFoundError(f"secret {name!r} not found in table 'credential-store'")
+
+
+async def test_missing_secret_is_a_transient_misconfiguration_and_calls_nothing(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    secrets = MissingSecrets({})
+    target = client(stub, session, secrets, secret="courier.crm.token", retries=2)
+    before = calls("crm", "misconfigured")
+    with pytest.raises(TargetMisconfiguredError) as caught:
+        await target.deliver(delivery())
+    # Not the message's fault: retried later (with backoff), never dead-lettered as poison.
+    assert is_retryable(caught.value)
+    assert caught.value.reason == "target_misconfigured"
+    assert "courier.crm.token" in str(caught.value)
+    assert stub.calls == []  # the target was never called
+    assert secrets.asked == ["courier.crm.token"]  # no immediate retries: they cannot help
+    assert calls("crm", "misconfigured") == before + 1
+    assert target.breaker.state is CircuitState.CLOSED  # the target itself is fine

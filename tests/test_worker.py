@@ -20,10 +20,14 @@ from prometheus_client import REGISTRY
 
 from service.aws import AwsClients
 from service.bootstrap import Resources
+from service.consumer import Message, Outcome
+from service.credstash import CredStash
+from service.dlq import DeadLetterInfo, DeadLetterQueue
 from service.envelope import EnvelopeCipher
 from service.operations import create_mailbox
+from service.replay import ReplayFilter, replay
 from service.settings import Settings
-from service.status import StatusStore
+from service.status import RequestState, StatusStore
 from service.stubs import LegacyStub
 from tests.chain import (
     Chain,
@@ -59,7 +63,10 @@ async def test_happy_path_delivers_to_every_target_once(chain: Chain) -> None:
     assert soap.headers["Content-Type"].startswith("text/xml")
     assert b"<Username>user00001</Username>" in soap.body
     assert chain.targets["crm"].calls[0].headers["Content-Type"] == "application/json"
-    assert await chain.queue_depth() == 0
+    # `completed` is written before the ack, and acks are batched: the delete follows shortly.
+    await eventually(lambda: _is_empty(chain), 5, "queue empty")
+    for name, stub in chain.targets.items():  # and no second copy was delivered meanwhile
+        assert stub.effects == {f"{request_id}:{name}": 1}, name
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -190,12 +197,15 @@ async def test_poison_messages_go_to_the_dlq_with_reasons_while_healthy_ones_flo
     assert len(moved) == len(planted)
     for raw in moved:
         found = attributes(raw)
-        source = found["dlq_source_message_id"]
-        assert found["dlq_reason"] == planted[source], found
-        assert found["dlq_receive_count"] == "1"  # at once, not after maxReceiveCount
-        assert found["dlq_source_queue"] == chain.resources.queue_url
+        info = DeadLetterInfo.of_sqs(raw)
+        assert info is not None, found
+        source = info.source_message_id
+        assert info.reason == planted[source], found
+        assert info.receive_count == 1  # at once, not after maxReceiveCount
+        assert info.source_queue == chain.resources.queue_url
+        assert info.failed_at > 0
         assert found["request_id"] == planted[source]  # original attributes kept
-        assert "dlq_target" not in found
+        assert info.target == ""
         assert raw["Body"] == bodies[planted[source]]
     await eventually(lambda: _is_empty(chain), 5, "source queue empty")
     for name, stub in chain.targets.items():
@@ -215,11 +225,13 @@ async def test_target_rejection_dead_letters_and_fails_the_request(chain: Chain)
     await eventually(lambda: _dlq_holds(chain, 1), 5, "the rejected message in the DLQ")
     [raw] = await chain.dlq_messages()
     found = attributes(raw)
-    assert found["dlq_reason"] == "target_rejected"
-    assert found["dlq_target"] == "crm"
-    assert found["dlq_receive_count"] == "1"
+    info = DeadLetterInfo.of_sqs(raw)
+    assert info is not None, found
+    assert (info.reason, info.target) == ("target_rejected", "crm")
+    assert "400" in info.detail
+    assert info.receive_count == 1
     assert found["request_id"] == request_id
-    assert found["dlq_source_message_id"]
+    assert info.source_message_id
     assert len(chain.targets["crm"].calls) == 1  # a 4xx is never retried
     assert circuit_open("crm") == 0
     await eventually(lambda: _is_empty(chain), 5, "source queue empty")
@@ -344,3 +356,217 @@ async def test_fifo_groups_progress_independently_and_stay_in_order(
                 first_calls = list(dict.fromkeys(r for r in order if r in ids))
                 assert first_calls == ids, (name, username)
             assert sum(stub.effects.values()) == 10, name
+
+
+# --- a poison message is never lost on its way to the DLQ -----------------------------------
+
+
+def entry_failures(operation: str) -> float:
+    """courier_sqs_entry_failures_total for ``operation``, summed over error codes."""
+    total = 0.0
+    for family in REGISTRY.collect():
+        if family.name != "courier_sqs_entry_failures":
+            continue
+        for found in family.samples:
+            if found.name.endswith("_total") and found.labels.get("operation") == operation:
+                total += found.value
+    return total
+
+
+async def test_poison_stays_queued_and_not_failed_until_its_dlq_copy_exists(
+    chain: Chain, aws: AwsClients
+) -> None:
+    resources = chain.resources
+    missing = resources.dlq_url.rsplit("/", 1)[0] + f"/no-such-dlq-{uuid.uuid4().hex[:8]}"
+    chain.consumer.dead_letter = DeadLetterQueue(aws.sqs, missing, resources.queue_url).move
+    crm = chain.targets["crm"]
+    crm.behaviour.fixed_status = 400
+    failures = entry_failures("deadletter")
+    request_id = await chain.create(mailbox(90))
+
+    await eventually(lambda: entry_failures("deadletter") > failures, 10, "a failed DLQ move")
+    assert len(crm.calls) == 1
+    # The DLQ has no copy, so the request is not terminal and the message is still queued.
+    assert (await chain.status(request_id))["status"] != "failed"
+    assert await chain.queue_depth() == 1
+    assert await dlq_depth(chain) == 0
+
+    chain.consumer.dead_letter = DeadLetterQueue(
+        aws.sqs, resources.dlq_url, resources.queue_url
+    ).move  # the DLQ works again
+    record = await chain.wait_status(request_id, "failed", timeout=20)
+    assert record["targets"]["crm"] == "failed"
+    await eventually(lambda: _dlq_holds(chain, 1), 5, "the poison in the DLQ")
+    [raw] = await chain.dlq_messages()
+    info = DeadLetterInfo.of_sqs(raw)
+    assert info is not None
+    assert (info.reason, info.target) == ("target_rejected", "crm")
+    assert info.receive_count == 2  # the redelivery that found the DLQ working
+    assert attributes(raw)["request_id"] == request_id
+    assert len(crm.calls) == 2  # retried as poison again, never acknowledged as a duplicate
+    await eventually(lambda: _is_empty(chain), 5, "source queue empty")
+
+
+# --- every message courier sends fits SQS's 10 attributes ------------------------------------
+
+SQS_MAX_ATTRIBUTES = 10
+
+
+async def _dlq_peek(chain: Chain) -> list[dict[str, Any]]:
+    """The DLQ's messages, made visible again at once (so a replay can take them)."""
+    found = await chain.dlq_messages()
+    for raw in found:
+        await chain.aws.sqs.change_message_visibility(
+            QueueUrl=chain.resources.dlq_url,
+            ReceiptHandle=raw["ReceiptHandle"],
+            VisibilityTimeout=0,
+        )
+    return found
+
+
+async def test_every_message_courier_sends_has_at_most_10_attributes(
+    chain: Chain, aws: AwsClients
+) -> None:
+    received: list[dict[str, str]] = []
+    handle = chain.consumer.handler
+
+    async def recording(message: Message) -> Outcome:
+        received.append(dict(message.attributes))  # as SQS delivered them to the worker
+        return await handle(message)
+
+    chain.consumer.handler = recording
+    chain.targets["crm"].behaviour.fixed_status = 400
+    request_id = await chain.create(mailbox(91))  # API → work queue
+    await chain.wait_status(request_id, "failed", timeout=10)
+    await eventually(lambda: _dlq_holds(chain, 1), 5, "the first DLQ copy")
+    [first] = await _dlq_peek(chain)  # worker → DLQ
+    assert len(first["MessageAttributes"]) <= SQS_MAX_ATTRIBUTES, first["MessageAttributes"]
+
+    report = await replay(
+        aws.sqs, chain.resources.dlq_url, chain.resources.queue_url, ReplayFilter()
+    )
+    assert report.moved == 1  # replay → work queue; crm still refuses
+
+    async def dead_lettered_again() -> bool:
+        found = await _dlq_peek(chain)
+        return len(found) == 1 and "replayed" in found[0]["MessageAttributes"]
+
+    await eventually(dead_lettered_again, 15, "the replayed copy dead-lettered again")
+    [again] = await _dlq_peek(chain)  # worker → DLQ, a replayed message
+    assert len(again["MessageAttributes"]) <= SQS_MAX_ATTRIBUTES, again["MessageAttributes"]
+    info = DeadLetterInfo.of_sqs(again)
+    assert info is not None
+    assert (info.reason, info.target) == ("target_rejected", "crm")
+    assert [found.get("replayed") for found in received] == [None, "1"]
+    assert all(len(found) <= SQS_MAX_ATTRIBUTES for found in received), received
+    for raw in (first, again):
+        names = set(raw["MessageAttributes"])
+        assert {"op", "request_id", "traceparent", "dlq"} <= names, names
+        assert not [name for name in names if name.startswith("dlq_")], names
+
+
+async def test_a_message_with_10_attributes_is_still_dead_lettered_within_the_limit(
+    chain: Chain, aws: AwsClients
+) -> None:
+    crowded = {"op": "create-mailbox", "request_id": "crowded"}
+    crowded.update({f"x{index}": "v" for index in range(SQS_MAX_ATTRIBUTES - len(crowded))})
+    await plant(aws, chain.resources.queue_url, "this is not JSON at all", crowded)
+    await eventually(lambda: _dlq_holds(chain, 1), 10, "the poison in the DLQ")
+    [raw] = await chain.dlq_messages()
+    found = attributes(raw)
+    assert len(found) <= SQS_MAX_ATTRIBUTES, found
+    assert found["request_id"] == "crowded"  # courier's own attributes are the ones kept
+    info = DeadLetterInfo.of_sqs(raw)
+    assert info is not None
+    assert info.reason == "malformed"
+
+
+# --- a copy of a finished request is dropped without calling any target ----------------------
+
+
+async def _plant_copy(chain: Chain, request_id: str, index: int, extra: dict[str, str]) -> str:
+    cipher = EnvelopeCipher(chain.aws.kms, chain.settings.envelope)
+    body = await cipher.seal(create_mailbox.NAME, request_id, event_payload(index))
+    attributes = {"op": create_mailbox.NAME, "request_id": request_id, **extra}
+    return await plant(chain.aws, chain.resources.queue_url, body, attributes)
+
+
+async def test_a_resent_copy_of_a_finished_request_calls_no_target(
+    chain: Chain, aws: AwsClients
+) -> None:
+    status = StatusStore(aws.dynamodb, chain.resources.status_table, 1)
+    done, failed, halfway = (uuid.uuid4().hex for _ in range(3))
+    everywhere = {name: "delivered" for name in chain.targets}
+    await status.update(done, state=RequestState.COMPLETED, targets=everywhere, op="create-mailbox")
+    await status.update(
+        failed, state=RequestState.FAILED, targets={"crm": "failed"}, op="create-mailbox"
+    )
+    await status.update(
+        halfway,
+        state=RequestState.PROCESSING,
+        targets={"crm": "delivered", "billing": "pending", "directory": "pending"},
+        op="create-mailbox",
+    )
+    duplicates = sample("courier_messages_processed_total", outcome="duplicate")
+    # First receives (receive count 1) of copies the API re-sent: only `attempt` marks them.
+    for index, request_id in enumerate((done, failed, halfway)):
+        await _plant_copy(chain, request_id, 92 + index, {"attempt": "2"})
+
+    async def state(request_id: str) -> str:
+        record = await status.get(request_id)
+        assert record is not None
+        return str(record.state)
+
+    async def halfway_completed() -> bool:
+        return await state(halfway) == "completed"
+
+    await eventually(halfway_completed, 10, "the unfinished copy to complete")
+    await eventually(
+        lambda: sample("courier_messages_processed_total", outcome="duplicate") - duplicates == 2,
+        10,
+        "both finished copies dropped",
+    )
+    await eventually(lambda: _is_empty(chain), 5, "queue empty")
+    for name, stub in chain.targets.items():
+        expected = {} if name == "crm" else {f"{halfway}:{name}": 1}  # crm had it already
+        assert stub.effects == expected, name
+    assert await state(done) == "completed"
+    assert await state(failed) == "failed"
+
+
+# --- a target whose credential is missing is misconfigured, not poison -----------------------
+
+
+async def test_missing_target_secret_retries_without_dead_lettering_until_fixed(
+    settings: Settings, fresh: Resources, aws: AwsClients
+) -> None:
+    # The CredStash table is shared by the session: a name of its own, so no other test's
+    # secret can satisfy it.
+    secret = f"courier.crm.token-{uuid.uuid4().hex[:8]}"
+    async with running_chain(
+        settings, fresh, aws, target_overrides={"crm": {"secret": secret}}
+    ) as chain:
+        retried = sample("courier_messages_processed_total", outcome="retried")
+        misconfigured = sample("courier_target_calls_total", target="crm", outcome="misconfigured")
+        request_id = await chain.create(mailbox(95))
+        await eventually(
+            lambda: sample("courier_messages_processed_total", outcome="retried") - retried >= 2,
+            15,
+            "two retries",
+        )
+        record = await chain.status(request_id)
+        assert record["status"] == "processing", record
+        assert record["targets"]["crm"] == "pending"
+        assert await dlq_depth(chain) == 0
+        assert chain.targets["crm"].calls == []  # never called without its credential
+        found = sample("courier_target_calls_total", target="crm", outcome="misconfigured")
+        assert found - misconfigured >= 2
+
+        # The operator stores the secret: the next retry delivers.
+        await CredStash(aws.dynamodb, aws.kms, fresh.secrets_table).put(
+            secret, "crm-token", kms_key=fresh.credstash_key_arn
+        )
+        await chain.wait_status(request_id, "completed", timeout=15)
+        [call] = chain.targets["crm"].calls
+        assert call.headers["Authorization"] == "Bearer crm-token"
+        assert await dlq_depth(chain) == 0
