@@ -1,9 +1,15 @@
 """Request status records in DynamoDB: what ``GET /v1/requests/{id}`` shows and retries consult.
 
 One item per request, ``pk = "req#<request id>"``, expiring through the table's TTL
-attribute ``expires_at``. The API writes it once (accepted); the worker writes it once more
-when the request ends (completed or failed), and in between only when an attempt leaves
-some targets delivered and others pending, so a redelivery skips the delivered ones.
+attribute ``expires_at``. Nothing ever deletes a record (the role has no DeleteItem).
+
+The API writes it before queueing the message: once (accepted) for a request without an
+Idempotency-Key, twice for a keyed one (a ``pending`` claim, then accepted once SQS has the
+message), or ``send_failed`` when the message could not be queued. Every API write after the
+first is conditional on the API's own claim token and on the state it left, so it never
+overwrites what a worker wrote. The worker writes once more when the request ends (completed
+or failed), and in between only when an attempt leaves some targets delivered and others
+pending, so a redelivery skips the delivered ones.
 """
 
 from __future__ import annotations
@@ -23,8 +29,16 @@ TTL_ATTRIBUTE = "expires_at"
 
 
 class RequestState(StrEnum):
-    """Lifecycle of a request."""
+    """Lifecycle of a request.
 
+    ``pending``: one API call has claimed the request and is calling the IdM / queueing it.
+    ``send_failed``: that attempt did not queue the message (or cannot tell); a retry with the
+    same Idempotency-Key starts a fresh attempt, and a worker that does get a copy overwrites it.
+    Neither is terminal.
+    """
+
+    PENDING = "pending"
+    SEND_FAILED = "send_failed"
     ACCEPTED = "accepted"
     PROCESSING = "processing"
     COMPLETED = "completed"
@@ -54,6 +68,9 @@ class StatusRecord:
     identity_id: str = ""
     targets: Mapping[str, str] = field(default_factory=dict)
     error: str = ""
+    claim: str = ""  # token of the API call that owns the current attempt
+    lease_until: int = 0  # epoch seconds; a pending claim older than this may be taken over
+    attempt: int = 1  # the current attempt; a re-send carries it as message attribute "attempt"
 
     def to_public(self) -> dict[str, Any]:
         """The representation clients see (no body hash, no subject)."""
@@ -81,17 +98,23 @@ def _to_item(record: StatusRecord, expires_at: int) -> dict[str, Any]:
         "updated_at": {"S": record.updated_at},
         TTL_ATTRIBUTE: {"N": str(expires_at)},
         "targets": {"M": {name: {"S": state} for name, state in record.targets.items()}},
+        "attempt": {"N": str(record.attempt)},
     }
-    for name in ("body_hash", "subject", "identity_id", "error"):
+    for name in ("body_hash", "subject", "identity_id", "error", "claim"):
         value = getattr(record, name)
         if value:
             item[name] = {"S": value}
+    if record.lease_until:
+        item["lease_until"] = {"N": str(record.lease_until)}
     return item
 
 
 def _from_item(item: Mapping[str, Any]) -> StatusRecord:
     def text(name: str) -> str:
         return str(item.get(name, {}).get("S", ""))
+
+    def number(name: str, default: int) -> int:
+        return int(item.get(name, {}).get("N", default))
 
     targets = {
         name: str(value.get("S", ""))
@@ -108,7 +131,14 @@ def _from_item(item: Mapping[str, Any]) -> StatusRecord:
         identity_id=text("identity_id"),
         targets=targets,
         error=text("error"),
+        claim=text("claim"),
+        lease_until=number("lease_until", 0),
+        attempt=number("attempt", 1),
     )
+
+
+def _key(request_id: str) -> dict[str, Any]:
+    return {"pk": {"S": f"req#{request_id}"}}
 
 
 class StatusStore:
@@ -119,23 +149,21 @@ class StatusStore:
         self.table = table
         self._ttl_seconds = ttl_days * 86400
 
-    async def create(self, record: StatusRecord) -> StatusRecord | None:
-        """Write ``record`` unless one exists; returns the existing record on conflict, else None."""
+    async def claim(self, record: StatusRecord) -> StatusRecord | None:
+        """Write ``record`` unless one exists: None when written, else the existing record.
+
+        One PutItem either way: a failed condition returns the existing item with it.
+        """
         try:
             await self._dynamodb.put_item(
                 TableName=self.table,
                 Item=_to_item(record, int(time.time()) + self._ttl_seconds),
                 ConditionExpression="attribute_not_exists(pk)",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
-                raise StatusUnavailableError(f"status table: {exc}") from exc
-        except (BotoCoreError, OSError) as exc:
-            raise StatusUnavailableError(f"status table unreachable: {type(exc).__name__}") from exc
-        else:
-            return None
-        existing = await self.get(record.request_id)
-        return existing or record
+        except (ClientError, BotoCoreError, OSError) as exc:
+            return await self._current(record.request_id, exc)
+        return None
 
     async def get(self, request_id: str) -> StatusRecord | None:
         """The record of ``request_id``, or None."""
@@ -148,11 +176,107 @@ class StatusStore:
         item = response.get("Item")
         return _from_item(item) if item else None
 
-    async def delete(self, request_id: str) -> None:
-        """Remove a record (the API undoing its write when SQS refused the message)."""
-        await self._call(
-            self._dynamodb.delete_item, TableName=self.table, Key={"pk": {"S": f"req#{request_id}"}}
-        )
+    async def take_over(
+        self, seen: StatusRecord, claim: str, lease_until: int
+    ) -> tuple[StatusRecord, bool]:
+        """Claim a request whose attempt failed (``send_failed``) or whose claimer's lease ran out.
+
+        Conditional on the record still carrying the claim that was ``seen``, so of several
+        takers exactly one wins. Returns (the record as it is now, whether we won it); a won
+        record is ``pending`` under ``claim`` with its attempt counted up.
+        """
+        condition = "claim = :old" if seen.claim else "attribute_not_exists(claim)"
+        values: dict[str, Any] = {
+            ":pending": {"S": RequestState.PENDING.value},
+            ":send_failed": {"S": RequestState.SEND_FAILED.value},
+            ":now": {"N": str(int(time.time()))},
+            ":claim": {"S": claim},
+            ":lease": {"N": str(lease_until)},
+            ":u": {"S": now_iso()},
+            ":one": {"N": "1"},
+        }
+        if seen.claim:
+            values[":old"] = {"S": seen.claim}
+        try:
+            response = await self._dynamodb.update_item(
+                TableName=self.table,
+                Key=_key(seen.request_id),
+                UpdateExpression=(
+                    "SET #s = :pending, claim = :claim, lease_until = :lease, updated_at = :u"
+                    " ADD attempt :one"
+                ),
+                ConditionExpression=(
+                    f"{condition} AND (#s = :send_failed OR (#s = :pending AND lease_until < :now))"
+                ),
+                ExpressionAttributeNames={"#s": "state"},
+                ExpressionAttributeValues=values,
+                ReturnValues="ALL_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except (ClientError, BotoCoreError, OSError) as exc:
+            return await self._current(seen.request_id, exc), False
+        return _from_item(response["Attributes"]), True
+
+    async def accept(self, request_id: str, claim: str, identity_id: str) -> StatusRecord | None:
+        """``pending`` → ``accepted`` once SQS has the message, if the claim is still ours.
+
+        Returns None when written, else the record as it is (e.g. a worker already finished it).
+        """
+        return await self._settle(request_id, claim, RequestState.ACCEPTED, identity_id)
+
+    async def mark_send_failed(
+        self, request_id: str, claim: str, identity_id: str = ""
+    ) -> StatusRecord | None:
+        """Our attempt did not queue the message: ``send_failed``, keeping the identity for a retry.
+
+        Only over our own ``pending`` / ``accepted`` write, never over a worker's state (after an
+        ambiguous SQS timeout the message may have been queued and processed after all).
+        Returns None when written, else the record as it is.
+        """
+        return await self._settle(request_id, claim, RequestState.SEND_FAILED, identity_id)
+
+    async def _settle(
+        self, request_id: str, claim: str, state: RequestState, identity_id: str
+    ) -> StatusRecord | None:
+        values: dict[str, Any] = {
+            ":claim": {"S": claim},
+            ":state": {"S": state.value},
+            ":pending": {"S": RequestState.PENDING.value},
+            ":accepted": {"S": RequestState.ACCEPTED.value},
+            ":u": {"S": now_iso()},
+        }
+        sets = "#s = :state, updated_at = :u"
+        if identity_id:
+            values[":id"] = {"S": identity_id}
+            sets += ", identity_id = :id"
+        try:
+            await self._dynamodb.update_item(
+                TableName=self.table,
+                Key=_key(request_id),
+                UpdateExpression=f"SET {sets} REMOVE lease_until",
+                ConditionExpression="claim = :claim AND #s IN (:pending, :accepted)",
+                ExpressionAttributeNames={"#s": "state"},
+                ExpressionAttributeValues=values,
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except (ClientError, BotoCoreError, OSError) as exc:
+            return await self._current(request_id, exc)
+        return None
+
+    async def _current(self, request_id: str, exc: Exception) -> StatusRecord:
+        """After a failed conditional write: the record that failed it; other errors raise."""
+        if not isinstance(exc, ClientError):
+            raise StatusUnavailableError(f"status table unreachable: {type(exc).__name__}") from exc
+        error = exc.response.get("Error", {})
+        if error.get("Code") != "ConditionalCheckFailedException":
+            raise StatusUnavailableError(f"status table: {exc}") from exc
+        item = exc.response.get("Item")
+        record = _from_item(item) if item else await self.get(request_id)
+        if record is None:
+            # The condition failed on a record that has gone since (its TTL expired): rare
+            # enough that the client retrying is the simplest answer.
+            raise StatusUnavailableError("status record changed during a conditional write")
+        return record
 
     async def update(
         self,
@@ -185,7 +309,7 @@ class StatusStore:
         await self._call(
             self._dynamodb.update_item,
             TableName=self.table,
-            Key={"pk": {"S": f"req#{request_id}"}},
+            Key=_key(request_id),
             UpdateExpression="SET " + ", ".join(sets),
             ExpressionAttributeNames=names,
             ExpressionAttributeValues=values,

@@ -543,9 +543,11 @@ async def test_idm_timeout_is_504(rejecting_api: Api) -> None:
         reply, 504, "idm-timeout", "Gateway Timeout", "the identity back-end did not answer in time"
     )
     assert len(rejecting_api.idm.calls) == 1 + rejecting_api.settings.idm.retries
+    # Bounded: every attempt's timeout, plus slack for a loaded machine (the 504 itself shows
+    # the timeout applied: the IdM would have answered 0.3 s later).
     assert (
         elapsed
-        < (1 + rejecting_api.settings.idm.retries) * rejecting_api.settings.idm.timeout_seconds + 1
+        < (1 + rejecting_api.settings.idm.retries) * rejecting_api.settings.idm.timeout_seconds + 3
     )
     await rejecting_api.assert_nothing_accepted()
 
@@ -584,7 +586,7 @@ async def test_idm_recovering_between_attempts_is_202(api: Api) -> None:
 # --- AWS outages -------------------------------------------------------------------------------
 
 
-async def test_sqs_unreachable_is_503_and_nothing_claims_acceptance(
+async def test_sqs_unreachable_is_503_and_the_record_says_send_failed(
     settings: Settings, fresh: Resources, aws: AwsClients, aws_settings: AwsSettings
 ) -> None:
     broken = dataclasses.replace(
@@ -604,7 +606,11 @@ async def test_sqs_unreachable_is_503_and_nothing_claims_acceptance(
         )
         assert reply.headers["Retry-After"] == "2"
         assert len(api.idm.calls) == 1  # the identity exists; a retry with the same key reuses it
-        await api.assert_nothing_accepted()
+        assert await api.queued() == []
+        # The record stays (the role may not delete), saying the message was never queued.
+        (record,) = await api.status_records()
+        assert record["state"]["S"] == "send_failed"
+        assert record["identity_id"]["S"] == api.idm.identities["jane.doe"]
 
 
 class TcpProxy:
@@ -686,7 +692,7 @@ async def test_status_table_unreachable_is_503_and_nothing_is_queued(
                 {**VALID_BODY, "username": "jim.doe"}, headers={"Idempotency-Key": "k-1"}
             )
             assert keyed.status == 503
-            assert len(api.idm.calls) == 2  # the keyed request stopped at the idempotency read
+            assert len(api.idm.calls) == 2  # the keyed request stopped at its claim
             records = await api.status_records()
             assert [item["pk"]["S"] for item in records] == [f"req#{first.body['request_id']}"]
             messages = await api.drain_queue()
@@ -711,13 +717,11 @@ async def test_retry_with_same_key_and_body_replays(api: Api) -> None:
     assert second.headers["Location"] == first.headers["Location"]
     assert len(api.idm.calls) == 1
     assert len(await api.status_records()) == 1
-    # By design a replay of a still-accepted request re-sends its message (the worker drops
-    # duplicates), so a 202 always means "in the queue": two messages, one request id.
+    # A replay answers from the record: the first answer's message is the only one.
     messages = await api.drain_queue()
-    assert len(messages) == 2
-    assert {m["MessageAttributes"]["request_id"]["StringValue"] for m in messages} == {
+    assert [m["MessageAttributes"]["request_id"]["StringValue"] for m in messages] == [
         first.body["request_id"]
-    }
+    ]
 
 
 async def test_replay_of_a_finished_request_does_not_resend(api: Api) -> None:
@@ -760,24 +764,21 @@ async def test_key_order_does_not_change_the_body_hash(api: Api) -> None:
 async def test_racing_duplicates_share_one_request(api: Api) -> None:
     headers = {"Idempotency-Key": "race-1"}
     replies = await asyncio.gather(*(api.post(headers=headers) for _ in range(10)))
-    assert [r.status for r in replies] == [202] * 10, [r.body for r in replies]
-    request_ids = {r.body["request_id"] for r in replies}
-    assert len(request_ids) == 1
+    # One call claims the key; the others wait for its answer (202) or, if it takes longer
+    # than their wait, are told to retry (409 + Retry-After) — all about the one request.
+    assert {r.status for r in replies} <= {202, 409}, [r.body for r in replies]
     records = await api.status_records()
-    assert [item["pk"]["S"] for item in records] == [f"req#{request_ids.pop()}"]
-    # All ten usually pass the idempotency read before any record exists, so the IdM sees up
-    # to ten calls (10 observed) — all with the one Idempotency-Key, hence one identity.
-    assert 1 <= len(api.idm.calls) <= 10
-    assert {call.idempotency_key for call in api.idm.calls} == {records[0]["pk"]["S"][4:]}
-    assert api.idm.stats()["effects"] == 1
-    assert len(api.idm.identities) == 1
+    request_id = records[0]["pk"]["S"].removeprefix("req#")
+    assert len(records) == 1
+    for reply in replies:
+        if reply.status == 202:
+            assert reply.body == {"request_id": request_id, "status": "accepted"}
+        else:
+            assert reply.headers["Retry-After"] == "1"
+            assert reply.headers["Location"] == f"/v1/requests/{request_id}"
+    assert [call.idempotency_key for call in api.idm.calls] == [request_id]
     messages = await api.drain_queue()
-    # Losers of the conditional put replay, and a replay of an accepted record re-sends (see
-    # test_retry_with_same_key_and_body_replays): 10 copies observed, all of the one request.
-    assert 1 <= len(messages) <= 10
-    assert {m["MessageAttributes"]["request_id"]["StringValue"] for m in messages} == {
-        records[0]["pk"]["S"].removeprefix("req#")
-    }
+    assert [m["MessageAttributes"]["request_id"]["StringValue"] for m in messages] == [request_id]
 
 
 async def test_same_key_from_another_caller_is_another_request(api: Api) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import hashlib
 import hmac
 import json
+import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,14 +23,21 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from service.api.auth import AuthError, Jwks, Principal, TokenVerifier
-from service.errors import TransientError
-from service.settings import AuthSettings
+from service.api.auth import (
+    FAILED_FETCH_RETRY_SECONDS,
+    AuthError,
+    Jwks,
+    Principal,
+    TokenVerifier,
+)
+from service.errors import SettingsError, TransientError
+from service.settings import AuthSettings, load_settings
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "courier-test"
 HS256_SECRET = "hs256-secret-for-tests-0123456789abcdef"
 REFRESH_SECONDS = 60.0
+MAX_AGE_SECONDS = 300.0
 REALM = 'Bearer realm="courier"'
 INVALID = f'{REALM}, error="invalid_token"'
 
@@ -107,12 +116,20 @@ class JwksServer:
     status: int = 200
     requests: int = 0
     url: str = ""
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. Cache-Control, Expires
 
     async def handle(self, _: web.Request) -> web.Response:
         self.requests += 1
         if self.status != 200:
             return web.json_response({"error": "down"}, status=self.status)
-        return web.json_response({"keys": self.keys})
+        return web.json_response({"keys": self.keys}, headers=self.headers)
+
+    def rotate(self) -> None:
+        """Remove ``rsa-1`` (RSA_KEY) from the set and publish ``rsa-2`` (ROTATED_RSA_KEY)."""
+        self.keys = [
+            public_jwk(ROTATED_RSA_KEY, "rsa-2", "RS256"),
+            public_jwk(EC_KEY, "ec-1", "ES256"),
+        ]
 
 
 class FakeClock:
@@ -163,6 +180,7 @@ def auth_settings(jwks_url: str = "") -> AuthSettings:
         hs256_secret="courier.jwt.hs256",
         jwks_url=jwks_url,
         jwks_refresh_seconds=REFRESH_SECONDS,
+        jwks_max_age_seconds=MAX_AGE_SECONDS,
         leeway_seconds=5,
     )
 
@@ -184,7 +202,9 @@ class Verifiers:
 def verifiers(
     jwks_server: JwksServer, session: aiohttp.ClientSession, clock: FakeClock
 ) -> Verifiers:
-    jwks = Jwks(session, jwks_server.url, REFRESH_SECONDS, clock=clock)
+    jwks = Jwks(
+        session, jwks_server.url, REFRESH_SECONDS, max_age_seconds=MAX_AGE_SECONDS, clock=clock
+    )
     settings = auth_settings(jwks_server.url)
     return Verifiers(
         both=TokenVerifier(settings, _hs256_key, jwks),
@@ -586,7 +606,7 @@ async def test_jwks_down_with_no_cached_keys_is_transient(
     session: aiohttp.ClientSession, clock: FakeClock
 ) -> None:
     url = f"http://127.0.0.1:{closed_port()}/jwks.json"
-    jwks = Jwks(session, url, REFRESH_SECONDS, clock=clock)
+    jwks = Jwks(session, url, REFRESH_SECONDS, max_age_seconds=MAX_AGE_SECONDS, clock=clock)
     verifier = TokenVerifier(auth_settings(url), _hs256_key, jwks)
     with pytest.raises(TransientError, match="signing keys are unavailable"):
         await verifier.verify(f"Bearer {rs256()}", "mailbox:create")
@@ -623,3 +643,136 @@ async def test_jwks_down_keeps_serving_cached_keys(
     assert jwks_server.requests == 2
     assert (await verifiers.both.verify(f"Bearer {rs256()}", "mailbox:create")).subject
     assert (await verifiers.both.verify(f"Bearer {es256()}", "mailbox:create")).subject
+
+
+# --- the JWKS cache expires: a key removed from the set stops working -----------------------
+
+UNKNOWN_KID = "the token was signed with an unknown key"
+
+
+def verify_rs256(verifier: TokenVerifier) -> Awaitable[Principal]:
+    """Verify a token signed by ``rsa-1``, the key that JwksServer.rotate() removes."""
+    return verifier.verify(f"Bearer {rs256()}", "mailbox:create")
+
+
+def http_date(at: float) -> str:
+    return email.utils.formatdate(at, usegmt=True)
+
+
+async def test_removed_key_is_refused_once_the_configured_max_age_passes(
+    verifiers: Verifiers, jwks_server: JwksServer, clock: FakeClock
+) -> None:
+    assert (await verify_rs256(verifiers.both)).subject
+    jwks_server.rotate()
+    clock.advance(MAX_AGE_SECONDS - 1)
+    assert (await verify_rs256(verifiers.both)).subject  # still within the bound: cached
+    assert jwks_server.requests == 1
+    clock.advance(1)
+    assert_401(await rejected(verifiers.both, f"Bearer {rs256()}"), "unknown_kid", UNKNOWN_KID)
+    assert jwks_server.requests == 2
+    rotated = f"Bearer {rs256(kid='rsa-2', key=ROTATED_RSA_KEY)}"
+    assert (await verifiers.both.verify(rotated, "mailbox:create")).subject
+    assert jwks_server.requests == 2  # the refetched set is fresh again
+
+
+@pytest.mark.parametrize(
+    ("headers", "lifetime"),
+    [
+        pytest.param({"Cache-Control": "public, max-age=10"}, 10.0, id="max-age"),
+        pytest.param({"Cache-Control": "max-age=40", "Age": "30"}, 10.0, id="max-age-minus-age"),
+        pytest.param({"Expires": 10.0}, 10.0, id="expires-minus-date"),
+        pytest.param({"Cache-Control": "max-age=10", "Expires": 3600.0}, 10.0, id="max-age-wins"),
+        pytest.param({"Cache-Control": "max-age=86400"}, MAX_AGE_SECONDS, id="bounded-by-max"),
+        pytest.param({"Expires": "0"}, 1.0, id="invalid-expires-is-expired"),
+        pytest.param({"Cache-Control": "no-cache"}, 1.0, id="no-cache"),
+        pytest.param({"Cache-Control": "max-age=soon"}, MAX_AGE_SECONDS, id="unparsable"),
+    ],
+)
+async def test_jwks_cache_headers_set_the_lifetime_within_the_max_age(
+    verifiers: Verifiers,
+    jwks_server: JwksServer,
+    clock: FakeClock,
+    headers: dict[str, str | float],
+    lifetime: float,
+) -> None:
+    # Expires given as a number is that many seconds after the response's Date.
+    now = time.time()
+    jwks_server.headers = {
+        name: http_date(now + value) if isinstance(value, float) else value
+        for name, value in headers.items()
+    }
+    if "Expires" in headers:
+        jwks_server.headers["Date"] = http_date(now)
+    assert (await verify_rs256(verifiers.both)).subject
+    jwks_server.rotate()
+    clock.advance(lifetime - 0.5)
+    assert (await verify_rs256(verifiers.both)).subject
+    assert jwks_server.requests == 1
+    clock.advance(0.5)
+    assert_401(await rejected(verifiers.both, f"Bearer {rs256()}"), "unknown_kid", UNKNOWN_KID)
+    assert jwks_server.requests == 2
+
+
+async def test_max_age_1_header_refuses_a_removed_key_within_seconds_on_the_real_clock(
+    jwks_server: JwksServer, session: aiohttp.ClientSession
+) -> None:
+    jwks_server.headers = {"Cache-Control": "max-age=1"}
+    jwks = Jwks(session, jwks_server.url, REFRESH_SECONDS, max_age_seconds=MAX_AGE_SECONDS)
+    verifier = TokenVerifier(auth_settings(jwks_server.url), None, jwks)
+    assert (await verify_rs256(verifier)).subject
+    jwks_server.rotate()
+    removed_at = time.monotonic()
+    verifications = 0
+    while True:
+        verifications += 1
+        try:
+            await verify_rs256(verifier)
+        except AuthError as error:
+            assert_401(error, "unknown_kid", UNKNOWN_KID)
+            break
+        # Generous: the header says 1 s; the configured bound (300 s) must not apply.
+        assert time.monotonic() - removed_at < 20, "the removed key is still accepted"
+        await asyncio.sleep(0.05)
+    assert verifications > 2
+    assert jwks_server.requests <= 3  # one refetch per expiry, not one per verification
+
+
+async def test_jwks_down_after_expiry_serves_cached_keys_for_a_bounded_grace(
+    verifiers: Verifiers,
+    jwks_server: JwksServer,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="courier.auth")
+    assert (await verify_rs256(verifiers.both)).subject
+    jwks_server.status = 500
+    clock.advance(MAX_AGE_SECONDS)
+    assert (await verify_rs256(verifiers.both)).subject  # stale, within the grace
+    assert jwks_server.requests == 2
+    assert (await verify_rs256(verifiers.both)).subject
+    assert jwks_server.requests == 2  # a failed refetch is retried after a pause, not per call
+    clock.advance(FAILED_FETCH_RETRY_SECONDS)
+    assert (await verify_rs256(verifiers.both)).subject
+    assert jwks_server.requests == 3
+    stale = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "jwks_stale"]
+    assert stale
+    assert stale[0].levelno == logging.WARNING
+    assert stale[0].fields["stale_seconds"] == 0  # type: ignore[attr-defined]
+    assert stale[0].fields["grace_seconds"] == MAX_AGE_SECONDS  # type: ignore[attr-defined]
+    clock.advance(MAX_AGE_SECONDS)  # past expiry + grace: the keys are no longer trusted
+    with pytest.raises(TransientError, match="signing keys are unavailable"):
+        await verify_rs256(verifiers.both)
+    events = [getattr(r, "fields", {}).get("event") for r in caplog.records]
+    assert "jwks_expired" in events
+    assert (await verifiers.both.verify(f"Bearer {hs256()}", "mailbox:create")).subject
+    jwks_server.status = 200
+    clock.advance(FAILED_FETCH_RETRY_SECONDS)
+    assert (await verify_rs256(verifiers.both)).subject  # back as soon as the JWKS answers
+
+
+def test_jwks_max_age_is_a_validated_setting() -> None:
+    assert AuthSettings().jwks_max_age_seconds == 300.0
+    with pytest.raises(SettingsError, match=r"auth\.jwks_max_age_seconds"):
+        load_settings(None, environ={"COURIER_AUTH_JWKS_MAX_AGE_SECONDS": "0"})
+    loaded = load_settings(None, environ={"COURIER_AUTH_JWKS_MAX_AGE_SECONDS": "120"})
+    assert loaded.auth.jwks_max_age_seconds == 120.0

@@ -9,6 +9,8 @@ of the same algorithm, and ``none`` or any other algorithm is refused. That clos
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -29,6 +31,10 @@ MAX_TOKEN_BYTES = 8192
 MAX_KID_LENGTH = 128
 ASYMMETRIC = {"RS256": "RSA", "ES256": "EC"}
 REALM = 'Bearer realm="courier"'
+# A JWKS that forbids caching is still not fetched more than once a second per process.
+MIN_LIFETIME_SECONDS = 1.0
+# After a failed fetch of an expired set, the pause before the next attempt.
+FAILED_FETCH_RETRY_SECONDS = 5.0
 
 
 class AuthError(Problem):
@@ -69,57 +75,157 @@ class Principal:
 
 
 class Jwks:
-    """Keys from a JWKS URL, cached; an unknown ``kid`` triggers at most one refetch per interval."""
+    """Keys from a JWKS URL, cached for the response's freshness lifetime and never longer than
+    ``max_age_seconds``, so a key removed from the set is refused within that bound.
+
+    - Lifetime: ``Cache-Control: max-age`` (less ``Age``), else ``Expires`` - ``Date``, else
+      ``max_age_seconds``; always within [MIN_LIFETIME_SECONDS, ``max_age_seconds``]. The first
+      lookup after it ends refetches the set before answering; concurrent lookups share one fetch.
+    - An unknown ``kid`` in a fresh set refetches at most once per ``min_refresh_seconds`` (a key
+      published since the last fetch).
+    - A failed refetch keeps the expired keys for a grace of one more ``max_age_seconds``
+      (logged as ``jwks_stale``), retrying every FAILED_FETCH_RETRY_SECONDS: an outage of the
+      JWKS endpoint does not lock every RS256/ES256 client out at once. Past the grace the keys
+      are dropped (``jwks_expired``) and those tokens get TransientError (503) until it answers.
+    """
 
     def __init__(
         self,
         session: aiohttp.ClientSession,
         url: str,
         min_refresh_seconds: float,
+        *,
+        max_age_seconds: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._session = session
         self._url = url
         self._min_refresh = min_refresh_seconds
+        self._max_age = max_age_seconds
         self._clock = clock
         self._keys: dict[str, jwt.PyJWK] = {}
-        self._fetched_at: float | None = None
-        self._loaded = False
+        self._expires_at: float | None = None  # end of the keys' lifetime; None = no usable keys
+        self._attempted_at: float | None = None  # last fetch attempt, success or not
+        self._failed_at: float | None = None  # last failed attempt; None once one succeeds
         self._lock = asyncio.Lock()
 
     async def key(self, kid: str) -> jwt.PyJWK | None:
-        """The key with ``kid``, refetching the set if it is unknown and the interval allows."""
-        if kid in self._keys:
+        """The key with ``kid``, refetching the set when it expired or ``kid`` is new to it."""
+        if self._fresh() and kid in self._keys:
             return self._keys[kid]
-        async with self._lock:  # concurrent unknown kids share one fetch
-            if kid not in self._keys and self._may_refresh():
+        async with self._lock:  # concurrent lookups share one fetch
+            if self._should_fetch(kid):
                 await self._fetch()
-        if not self._loaded:
-            # No fetch has succeeded yet: say "try later", not "your token is bad".
+            self._drop_past_grace()
+        if self._expires_at is None:
+            # No usable keys (never fetched, or stale past the grace): "try later", not "bad token".
             raise TransientError("signing keys are unavailable (JWKS fetch failed)")
         return self._keys.get(kid)
 
-    def _may_refresh(self) -> bool:
-        return self._fetched_at is None or self._clock() - self._fetched_at >= self._min_refresh
+    def _fresh(self) -> bool:
+        return self._expires_at is not None and self._clock() < self._expires_at
+
+    def _should_fetch(self, kid: str) -> bool:
+        now = self._clock()
+        if not self._fresh():
+            # Expired (or never loaded): refetch, but not on every call while the JWKS fails.
+            return self._failed_at is None or now - self._failed_at >= FAILED_FETCH_RETRY_SECONDS
+        if kid in self._keys:
+            return False
+        return self._attempted_at is None or now - self._attempted_at >= self._min_refresh
 
     async def _fetch(self) -> None:
-        self._fetched_at = self._clock()
+        self._attempted_at = self._clock()
         try:
             timeout = aiohttp.ClientTimeout(total=5)
             async with self._session.get(self._url, timeout=timeout) as response:
                 response.raise_for_status()
                 document = await response.json(content_type=None)
+                lifetime = freshness_lifetime(response.headers)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            log.warning(
-                "JWKS fetch failed",
-                extra={"fields": {"event": "jwks_fetch_failed", "error": str(exc)}},
-            )
-            if not self._keys:
-                raise TransientError("signing keys are unavailable (JWKS fetch failed)") from exc
+            self._failed_at = self._clock()
+            self._log_failure(exc)
             return
+        if lifetime is None:
+            lifetime = self._max_age
+        lifetime = min(max(lifetime, MIN_LIFETIME_SECONDS), self._max_age)
         self._keys = _parse_jwks(document)
-        self._loaded = True
-        log.info("JWKS loaded", extra={"fields": {"event": "jwks_loaded", "keys": len(self._keys)}})
+        self._expires_at = self._attempted_at + lifetime
+        self._failed_at = None
+        log.info(
+            "JWKS loaded",
+            extra={
+                "fields": {"event": "jwks_loaded", "keys": len(self._keys), "ttl_seconds": lifetime}
+            },
+        )
+
+    def _log_failure(self, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}"[:200]
+        if self._expires_at is None or self._fresh():
+            fields: dict[str, Any] = {"event": "jwks_fetch_failed", "error": error}
+            log.warning("JWKS fetch failed", extra={"fields": fields})
+            return
+        fields = {
+            "event": "jwks_stale",
+            "error": error,
+            "stale_seconds": round(self._clock() - self._expires_at, 3),
+            "grace_seconds": self._max_age,
+        }
+        log.warning(
+            "JWKS fetch failed; serving the expired keys within the grace", extra={"fields": fields}
+        )
+
+    def _drop_past_grace(self) -> None:
+        if self._expires_at is None or self._clock() < self._expires_at + self._max_age:
+            return
+        self._keys, self._expires_at = {}, None
+        log.error(
+            "JWKS unreachable past the grace: RS256/ES256 tokens get 503 until it answers",
+            extra={"fields": {"event": "jwks_expired", "grace_seconds": self._max_age}},
+        )
+
+
+def freshness_lifetime(headers: Mapping[str, str]) -> float | None:
+    """Seconds a response stays fresh (RFC 9111 §4.2.1): ``max-age`` less ``Age``, else
+    ``Expires`` - ``Date``; 0 for ``no-store``/``no-cache`` or an invalid ``Expires``; None when
+    the response says nothing about it."""
+    directives = _cache_directives(headers.get("Cache-Control", ""))
+    if "no-store" in directives or "no-cache" in directives:
+        return 0.0
+    max_age = _delta_seconds(directives.get("max-age"))
+    if max_age is not None:
+        return max_age - (_delta_seconds(headers.get("Age")) or 0.0)
+    expires = headers.get("Expires")
+    if expires is None:
+        return None
+    expires_at = _http_date(expires)
+    if expires_at is None:
+        return 0.0  # RFC 9111 §5.3: an invalid Expires (e.g. "0") means already expired
+    date = _http_date(headers.get("Date", ""))
+    return expires_at - (date if date is not None else time.time())
+
+
+def _cache_directives(value: str) -> dict[str, str]:
+    directives: dict[str, str] = {}
+    for part in value.split(","):
+        name, _, argument = part.strip().partition("=")
+        if name:
+            directives[name.lower()] = argument.strip().strip('"')
+    return directives
+
+
+def _delta_seconds(value: str | None) -> float | None:
+    return float(value) if value is not None and value.isdigit() else None
+
+
+def _http_date(value: str) -> float | None:
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    return parsed.timestamp()
 
 
 def _parse_jwks(document: Any) -> dict[str, jwt.PyJWK]:
@@ -250,7 +356,11 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
         if isinstance(raw, list)
         else []
     )
-    return Principal(subject=str(claims["sub"]), scopes=frozenset(scopes), claims=claims)
+    subject = claims["sub"]
+    if not isinstance(subject, str) or not subject.strip():
+        # Requests and their status records belong to the subject: an empty one owns nothing.
+        raise AuthError("empty_subject", "the token's 'sub' claim is empty")
+    return Principal(subject=subject, scopes=frozenset(scopes), claims=claims)
 
 
 def issue_token(

@@ -46,7 +46,14 @@ _STATUS_SCHEMA = {
     "properties": {
         "request_id": {"type": "string"},
         "operation": {"type": "string"},
-        "status": {"type": "string", "enum": ["accepted", "processing", "completed", "failed"]},
+        "status": {
+            "type": "string",
+            "enum": ["pending", "send_failed", "accepted", "processing", "completed", "failed"],
+            "description": (
+                "pending: being created; send_failed: could not be queued, retry with the same "
+                "Idempotency-Key; accepted: queued; then processing, completed or failed"
+            ),
+        },
         "identity_id": {"type": "string"},
         "created_at": {"type": "string", "format": "date-time"},
         "updated_at": {"type": "string", "format": "date-time"},
@@ -62,8 +69,8 @@ _STATUS_SCHEMA = {
 _REQUEST_SCHEMA = {k: v for k, v in create_mailbox.REQUEST_SCHEMA.items() if k != "$schema"}
 
 
-# Problems that always carry a header clients act on have their own response component.
-_PROBLEM_RESPONSES = {401: "Unauthorized", 403: "Forbidden", 503: "Unavailable"}
+# Problems that carry a header clients act on have their own response component.
+_PROBLEM_RESPONSES = {401: "Unauthorized", 403: "Forbidden", 409: "Conflict", 503: "Unavailable"}
 
 
 def _problems(*statuses: int) -> dict[str, Any]:
@@ -84,6 +91,23 @@ def _problem_response(description: str, header: str = "", meaning: str = "") -> 
             "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
         },
     }
+
+
+def _conflict_response() -> dict[str, Any]:
+    """409: two problems, and only the in-progress one carries Retry-After and Location."""
+    response = _problem_response(
+        "identity-exists: the IdM already has this username; request-in-progress: another "
+        "request with this Idempotency-Key is being handled, retry after Retry-After"
+    )
+    response["headers"]["Retry-After"] = {
+        "description": "request-in-progress only: seconds to wait before retrying",
+        "schema": {"type": "string"},
+    }
+    response["headers"]["Location"] = {
+        "description": "request-in-progress only: /v1/requests/{request_id} of that request",
+        "schema": {"type": "string"},
+    }
+    return response
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -128,6 +152,7 @@ def document() -> dict[str, Any]:
                     "WWW-Authenticate",
                     "Bearer challenge naming the missing scope",
                 ),
+                "Conflict": _conflict_response(),
                 "Unavailable": _problem_response(
                     "a dependency is down; nothing was accepted",
                     "Retry-After",
@@ -237,10 +262,16 @@ def _readyz_responses() -> dict[str, Any]:
         "required": ["status", "checks"],
         "properties": {
             "status": {"type": "string", "enum": ["ready", "not ready"]},
-            "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+            "checks": {
+                "type": "object",
+                "additionalProperties": {"type": "string", "enum": ["ok", "failing"]},
+            },
         },
     }
-    return {"200": _json(schema, "ready"), "503": _json(schema, "not ready (details in checks)")}
+    return {
+        "200": _json(schema, "ready"),
+        "503": _json(schema, "not ready: the failing checks are named, their reasons are logged"),
+    }
 
 
 async def openapi_json(_: web.Request) -> web.Response:
