@@ -4,11 +4,16 @@ An item in the table (``name`` HASH, ``version`` RANGE, zero-padded to 19 digits
 ``key`` = base64 KMS ciphertext of a 64-byte data key (32 bytes AES-256, 32 bytes HMAC),
 ``contents`` = base64 AES-CTR ciphertext (initial counter block 15 zero bytes + 0x01),
 ``hmac`` = hex HMAC of the ciphertext (String, or Binary holding ASCII hex), ``digest``.
-The KMS calls carry the caller's encryption context, exactly as the ``credstash`` CLI does.
+The KMS calls carry the caller's encryption context, exactly as the ``credstash`` CLI does
+with ``credstash get NAME k=v``; the daemon passes its deployment's context
+(``secrets.encryption_context``) so that IAM can scope its Decrypt to that context. After a
+Decrypt, the key KMS reports is checked against the expected CredStash key
+(``secrets.kms_key_id``): a secret planted under any other key the role may use is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac as hmac_module
@@ -28,6 +33,7 @@ from .errors import (
     SecretUnavailableError,
     is_retryable,
 )
+from .settings import SecretSettings
 
 PAD_LEN = 19
 LEGACY_NONCE = b"\x00" * 15 + b"\x01"
@@ -138,19 +144,51 @@ def _hmac(key: bytes, data: bytes, digest: str, name: str) -> bytes:
 
 
 class CredStash:
-    """Reads and writes secrets in a CredStash table through shared aiobotocore clients."""
+    """Reads and writes secrets in a CredStash table through shared aiobotocore clients.
 
-    def __init__(self, dynamodb: Any, kms: Any, table: str = "credential-store") -> None:
+    ``context`` is the encryption context used when a call passes none (the deployment's).
+    ``kms_key_id`` (ARN, bare id or alias) is the key every secret's data key must be under,
+    as KMS reports it on Decrypt; anything but a key ARN is resolved once with DescribeKey.
+    An empty ``kms_key_id`` accepts any key.
+    """
+
+    def __init__(
+        self,
+        dynamodb: Any,
+        kms: Any,
+        table: str = "credential-store",
+        *,
+        context: Mapping[str, str] | None = None,
+        kms_key_id: str = "",
+    ) -> None:
         self._dynamodb = dynamodb
         self._kms = kms
         self.table = table
+        self.context: Mapping[str, str] = dict(context or {})
+        self.kms_key_id = kms_key_id
+        self._key_arn: str | None = kms_key_id if _is_key_arn(kms_key_id) else None
+        self._resolving = asyncio.Lock()
+
+    @classmethod
+    def from_settings(cls, dynamodb: Any, kms: Any, settings: SecretSettings) -> CredStash:
+        """The store as the daemon and the CLI use it: table, context and key from settings."""
+        return cls(
+            dynamodb,
+            kms,
+            settings.table,
+            context=settings.encryption_context,
+            kms_key_id=settings.kms_key_id,
+        )
 
     async def get(
         self, name: str, version: str | None = None, context: Mapping[str, str] | None = None
     ) -> str:
-        """The plaintext of ``name`` (latest version unless ``version``)."""
+        """The plaintext of ``name`` (latest version unless ``version``).
+
+        ``context`` None means this store's context; pass ``{}`` for explicitly none.
+        """
         sealed = await self._read(name, version)
-        data_key = await self._decrypt_key(sealed, context or {})
+        data_key = await self._decrypt_key(sealed, self.context if context is None else context)
         return sealed.open(data_key)
 
     async def put(
@@ -158,21 +196,25 @@ class CredStash:
         name: str,
         secret: str,
         *,
-        kms_key: str = "alias/credstash",
+        kms_key: str | None = None,
         version: str | None = None,
         context: Mapping[str, str] | None = None,
         digest: str = DEFAULT_DIGEST,
     ) -> str:
-        """Store a new version of ``name`` (next version when ``version`` is None); returns it."""
+        """Store a new version of ``name`` (next version when ``version`` is None); returns it.
+
+        ``kms_key`` None means this store's key, else credstash's default ``alias/credstash``;
+        ``context`` None means this store's context.
+        """
         if version is None:
             latest = await self.latest_version(name)
             version = str(int(latest) + 1 if latest else 1)
         response = await self._call(
             self._kms.generate_data_key,
             name,
-            KeyId=kms_key,
+            KeyId=kms_key or self.kms_key_id or "alias/credstash",
             NumberOfBytes=64,
-            EncryptionContext=dict(context or {}),
+            EncryptionContext=dict(self.context if context is None else context),
         )
         ciphertext, raw_hmac = seal(secret, response["Plaintext"], digest)
         item = {
@@ -240,14 +282,36 @@ class CredStash:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "InvalidCiphertextException":
                 raise SecretIntegrityError(
-                    f"secret {sealed.name!r}: KMS refused the data key "
-                    "(wrong encryption context, or not a CredStash key)"
+                    f"secret {sealed.name!r}: KMS refused the data key under encryption context "
+                    f"{_describe_context(context)}: the item was stored with another context "
+                    "(secrets.encryption_context), or it is not a CredStash item"
                 ) from None
             raise _store_error(sealed.name, exc) from exc
         except (BotoCoreError, OSError) as exc:
             raise _store_error(sealed.name, exc) from exc
+        await self._check_key(sealed.name, str(response.get("KeyId", "")))
         plaintext: bytes = response["Plaintext"]
         return plaintext
+
+    async def _check_key(self, name: str, key_id: str) -> None:
+        """Refuse a data key KMS reports under any other key than the CredStash key."""
+        if not self.kms_key_id:
+            return
+        expected = await self._expected_key_arn(name)
+        if key_id != expected:
+            raise SecretIntegrityError(
+                f"secret {name!r}: its data key is not under the CredStash key "
+                f"{self.kms_key_id!r} ({expected}, secrets.kms_key_id): KMS reports {key_id!r}"
+            )
+
+    async def _expected_key_arn(self, name: str) -> str:
+        # Resolved once per process: an alias retargeted later needs a restart (as a new key
+        # for CredStash needs a re-encryption of every secret anyway).
+        async with self._resolving:
+            if self._key_arn is None:
+                response = await self._call(self._kms.describe_key, name, KeyId=self.kms_key_id)
+                self._key_arn = str(response["KeyMetadata"]["Arn"])
+            return self._key_arn
 
     async def _call(self, method: Any, name: str, **kwargs: Any) -> Any:
         try:
@@ -258,6 +322,15 @@ class CredStash:
             raise _store_error(name, exc) from exc
         except (BotoCoreError, OSError) as exc:
             raise _store_error(name, exc) from exc
+
+
+def _is_key_arn(key_id: str) -> bool:
+    return key_id.startswith("arn:") and ":key/" in key_id
+
+
+def _describe_context(context: Mapping[str, str]) -> str:
+    # Encryption contexts are not secret (CloudTrail logs them in the clear).
+    return "{" + ", ".join(f"{k}={v}" for k, v in sorted(context.items())) + "}"
 
 
 def _store_error(name: str, exc: BaseException) -> SecretError:

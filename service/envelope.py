@@ -14,6 +14,10 @@ KMS is called once per data key, not once per message (DESIGN.md): the sealing s
 data key for a bounded number of messages and seconds, the opening side caches decrypted data
 keys by their KMS ciphertext, and both coalesce concurrent KMS calls into one. Every KMS call
 carries the encryption context ``{"purpose": "courier-envelope"}``.
+
+Key rotation: sealing always uses ``envelope.kms_key_id``; opening accepts data keys under it
+and under ``envelope.accepted_key_ids`` (the previous keys), so messages already in the queue
+when the key changes are still delivered. An envelope naming any other key is refused.
 """
 
 from __future__ import annotations
@@ -177,10 +181,9 @@ class EnvelopeCipher:
         self._keys = _KeyCache(
             settings.decrypt_cache_size, settings.decrypt_cache_ttl_seconds, clock
         )
-        # With a key ARN configured, an envelope naming another key is refused without asking
-        # KMS; with an alias or bare id, KMS resolves it and the answer is checked instead.
-        configured = settings.kms_key_id
-        self._configured_arn = configured if _is_key_arn(configured) else None
+        # The keys whose data keys this process opens: the sealing key first, then the
+        # previous ones. Duplicates are dropped so a key is never asked twice.
+        self._accepted = tuple(dict.fromkeys((settings.kms_key_id, *settings.accepted_key_ids)))
 
     async def seal(self, op: str, message_id: str, payload: Mapping[str, Any]) -> str:
         """Encrypt ``payload`` under the current data key; returns the SQS message body.
@@ -255,28 +258,15 @@ class EnvelopeCipher:
         if aead is not None:
             _cache_hits.inc()
             return aead
-        if self._configured_arn is not None and envelope.key_id != self._configured_arn:
+        candidates = _candidate_keys(self._accepted, envelope.key_id)
+        if not candidates:
+            # The envelope names a key we know by ARN or id not to be ours: no KMS call.
             raise _foreign_key(envelope.key_id)
-        return await self._decryptions.run(cache_key, lambda: self._decrypt(cache_key))
+        return await self._decryptions.run(cache_key, lambda: self._decrypt(cache_key, candidates))
 
-    async def _decrypt(self, cache_key: _CacheKey) -> AESGCM:
+    async def _decrypt(self, cache_key: _CacheKey, candidates: tuple[str, ...]) -> AESGCM:
         key_id, encrypted_key = cache_key
-        try:
-            response = await self._kms.decrypt(
-                CiphertextBlob=encrypted_key,
-                # KMS refuses a data key encrypted under any other key than ours.
-                KeyId=self._settings.kms_key_id,
-                EncryptionContext=dict(ENCRYPTION_CONTEXT),
-            )
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in _UNDECRYPTABLE_CODES:
-                raise EnvelopeError(
-                    f"KMS cannot decrypt the data key ({code})", "undecryptable"
-                ) from None
-            raise TransientError(f"KMS Decrypt failed: {_describe(exc)}") from exc
-        except _KMS_FAILURES as exc:
-            raise TransientError(f"KMS Decrypt failed: {_describe(exc)}") from exc
+        response = await self._decrypt_under_one_of(encrypted_key, candidates)
         _decrypted.inc()
         if response.get("KeyId") != key_id:
             raise _foreign_key(key_id)
@@ -286,6 +276,47 @@ class EnvelopeCipher:
         aead = AESGCM(plaintext)
         self._keys.put(cache_key, aead)
         return aead
+
+    async def _decrypt_under_one_of(
+        self, encrypted_key: bytes, candidates: tuple[str, ...]
+    ) -> Mapping[str, Any]:
+        """Decrypt naming each candidate key in turn (KMS refuses a data key of another key).
+
+        Aliases cannot be matched without KMS, so each is tried; a refusal moves on to the
+        next. The data key is undecryptable only when every candidate said so; any other
+        failure (outage, our own IAM) is transient, never the message's fault.
+        """
+        failures: list[ClientError] = []
+        for candidate in candidates:
+            try:
+                response: Mapping[str, Any] = await self._kms.decrypt(
+                    CiphertextBlob=encrypted_key,
+                    KeyId=candidate,
+                    EncryptionContext=dict(ENCRYPTION_CONTEXT),
+                )
+                return response
+            except ClientError as exc:
+                failures.append(exc)
+            except _KMS_FAILURES as exc:
+                raise TransientError(f"KMS Decrypt failed: {_describe(exc)}") from exc
+        for failure in failures:
+            if _error_code(failure) not in _UNDECRYPTABLE_CODES:
+                raise TransientError(f"KMS Decrypt failed: {_describe(failure)}") from failure
+        code = _error_code(failures[-1])
+        raise EnvelopeError(f"KMS cannot decrypt the data key ({code})", "undecryptable")
+
+
+def _candidate_keys(accepted: tuple[str, ...], envelope_key: str) -> tuple[str, ...]:
+    """The accepted keys that may have made a data key the envelope says is ``envelope_key``.
+
+    A key ARN or bare key id is compared with the envelope's key ARN here, and a match is the
+    only candidate. Otherwise each alias (or alias ARN) is one: only KMS can resolve it.
+    """
+    aliases = tuple(key for key in accepted if _is_alias(key))
+    for key in accepted:
+        if key not in aliases and (key == envelope_key or envelope_key.endswith(f":key/{key}")):
+            return (key,)
+    return aliases
 
 
 class _KeyCache:
@@ -395,8 +426,12 @@ def _payload(plaintext: bytes, message_id: str) -> dict[str, Any]:
     return payload
 
 
-def _is_key_arn(key_id: str) -> bool:
-    return key_id.startswith("arn:") and ":key/" in key_id
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _is_alias(key_id: str) -> bool:
+    return key_id.startswith("alias/") or (key_id.startswith("arn:") and ":alias/" in key_id)
 
 
 def _malformed(detail: str) -> EnvelopeError:

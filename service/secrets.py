@@ -78,6 +78,8 @@ class SecretCache:
     async def get(self, name: str, context: Mapping[str, str] | None = None) -> str:
         """The latest value of ``name`` under the KMS encryption ``context``.
 
+        ``context`` None means the store's own (the deployment's ``secrets.encryption_context``).
+
         Raises ``SecretNotFoundError`` / ``SecretIntegrityError`` as the store does, and
         ``SecretUnavailableError`` when the store fails and no value is fresh enough to serve.
         """
@@ -108,14 +110,17 @@ class SecretCache:
         return value
 
     async def prefetch(self, names: Iterable[str]) -> None:
-        """Load every name (no context) concurrently; raises the first failure after all end."""
+        """Load every name (under the store's own context) concurrently.
+
+        Raises the first failure after all fetches end.
+        """
         results = await asyncio.gather(*(self.get(name) for name in names), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
 
     def loaded(self, names: Iterable[str]) -> bool:
-        """True when every name (no context) has been fetched successfully at least once.
+        """True when every name (store's context) has been fetched successfully at least once.
 
         A value past its TTL still counts: during a store outage the cache serves it, and
         readiness failing on every instance at once would take the whole fleet out.

@@ -35,6 +35,11 @@ locals {
     metrics_base_port   = local.metrics_base_port
     asg_name            = local.asg_name
     lifecycle_hook_name = local.lifecycle_hook_name
+
+    # secrets.encryption_context and secrets.kms_key_id: what IAM allows (iam.tf).
+    secrets_encryption_context = var.credstash_encryption_context
+    secrets_kms_key_id         = local.credstash_key_arn
+    accepted_key_ids           = var.envelope_accepted_key_arns
   })
 
   cloudwatch_agent_config = templatefile("${path.module}/templates/cloudwatch-agent.json.tftpl", {

@@ -4,7 +4,21 @@
 # Every statement names its resources exactly. The only "*" resources are actions that
 # support no resource-level permissions (cloudwatch:PutMetricData, restricted by namespace
 # instead, and ec2:DescribeTags); tests/test_terraform.py lists and enforces these exceptions.
+#
+# The actions are the ones courier's code calls (service/), and nothing more; batch calls are
+# authorised by their single-message action (SendMessageBatch by sqs:SendMessage,
+# DeleteMessageBatch by sqs:DeleteMessage, ChangeMessageVisibilityBatch by
+# sqs:ChangeMessageVisibility). The CloudWatch agent's own calls close the list.
 ################################################################################
+
+locals {
+  # The CredStash items courier reads: the same variables that name them in courier.toml.
+  # The instances may read these items and no other (dynamodb:LeadingKeys).
+  credstash_secret_names = distinct(compact(concat(
+    [var.jwt_hs256_secret, var.idm_api_key_secret],
+    [for target in var.targets : target.secret],
+  )))
+}
 
 data "aws_iam_policy_document" "assume_ec2" {
   statement {
@@ -59,32 +73,54 @@ data "aws_iam_policy_document" "instance" {
     resources = [aws_sqs_queue.work.arn, aws_sqs_queue.dlq.arn]
   }
 
+  # No DeleteItem: a status record is never deleted, it expires (TTL).
   statement {
     sid = "StatusTable"
     actions = [
       "dynamodb:GetItem",
       "dynamodb:PutItem",
       "dynamodb:UpdateItem",
-      "dynamodb:Query",
-      "dynamodb:ConditionCheckItem",
     ]
     resources = [aws_dynamodb_table.status.arn]
   }
 
+  # CredStash reads the latest version with Query, a given version with GetItem, and only
+  # the items whose partition key (the secret name) courier is configured with.
   statement {
     sid       = "CredStashTableRead"
     actions   = ["dynamodb:Query", "dynamodb:GetItem"]
     resources = [local.credstash_table_arn]
+
+    condition {
+      test     = "ForAllValues:StringEquals"
+      variable = "dynamodb:LeadingKeys"
+      values   = local.credstash_secret_names
+    }
   }
 
-  # Envelope data keys, SQS SSE (producers generate, consumers decrypt) and DynamoDB SSE
-  # (DynamoDB calls KMS on the caller's behalf) all use the data CMK.
+  # Envelope data keys and SQS SSE (producers generate, consumers decrypt) use the data CMK.
+  # DynamoDB SSE needs nothing here: the key policy lets DynamoDB use the key for callers.
   statement {
     sid       = "DataKeyUse"
-    actions   = ["kms:GenerateDataKey", "kms:Decrypt", "kms:DescribeKey"]
+    actions   = ["kms:GenerateDataKey", "kms:Decrypt"]
     resources = [aws_kms_key.data.arn]
   }
 
+  # After a replacement of the data CMK, envelopes (and SQS SSE) of messages still queued
+  # under the previous keys (envelope.accepted_key_ids) must stay readable.
+  dynamic "statement" {
+    for_each = length(var.envelope_accepted_key_arns) > 0 ? [1] : []
+
+    content {
+      sid       = "PreviousDataKeysDecrypt"
+      actions   = ["kms:Decrypt"]
+      resources = var.envelope_accepted_key_arns
+    }
+  }
+
+  # CredStash items stored under this deployment's encryption context, and no other: every
+  # key of the context must match, and no other context key may be present. With no
+  # context configured, only items stored without one (Null: no context keys at all).
   statement {
     sid       = "CredStashDecrypt"
     actions   = ["kms:Decrypt"]
@@ -99,15 +135,26 @@ data "aws_iam_policy_document" "instance" {
         values   = [condition.value]
       }
     }
+
+    condition {
+      test     = length(var.credstash_encryption_context) > 0 ? "ForAllValues:StringEquals" : "Null"
+      variable = "kms:EncryptionContextKeys"
+      values   = length(var.credstash_encryption_context) > 0 ? keys(var.credstash_encryption_context) : ["true"]
+    }
+  }
+
+  # secrets.kms_key_id is rendered as the key ARN, which needs no lookup; an operator who
+  # configures the alias instead makes courier resolve it once with DescribeKey.
+  statement {
+    sid       = "CredStashKeyDescribe"
+    actions   = ["kms:DescribeKey"]
+    resources = [local.credstash_key_arn]
   }
 
   # The daemon finishes its drain, then releases its own instance from Terminating:Wait.
   statement {
-    sid = "OwnLifecycleHook"
-    actions = [
-      "autoscaling:CompleteLifecycleAction",
-      "autoscaling:RecordLifecycleActionHeartbeat",
-    ]
+    sid       = "OwnLifecycleHook"
+    actions   = ["autoscaling:CompleteLifecycleAction"]
     resources = [local.asg_arn]
   }
 

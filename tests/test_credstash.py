@@ -236,3 +236,127 @@ async def test_credstash_library_reads_what_courier_writes(
     assert library_get(boto, name, version="1", context=CONTEXT) == "courier-v1"
     with pytest.raises(credstash.KmsError):
         library_get(boto, name)
+
+
+# --- the deployment's encryption context and CredStash key (settings) ------------------------
+
+
+def secret_settings(table: str, environ: Mapping[str, str] | None = None, toml: str = "") -> Any:
+    """SecretSettings as the daemon loads them: a TOML [secrets] section plus the environment."""
+    from service.settings import load_settings
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as handle:
+        handle.write(f'[secrets]\ntable = "{table}"\n{toml}')
+    try:
+        return load_settings(Path(handle.name), environ=dict(environ or {})).secrets
+    finally:
+        os.unlink(handle.name)
+
+
+async def test_the_encryption_context_setting_reads_what_credstash_put_with_context(
+    aws: AwsClients, cli_env: dict[str, str], table: str, name: str
+) -> None:
+    await run_cli(cli_env, "put", name, "scoped-value", "env=test", "app=courier")
+
+    toml = secret_settings(table, toml='encryption_context = { env = "test", app = "courier" }\n')
+    from_env = secret_settings(
+        table, environ={"COURIER_SECRETS_ENCRYPTION_CONTEXT": "app=courier,env=test"}
+    )
+    assert dict(toml.encryption_context) == CONTEXT == dict(from_env.encryption_context)
+    for settings in (toml, from_env):
+        assert await CredStash.from_settings(aws.dynamodb, aws.kms, settings).get(name) == (
+            "scoped-value"
+        )
+
+    without = CredStash.from_settings(aws.dynamodb, aws.kms, secret_settings(table))
+    with pytest.raises(SecretIntegrityError, match="encryption context"):
+        await without.get(name)
+
+
+async def test_courier_secrets_get_uses_the_configured_context(
+    cli_env: dict[str, str], moto_endpoint: str, table: str, name: str
+) -> None:
+    """What an operator sees: `courier secrets get` with the deployment's settings."""
+    await run_cli(cli_env, "put", name, "cli-scoped", "env=test", "app=courier")
+    env = {
+        **cli_env,
+        "COURIER_AWS_ENDPOINT_URL": moto_endpoint,
+        "COURIER_SECRETS_TABLE": table,
+        "COURIER_CONFIG": os.devnull,
+    }
+
+    def courier(extra: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "service", "secrets", "get", name],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    scoped = courier({"COURIER_SECRETS_ENCRYPTION_CONTEXT": '{"env": "test", "app": "courier"}'})
+    assert (scoped.returncode, scoped.stdout.strip()) == (0, "cli-scoped"), scoped.stderr
+    unscoped = courier({})
+    assert unscoped.returncode != 0
+    assert "encryption context" in unscoped.stderr
+    assert "cli-scoped" not in unscoped.stdout + unscoped.stderr
+
+
+def test_encryption_context_setting_is_validated(table: str) -> None:
+    from service.errors import SettingsError
+
+    for bad in ("k", "=v", "aws:x=1", '{"k": 1}', '["k"]', "k=", "{"):
+        with pytest.raises(SettingsError, match=r"secrets\.encryption_context"):
+            secret_settings(table, environ={"COURIER_SECRETS_ENCRYPTION_CONTEXT": bad})
+    with pytest.raises(SettingsError, match=r"secrets\.encryption_context"):
+        secret_settings(table, toml="encryption_context = { k = 1 }\n")
+    assert dict(secret_settings(table).encryption_context) == {}
+
+
+@pytest.fixture(scope="module")
+def foreign_key(boto: tuple[Any, Any]) -> str:
+    """A KMS key that is not the CredStash key."""
+    _, kms = boto
+    return str(kms.create_key(Description="not the CredStash key")["KeyMetadata"]["Arn"])
+
+
+async def test_a_secret_under_another_kms_key_is_refused(
+    aws: AwsClients, boto: Any, table: str, name: str, foreign_key: str, resources: Resources
+) -> None:
+    library_put(boto, name, "foreign-value", version="1", kms_key=foreign_key)
+
+    # The default is the credstash CLI's key, alias/credstash, resolved once with DescribeKey.
+    by_alias = CredStash.from_settings(aws.dynamodb, aws.kms, secret_settings(table))
+    by_arn = CredStash.from_settings(
+        aws.dynamodb,
+        aws.kms,
+        secret_settings(table, toml=f'kms_key_id = "{resources.credstash_key_arn}"\n'),
+    )
+    for store in (by_alias, by_arn):
+        with pytest.raises(SecretIntegrityError, match="not under the CredStash key") as caught:
+            await store.get(name)
+        assert foreign_key in str(caught.value)
+        assert "foreign-value" not in str(caught.value)
+
+    unchecked = CredStash.from_settings(
+        aws.dynamodb, aws.kms, secret_settings(table, toml='kms_key_id = ""\n')
+    )
+    assert await unchecked.get(name) == "foreign-value"
+
+
+async def test_a_secret_under_the_credstash_key_passes_the_key_check(
+    aws: AwsClients, boto: Any, table: str, name: str
+) -> None:
+    library_put(boto, name, "own-value", version="1")  # credstash's default key alias/credstash
+    from prometheus_client import REGISTRY
+
+    def describe_calls() -> float:
+        labels = {"service": "kms", "operation": "DescribeKey"}
+        return REGISTRY.get_sample_value("courier_aws_requests_total", labels) or 0.0
+
+    store = CredStash.from_settings(aws.dynamodb, aws.kms, secret_settings(table))
+    before = describe_calls()
+    assert await store.get(name) == "own-value"
+    assert await store.get(name) == "own-value"
+    assert describe_calls() - before == 1  # the alias is resolved once, then reused

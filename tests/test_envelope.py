@@ -800,3 +800,99 @@ async def test_rotation_under_concurrency_with_one_message_per_key_does_not_spin
         asyncio.gather(*(cipher.seal("create-mailbox", f"id-{i}", {"i": i}) for i in range(50))), 30
     )
     assert len(set(bodies)) == 50
+
+
+# --- key rotation: envelope.accepted_key_ids -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def other_key_alias(aws: AwsClients, other_key: str) -> str:
+    """An alias of ``other_key``: the new key of a rotation, as operators name it."""
+    alias = f"alias/envelope-new-{os.getpid()}"
+    await aws.kms.create_alias(AliasName=alias, TargetKeyId=other_key)
+    return alias
+
+
+async def test_after_a_key_change_messages_under_the_previous_key_are_refused(
+    make_cipher: Callable[..., EnvelopeCipher], other_key: str
+) -> None:
+    # Sealed before the rotation, under the old key (the session's data key).
+    in_flight = await make_cipher().seal("create-mailbox", new_id(), PAYLOAD)
+
+    error = await open_error(make_cipher(kms_key_id=other_key), in_flight)
+
+    assert error.reason == "undecryptable"
+
+
+async def test_after_a_key_change_accepted_key_ids_open_messages_under_the_previous_key(
+    make_cipher: Callable[..., EnvelopeCipher], other_key: str, resources: Resources
+) -> None:
+    old_key = resources.data_key_arn
+    in_flight = await make_cipher().seal("create-mailbox", new_id(), PAYLOAD)
+    rotated = make_cipher(kms_key_id=other_key, accepted_key_ids=(old_key,))
+    calls = KmsCalls()
+
+    assert (await rotated.open(in_flight)).payload == PAYLOAD
+    assert calls["Decrypt"] == 1
+    # Sealing always uses kms_key_id, never an accepted key.
+    assert Envelope.parse(await rotated.seal("create-mailbox", new_id(), PAYLOAD)).key_id == (
+        other_key
+    )
+
+
+async def test_accepted_key_ids_may_be_aliases_on_both_sides(
+    make_cipher: Callable[..., EnvelopeCipher],
+    other_key_alias: str,
+    data_key_alias: str,
+) -> None:
+    in_flight = await make_cipher(kms_key_id=data_key_alias).seal(
+        "create-mailbox", new_id(), PAYLOAD
+    )
+    rotated = make_cipher(kms_key_id=other_key_alias, accepted_key_ids=(data_key_alias,))
+
+    assert (await rotated.open(in_flight)).payload == PAYLOAD
+    fresh_messages = await rotated.seal("create-mailbox", new_id(), PAYLOAD)
+    assert (await make_cipher(kms_key_id=other_key_alias).open(fresh_messages)).payload == PAYLOAD
+
+
+async def test_accepted_key_ids_as_bare_key_ids(
+    make_cipher: Callable[..., EnvelopeCipher], other_key: str, resources: Resources
+) -> None:
+    in_flight = await make_cipher().seal("create-mailbox", new_id(), PAYLOAD)
+    bare_old = resources.data_key_arn.rsplit("/", 1)[1]
+
+    rotated = make_cipher(kms_key_id=other_key, accepted_key_ids=(bare_old,))
+
+    assert (await rotated.open(in_flight)).payload == PAYLOAD
+
+
+async def test_an_accepted_key_does_not_open_envelopes_of_any_other_key(
+    make_cipher: Callable[..., EnvelopeCipher],
+    aws: AwsClients,
+    other_key: str,
+    resources: Resources,
+) -> None:
+    third = (await aws.kms.create_key(Description="neither"))["KeyMetadata"]["Arn"]
+    body = await forge(aws.kms, third, b"{}")
+    calls = KmsCalls()
+
+    cipher = make_cipher(kms_key_id=other_key, accepted_key_ids=(resources.data_key_arn,))
+    error = await open_error(cipher, body)
+
+    assert error.reason == "undecryptable"
+    assert calls.total == 0
+
+
+def test_accepted_key_ids_setting_loads_from_env_and_toml(tmp_path: Any) -> None:
+    from service.settings import load_settings
+
+    old = "arn:aws:kms:eu-west-1:123456789012:key/11111111-2222-3333-4444-555555555555"
+    env = {"COURIER_ENVELOPE_ACCEPTED_KEY_IDS": f"{old}, alias/courier-2025"}
+    assert load_settings(environ=env).envelope.accepted_key_ids == (old, "alias/courier-2025")
+    path = tmp_path / "courier.toml"
+    path.write_text(
+        f'[envelope]\nkms_key_id = "alias/courier-2026"\naccepted_key_ids = ["{old}"]\n'
+    )
+    loaded = load_settings(path, environ={}).envelope
+    assert (loaded.kms_key_id, loaded.accepted_key_ids) == ("alias/courier-2026", (old,))
+    assert load_settings(environ={}).envelope.accepted_key_ids == ()

@@ -359,10 +359,13 @@ async def test_failed_background_refresh_is_quiet_and_keeps_the_value(
             assert await cache.get(name) == "kept"
             server.begin()
             clock.now += 55
-            started = time.monotonic()
+            counting.gate = asyncio.Event()  # the refresh is held until the caller has its value
             with caplog.at_level(logging.WARNING, logger="courier.secrets"):
-                assert await cache.get(name) == "kept"
-                assert time.monotonic() - started < 0.1, "a refresh never delays the caller"
+                # A caller that waited for the refresh would wait for the gate: never answered.
+                assert await asyncio.wait_for(cache.get(name), 10) == "kept"
+                await eventually(lambda: counting.calls == 2)  # the refresh started...
+                assert counting.finished == 1  # ...and is still held: the caller did not wait
+                counting.gate.set()
                 await eventually(lambda: counting.finished == 2)
             assert await cache.get(name) == "kept"
         gc.collect()
@@ -439,3 +442,49 @@ async def test_while_the_store_fails_expired_values_are_served_without_waiting(
         clock.now += 1
         assert await cache.get(name) == "keep-serving"
         assert counting.calls == 3  # fresh again after the successful background fetch
+
+
+# --- the daemon reads its secrets under the deployment's encryption context -----------------
+
+
+async def test_the_daemon_loads_secrets_stored_under_the_configured_context(
+    settings: Any, put: Callable[..., Any]
+) -> None:
+    """Secrets put with `credstash put NAME VALUE app=courier env=test` make the API ready only
+    when secrets.encryption_context names that context (IAM can then require it)."""
+    import dataclasses
+
+    import aiohttp
+
+    from service import daemon
+    from service.settings import FrozenMap
+
+    suffix = uuid.uuid4().hex[:8]
+    hs256, api_key = f"ctx.jwt.{suffix}", f"ctx.idm.{suffix}"
+    await put(hs256, "context-hs256-key-0123456789abcdef0123456789", CONTEXT)
+    await put(api_key, "context-idm-key", CONTEXT)
+    base = settings.replace(
+        role="api",
+        http=dataclasses.replace(settings.http, port=0, drain_seconds=1),
+        auth=dataclasses.replace(settings.auth, hs256_secret=hs256),
+        idm=dataclasses.replace(settings.idm, api_key_secret=api_key),
+    )
+
+    async def readiness(context: Mapping[str, str]) -> tuple[int, Any]:
+        secrets = dataclasses.replace(base.secrets, encryption_context=FrozenMap(context))
+        async with (
+            daemon.serving(base.replace(secrets=secrets)) as listening,
+            aiohttp.ClientSession() as http,
+        ):
+            deadline = time.monotonic() + 5
+            while True:
+                async with http.get(f"{listening.url}/readyz") as response:
+                    status, body = response.status, await response.json()
+                if status == 200 or time.monotonic() > deadline:
+                    return status, body
+                await asyncio.sleep(0.05)
+
+    assert (await readiness(CONTEXT))[0] == 200
+    status, body = await readiness({})
+    assert status == 503
+    assert body["checks"]["secrets"] != "ok"

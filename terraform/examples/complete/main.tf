@@ -53,8 +53,13 @@ module "courier" {
   requests_per_target  = 3000
   backlog_per_instance = 1000
 
+  # Store courier's secrets with this context (credstash put NAME VALUE app=courier): the
+  # instances decrypt with it, and IAM lets them decrypt nothing else.
   credstash_table_name         = "credential-store"
   credstash_encryption_context = { app = "courier" }
+
+  # After a replacement of the data CMK: the previous key's ARN, until the queues drain.
+  envelope_accepted_key_arns = []
 
   courier_role  = "all"
   log_level     = "INFO"
