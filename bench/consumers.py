@@ -91,7 +91,7 @@ def courier_worker_settings(
         role="worker",
         queue=queue,
         targets=tuple(TargetSettings(name=n, url=urls[n], format=f) for n, f in TARGETS),
-        http=dataclasses.replace(settings.http, port=0),
+        http=dataclasses.replace(settings.http, port=0, health_port=0),
     )
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 
 import aiohttp
@@ -32,7 +33,7 @@ from .idm import IdmClient
 from .logs import set_process_fields
 from .queue import Producer
 from .secrets import SecretCache
-from .settings import Settings
+from .settings import Settings, WorkerSettings
 from .state import (
     AWS,
     CONSUMER,
@@ -53,7 +54,19 @@ from .worker import Pipeline
 log = logging.getLogger("courier.app")
 
 PREFETCH_RETRY_SECONDS = 2.0
+WORKER_SETTLE_POLL_SECONDS = 0.05
 Context = Callable[[web.Application], AsyncIterator[None]]
+
+
+@dataclass
+class Shutdown:
+    """The one deadline both halves drain against, and the worker's drain once started."""
+
+    deadline: float | None = None  # event-loop time
+    worker: asyncio.Task[None] | None = None
+
+
+SHUTDOWN = web.AppKey("shutdown", Shutdown)
 
 
 def serves_api(settings: Settings) -> bool:
@@ -76,6 +89,12 @@ def check_runnable(settings: Settings) -> None:
         raise SettingsError("queue.dlq_url (COURIER_QUEUE_DLQ_URL) is required to run the worker")
     if runs_worker(settings) and not settings.targets:
         raise SettingsError("targets: the worker needs at least one [[targets]] entry")
+    health = settings.http.health_port + settings.instance
+    if settings.role == "worker" and settings.http.health_port and health == settings.http.port:
+        raise SettingsError(
+            f"http.health_port ({health} with instance {settings.instance}) is the API port: a"
+            " worker-role process must not bind the port API processes share"
+        )
 
 
 def required_secrets(settings: Settings) -> tuple[str, ...]:
@@ -95,6 +114,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[READINESS] = Readiness()
     app[ACCESS_LOG_KEY] = settings.log.access_log
+    app[SHUTDOWN] = Shutdown()
     contexts: list[Context] = [_aws_context, _http_context, _secrets_context, _data_context]
     if serves_api(settings):
         contexts += [_producer_context, _api_context]
@@ -141,7 +161,7 @@ async def _http_context(app: web.Application) -> AsyncIterator[None]:
 async def _secrets_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     clients = app[AWS]
-    store = CredStash(clients.dynamodb, clients.kms, settings.secrets.table)
+    store = CredStash.from_settings(clients.dynamodb, clients.kms, settings.secrets)
     async with SecretCache(store, settings.secrets) as cache:
         app[SECRETS] = cache
         names = required_secrets(settings)
@@ -204,7 +224,12 @@ async def _api_context(app: web.Application) -> AsyncIterator[None]:
         _secret_getter(cache, settings.auth.hs256_secret) if settings.auth.hs256_secret else None
     )
     jwks = (
-        Jwks(session, settings.auth.jwks_url, settings.auth.jwks_refresh_seconds)
+        Jwks(
+            session,
+            settings.auth.jwks_url,
+            settings.auth.jwks_refresh_seconds,
+            max_age_seconds=settings.auth.jwks_max_age_seconds,
+        )
         if settings.auth.jwks_url
         else None
     )
@@ -221,16 +246,63 @@ async def _worker_context(app: web.Application) -> AsyncIterator[None]:
     dlq = DeadLetterQueue(sqs, settings.queue.dlq_url, settings.queue.url)
     consumer = Consumer(sqs, settings.queue.url, pipeline.handle, settings.worker, dlq.move)
     app[CONSUMER] = consumer
-    app.on_shutdown.append(_stop_polling)
     consumer.start()
     yield
-    await consumer.stop(settings.http.drain_seconds)
+    # Normally the daemon began the drain at SIGTERM, alongside the API's; else it starts now.
+    begin_shutdown(app)
+    worker = app[SHUTDOWN].worker
+    assert worker is not None
+    await worker
 
 
-async def _stop_polling(app: web.Application) -> None:
-    # on_shutdown runs as soon as the listener closes: stop taking new messages right away,
-    # so the API's drain and the worker's drain overlap instead of adding up.
-    app[CONSUMER].stop_polling()
+def begin_shutdown(app: web.Application) -> float:
+    """Start draining now, if not already begun; the shared deadline (event-loop time).
+
+    Readiness turns false and the worker stops polling at once, then finishes its in-flight
+    messages by the deadline, in parallel with the API's in-flight requests: the two drains
+    overlap, they never add up. The earliest caller (SIGTERM, or the Auto Scaling lifecycle
+    hook) sets the deadline, ``http.drain_seconds`` from then.
+    """
+    state, settings = app[SHUTDOWN], app[SETTINGS]
+    if state.deadline is None:
+        state.deadline = asyncio.get_running_loop().time() + settings.http.drain_seconds
+        app[READINESS].draining = True
+        log.info(
+            "draining",
+            extra={"fields": {"event": "draining", "bound_seconds": settings.http.drain_seconds}},
+        )
+    if CONSUMER in app and state.worker is None:
+        state.worker = asyncio.create_task(
+            _drain_worker(app[CONSUMER], state.deadline, settings.worker), name="worker-drain"
+        )
+    return state.deadline
+
+
+async def _drain_worker(consumer: Consumer, deadline: float, settings: WorkerSettings) -> None:
+    """In-flight messages get until ``deadline``; releasing the rest and flushing deletes get
+    ``release_seconds`` more. Past that, systemd's SIGKILL would cut them anyway: better to
+    stop here and let the visibility timeout hand the unreleased messages back."""
+    loop = asyncio.get_running_loop()
+    consumer.stop_polling()
+    # A receive cut short stays a long poll at SQS, which can still hand it messages until its
+    # WaitTimeSeconds end; stop() can release them only if the receive is back by then. While
+    # in-flight work keeps the process here anyway, let those receives come back first.
+    settle = min(loop.time() + settings.wait_seconds, deadline)
+    while consumer.in_flight and loop.time() < settle:  # noqa: ASYNC110 - a count, no event
+        await asyncio.sleep(WORKER_SETTLE_POLL_SECONDS)
+    remaining = max(0.0, deadline - loop.time())
+    try:
+        await asyncio.wait_for(consumer.stop(remaining), remaining + settings.release_seconds)
+    except TimeoutError:
+        log.error(
+            "releasing messages and flushing deletes did not finish in time",
+            extra={
+                "fields": {
+                    "event": "worker_drain_cut_short",
+                    "bound_seconds": settings.release_seconds,
+                }
+            },
+        )
 
 
 async def _ec2_context(app: web.Application) -> AsyncIterator[None]:
@@ -263,6 +335,7 @@ async def _ec2_integration(app: web.Application) -> None:
 
 
 async def _drain_for_termination(app: web.Application) -> None:
-    app[READINESS].draining = True
-    if CONSUMER in app:
-        await app[CONSUMER].stop(app[SETTINGS].http.drain_seconds)
+    begin_shutdown(app)
+    worker = app[SHUTDOWN].worker
+    if worker is not None:
+        await asyncio.shield(worker)  # the lifecycle watcher's cancellation must not cut it

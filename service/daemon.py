@@ -1,7 +1,26 @@
 """The long-lived process: serve the app until SIGTERM/SIGINT, then drain in order.
 
-Shutdown order: report not-ready (draining) → stop listening → let in-flight requests
-finish within ``http.drain_seconds`` → close resources (cleanup contexts, in reverse).
+Shutdown, against one deadline (``http.drain_seconds`` from SIGTERM) shared by both halves:
+
+1. Readiness turns false and the worker stops polling; its in-flight messages get until the
+   deadline, in parallel with the API's in-flight requests (``app.begin_shutdown``).
+2. Every response from now on carries ``Connection: close``, so a keep-alive client learns
+   from an answer, never from a dropped connection, that it must reconnect.
+3. A keep-alive connection is closed only once it has been idle for
+   ``http.close_grace_seconds``. Closing an idle connection always races with a client that
+   starts sending on it at that instant (no HTTP/1.1 server can avoid that); a connection in
+   use keeps being answered instead, and the race is left to connections nobody used lately.
+4. The listener stays open until no connection is left or ``close_grace_seconds`` have
+   passed. It then closes without resetting what the kernel already accepted: connections
+   waiting in the accept queue are taken over and answered first.
+5. In-flight requests are answered, the worker releases what it could not finish and
+   flushes its deletes (``worker.release_seconds`` after the deadline at most), then the
+   resources close (cleanup contexts, in reverse). ``stop_bound_seconds`` is the whole bound,
+   which must stay below systemd's ``TimeoutStopSec``.
+
+A worker-role process serves /healthz, /readyz and /metrics on ``http.health_port`` (plus
+``instance``) and never binds the API port, which it would otherwise share (SO_REUSEPORT)
+with API processes and answer their clients with 404.
 """
 
 from __future__ import annotations
@@ -9,16 +28,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.web_protocol import RequestHandler
 
 from .api import health_routes
-from .app import create_app
+from .api.middleware import ProblemAppRunner
+from .app import begin_shutdown, create_app, serves_api
 from .settings import Settings
-from .state import CONSUMER, READINESS
+from .state import CONSUMER, READINESS, SETTINGS
 from .systemd import Notifier, watchdog_running
 
 log = logging.getLogger("courier.daemon")
@@ -26,15 +49,53 @@ log = logging.getLogger("courier.daemon")
 READY_POLL_SECONDS = 0.1
 MAX_HEADER_FIELD_BYTES = 16384
 STATUS_INTERVAL_SECONDS = 10.0
+DRAIN_POLL_SECONDS = 0.05
+# A connection accepted just before the listener closed gets at least this long to send its
+# request before it counts as idle, whatever close_grace_seconds says.
+MIN_IDLE_SECONDS = 0.25
+# Past the deadline, a request still running gets this long to end once cancelled, twice
+# (aiohttp waits for the handler, then for its task).
+CANCEL_SECONDS = 0.5
+# Closing AWS clients, the HTTP session and the caches once both drains are over.
+EXIT_SECONDS = 2.0
+MAX_QUEUED_ACCEPTS = 4096
 
 
 @dataclass(frozen=True, slots=True)
 class Listening:
-    """Where a running daemon can be reached."""
+    """Where a running daemon can be reached (``url``: the API, or a worker's health port)."""
 
     app: web.Application
     url: str
     metrics_url: str | None
+
+
+def stop_bound_seconds(settings: Settings) -> float:
+    """The longest a stop can take from SIGTERM to exit: keep it below ``TimeoutStopSec``."""
+    cancel = 2 * CANCEL_SECONDS
+    return settings.http.drain_seconds + max(settings.worker.release_seconds, cancel) + EXIT_SECONDS
+
+
+def serving_port(settings: Settings) -> int:
+    """The API port, or for a worker-role process its own health port (never the API's)."""
+    if serves_api(settings):
+        return settings.http.port
+    if settings.http.health_port == 0:
+        return 0
+    return settings.http.health_port + settings.instance
+
+
+@dataclass
+class _Closing:
+    """Turned on at SIGTERM: from then on every response ends its connection."""
+
+    on: bool = False
+
+    async def mark(self, _: web.Request, response: web.StreamResponse) -> None:
+        if self.on:
+            # The headers are already computed when this signal runs: set both.
+            response.force_close()
+            response.headers[hdrs.CONNECTION] = "close"
 
 
 def _bound_port(site: web.TCPSite) -> int:
@@ -44,23 +105,34 @@ def _bound_port(site: web.TCPSite) -> int:
     return int(sockets[0].getsockname()[1])
 
 
-@contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[Listening]:
-    """Start the app (and the metrics-only port, if set); drain and stop on exit."""
-    app = create_app(settings)
-    runner = web.AppRunner(
+def _runner(app: web.Application, settings: Settings) -> web.AppRunner:
+    # What aiohttp's parser refuses never reaches the middlewares: problem+json all the same.
+    return ProblemAppRunner(
         app,
         access_log=None,
-        shutdown_timeout=settings.http.drain_seconds,
+        # Only what is still running at the shared deadline meets this: see _drain_http.
+        shutdown_timeout=CANCEL_SECONDS,
         keepalive_timeout=settings.http.keepalive_timeout_seconds,
         # Room for courier's own 8 KiB token limit to answer with a 401 problem first.
         max_field_size=MAX_HEADER_FIELD_BYTES,
     )
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[Listening]:
+    """Start the app (and the metrics-only port, if set); drain and stop on exit."""
+    app = create_app(settings)
+    closing = _Closing()
+    app.on_response_prepare.append(closing.mark)
+    runner = _runner(app, settings)
     await runner.setup()
     metrics_runner: web.AppRunner | None = None
+    site: web.TCPSite | None = None
     try:
+        # Only API processes share a port; a worker's health port is its own.
+        reuse_port = settings.http.reuse_port if serves_api(settings) else False
         site = web.TCPSite(
-            runner, settings.http.host, settings.http.port, reuse_port=settings.http.reuse_port
+            runner, settings.http.host, serving_port(settings), reuse_port=reuse_port
         )
         await site.start()
         url = f"http://{settings.http.host}:{_bound_port(site)}"
@@ -69,25 +141,127 @@ async def serving(settings: Settings) -> AsyncIterator[Listening]:
             metrics_runner, metrics_url = await _start_metrics(settings)
         log.info(
             "listening",
-            extra={"fields": {"event": "listening", "url": url, "metrics_url": metrics_url}},
+            extra={
+                "fields": {
+                    "event": "listening",
+                    "url": url,
+                    "metrics_url": metrics_url,
+                    "role": settings.role,
+                }
+            },
         )
         yield Listening(app, url, metrics_url)
     finally:
-        app[READINESS].draining = True
-        log.info(
-            "draining",
-            extra={"fields": {"event": "draining", "bound_seconds": settings.http.drain_seconds}},
-        )
+        deadline = begin_shutdown(app)
+        # An Auto Scaling lifecycle drain may have set the worker's deadline long before this
+        # SIGTERM; requests (normally none by then: the target was deregistered first) still
+        # get the bound from now, which keeps the stop within stop_bound_seconds.
+        deadline = max(deadline, asyncio.get_running_loop().time() + settings.http.drain_seconds)
+        if site is not None:
+            await _drain_http(runner, site, closing, deadline, settings.http.close_grace_seconds)
         await runner.cleanup()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         log.info("stopped", extra={"fields": {"event": "stopped"}})
 
 
+async def _drain_http(
+    runner: web.AppRunner, site: web.TCPSite, closing: _Closing, deadline: float, grace: float
+) -> None:
+    """Answer every request already read, end keep-alive connections cleanly, then stop."""
+    loop = asyncio.get_running_loop()
+    server = runner.server
+    assert server is not None
+    closing.on = True
+    listen_until = min(loop.time() + grace, deadline)
+    listening = True
+    while loop.time() < deadline:
+        _close_idle(server.connections, loop.time(), max(grace, MIN_IDLE_SECONDS))
+        if listening and (not server.connections or loop.time() >= listen_until):
+            listening = False
+            await _stop_listening(runner, site)
+            continue
+        if not listening and not server.connections:
+            return
+        await asyncio.sleep(DRAIN_POLL_SECONDS)
+    if listening:
+        await _stop_listening(runner, site)
+    if not server.connections:
+        return
+    log.warning(
+        "connections still open at the drain deadline are closed, their requests cancelled",
+        extra={"fields": {"event": "http_drain_cut_short", "connections": len(server.connections)}},
+    )
+
+
+def _close_idle(connections: list[RequestHandler], now: float, idle_seconds: float) -> None:
+    for handler in connections:
+        since = _idle_since(handler)
+        if since is not None and now - since >= idle_seconds:
+            handler.force_close()
+
+
+def _idle_since(handler: RequestHandler) -> float | None:
+    """When the connection last finished a response (or was accepted), while it waits for a
+    request; None while a request is being read or answered.
+
+    This is aiohttp's own test of idleness (what its keep-alive timer closes), on attributes
+    it does not expose: a parsed request resolves the waiter, so a connection whose request
+    has been read is never idle here.
+    """
+    waiter = handler._waiter
+    if waiter is None or waiter.done():
+        return None
+    return handler._next_keepalive_close_time - handler.keepalive_timeout
+
+
+async def _stop_listening(runner: web.AppRunner, site: web.TCPSite) -> None:
+    """Close the listening sockets without resetting connections the kernel already accepted.
+
+    Closing a listening socket resets every connection still in its accept queue, though the
+    client completed its handshake and may have sent its request. So the event loop stops
+    accepting first while a duplicate descriptor keeps the socket listening, the queue is
+    emptied, and the socket closes right after, with no await in between. Those connections
+    are then served like any other (and told ``Connection: close``).
+    """
+    server = site._server  # the asyncio server: aiohttp does not expose its sockets
+    if server is None:
+        return
+    listeners = [
+        socket.socket(fileno=os.dup(sock.fileno()))
+        for sock in (getattr(server, "sockets", None) or [])
+    ]
+    server.close()
+    accepted: list[socket.socket] = []
+    for listener in listeners:
+        accepted += _accept_queued(listener)
+        listener.close()
+    loop = asyncio.get_running_loop()
+    assert runner.server is not None
+    for connection in accepted:
+        await loop.connect_accepted_socket(runner.server, connection)
+    log.info(
+        "listener closed",
+        extra={"fields": {"event": "listener_closed", "taken_from_queue": len(accepted)}},
+    )
+
+
+def _accept_queued(listener: socket.socket) -> list[socket.socket]:
+    listener.setblocking(False)
+    accepted = []
+    for _ in range(MAX_QUEUED_ACCEPTS):
+        try:
+            connection, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            break
+        accepted.append(connection)
+    return accepted
+
+
 async def _start_metrics(settings: Settings) -> tuple[web.AppRunner, str]:
     metrics_app = web.Application()
     metrics_app.router.add_get("/metrics", health_routes.metrics_handler)
-    runner = web.AppRunner(metrics_app, access_log=None)
+    runner = web.AppRunner(metrics_app, access_log=None, shutdown_timeout=CANCEL_SECONDS)
     await runner.setup()
     port = settings.http.metrics_port + settings.instance
     site = web.TCPSite(runner, settings.http.host, port)
@@ -114,7 +288,7 @@ async def run(
             reporter = asyncio.create_task(_report(listening, notifier), name="systemd-status")
             await stop.wait()
             reporter.cancel()
-            notifier.stopping(f"draining (at most {settings.http.drain_seconds:g}s)")
+            notifier.stopping(f"draining (at most {stop_bound_seconds(settings):g}s)")
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
@@ -137,7 +311,9 @@ async def _report(listening: Listening, notifier: Notifier) -> None:
 
 
 def _activity(listening: Listening) -> str:
-    parts = [f"API on {listening.url}"]
-    if CONSUMER in listening.app:
-        parts.append(f"{listening.app[CONSUMER].in_flight} messages in flight")
+    app = listening.app
+    where = "API" if serves_api(app[SETTINGS]) else "health"
+    parts = [f"{where} on {listening.url}"]
+    if CONSUMER in app:
+        parts.append(f"{app[CONSUMER].in_flight} messages in flight")
     return ", ".join(parts)

@@ -19,7 +19,7 @@ import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +33,31 @@ ENV_PREFIX = "COURIER_"
 Role = Literal["all", "api", "worker"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 TargetFormat = Literal["json", "soap"]
+
+
+class FrozenMap(Mapping[str, str]):
+    """An immutable, hashable str -> str mapping: a setting's value stays frozen like the rest."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
+        self._items: dict[str, str] = dict(items)
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        # TOML inline-table syntax: what the README's settings table shows as the default.
+        return "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in self._items.items()) + "}"
 
 
 def setting(
@@ -62,9 +87,28 @@ class HttpSettings:
         max=65535,
     )
     metrics_port: int = setting(0, "extra port serving only /metrics (0 = off)", min=0, max=65535)
+    health_port: int = setting(
+        9200,
+        "port of a worker-role process, plus instance: /healthz, /readyz and /metrics only (a"
+        " worker never binds the API port; 0 = any free port)",
+        min=0,
+        max=65535,
+    )
     max_body_bytes: int = setting(64 * 1024, "largest accepted request body", min=1024, max=10**7)
     drain_seconds: float = setting(
-        20.0, "bound on finishing in-flight work at shutdown", min=0, max=600
+        20.0,
+        "one bound, shared by the API and the worker, on finishing in-flight requests and"
+        " messages after SIGTERM (keep it + worker.release_seconds + 2 below systemd's"
+        " TimeoutStopSec)",
+        min=0,
+        max=600,
+    )
+    close_grace_seconds: float = setting(
+        1.0,
+        "after SIGTERM the API keeps accepting this long, answering with Connection: close, and"
+        " closes a keep-alive connection only once it has been idle this long",
+        min=0,
+        max=60,
     )
     reuse_port: bool = setting(True, "set SO_REUSEPORT so several processes share the port")
     body_timeout_seconds: float = setting(
@@ -149,6 +193,16 @@ class SecretSettings:
     )
     prefetch: tuple[str, ...] = setting([], "secret names loaded at startup (readiness waits)")
     enabled: bool = setting(True, "cache secrets (false = fetch on every use, for benchmarks)")
+    encryption_context: FrozenMap = setting(
+        FrozenMap(),
+        "KMS encryption context of this deployment's secrets (credstash put NAME VALUE k=v);"
+        " TOML table, or k=v,k2=v2 / a JSON object in env",
+    )
+    kms_key_id: str = setting(
+        "alias/credstash",
+        "the CredStash KMS key (ARN, id or alias, resolved once with DescribeKey); a secret"
+        " whose data key KMS reports under another key is refused ('' = any key)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +210,11 @@ class EnvelopeSettings:
     """Envelope encryption of queued events under KMS data keys."""
 
     kms_key_id: str = setting("alias/courier", "KMS key (id, ARN or alias) for data keys")
+    accepted_key_ids: tuple[str, ...] = setting(
+        [],
+        "previous KMS keys (ids, ARNs or aliases) whose data keys may still be opened after"
+        " kms_key_id changes; sealing always uses kms_key_id",
+    )
     data_key_max_messages: int = setting(
         10_000, "messages encrypted under one data key", min=1, max=2**32
     )
@@ -176,6 +235,13 @@ class AuthSettings:
     jwks_url: str = setting("", "JWKS URL for RS256/ES256 keys ('' = off)", kind="url?")
     jwks_refresh_seconds: float = setting(
         60.0, "minimum interval between JWKS refetches on an unknown kid", min=1, max=86400
+    )
+    jwks_max_age_seconds: float = setting(
+        300.0,
+        "longest time JWKS keys are trusted without a refetch (a shorter Cache-Control max-age"
+        " or Expires wins); a key removed from the JWKS is refused within this bound",
+        min=1,
+        max=86400,
     )
     leeway_seconds: float = setting(30.0, "clock skew allowed on exp/nbf", min=0, max=300)
 
@@ -229,6 +295,12 @@ class WorkerSettings:
         2.0, "first retry delay for transient failures", min=0, max=3600
     )
     backoff_max_seconds: float = setting(900.0, "longest retry delay", min=1, max=43200)
+    release_seconds: float = setting(
+        5.0,
+        "bound on releasing unfinished messages and flushing deletes after the drain",
+        min=0.5,
+        max=60,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +331,8 @@ class Settings:
     role: Role = setting("all", "which halves run: all, api or worker")
     instance: int = setting(
         0,
-        "instance number (systemd %i): added to http.metrics_port so each process has its own",
+        "instance number (systemd %i): added to http.metrics_port and http.health_port so each"
+        " process has its own",
         min=0,
         max=999,
     )
@@ -399,6 +472,8 @@ def _coerce(raw: Any, hint: Any, meta: Mapping[str, Any], source: str) -> Any:
         return value
     if origin is tuple:
         return _coerce_list(raw, source)
+    if hint is FrozenMap:
+        return _coerce_context(raw, source)
     if hint is bool:
         return _coerce_bool(raw, source)
     if hint is int or hint is float:
@@ -462,6 +537,35 @@ def _coerce_list(raw: Any, source: str) -> tuple[str, ...]:
     if isinstance(raw, list) and all(isinstance(part, str) for part in raw):
         return tuple(raw)
     raise _invalid(source, raw, "a list of strings (comma-separated in env)")
+
+
+def _coerce_context(raw: Any, source: str) -> FrozenMap:
+    """A KMS encryption context: a TOML table, or ``k=v,k2=v2`` / a JSON object in env."""
+    expected = "a table of non-empty strings (k=v,k2=v2 or a JSON object in env)"
+    if isinstance(raw, str):
+        text = raw.strip()
+        try:
+            raw = json.loads(text) if text.startswith("{") else _pairs(text)
+        except (ValueError, RecursionError):
+            raise _invalid(source, raw, expected) from None
+    if not isinstance(raw, Mapping):
+        raise _invalid(source, raw, expected)
+    for key, value in raw.items():
+        if not (isinstance(key, str) and isinstance(value, str) and key.strip() and value):
+            raise _invalid(source, raw, expected)
+        if key.lower().startswith("aws:"):  # the aws: prefix is AWS services' own (aws:sqs:arn)
+            raise _invalid(source, raw, "keys that do not start with aws: (reserved by AWS)")
+    return FrozenMap(raw)
+
+
+def _pairs(text: str) -> dict[str, str]:
+    pairs = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(part)
+        pairs[key.strip()] = value.strip()
+    return pairs
 
 
 def _fmt(number: float) -> str:

@@ -69,12 +69,50 @@ resource "aws_lb_listener" "https" {
   ssl_policy        = var.ssl_policy
   certificate_arn   = var.certificate_arn
 
+  # Only the public API is public: anything no rule below matches (/readyz, /metrics, ...)
+  # is answered by the ALB itself and never reaches an instance.
   default_action {
+    type = "fixed-response"
+
+    fixed_response {
+      status_code  = "404"
+      content_type = "application/json" # ALB fixed responses cannot say application/problem+json
+      message_body = local.not_found_body
+    }
+  }
+
+  tags = merge(local.tags, { Name = "${var.name}-https" })
+}
+
+locals {
+  # Path patterns the ALB forwards to courier (case-sensitive; the query string is not matched).
+  public_paths = ["/v1/*", "/openapi.json", "/healthz"]
+
+  # The same RFC 9457 shape courier answers its own 404s with.
+  not_found_body = jsonencode({
+    type   = "urn:courier:problem:not-found"
+    title  = "Not Found"
+    status = 404
+    detail = "no such resource"
+  })
+}
+
+resource "aws_lb_listener_rule" "public_api" {
+  listener_arn = aws_lb_listener.https.arn
+  priority     = 100
+
+  action {
     type             = "forward"
     target_group_arn = aws_lb_target_group.api.arn
   }
 
-  tags = merge(local.tags, { Name = "${var.name}-https" })
+  condition {
+    path_pattern {
+      values = local.public_paths
+    }
+  }
+
+  tags = merge(local.tags, { Name = "${var.name}-public-api" })
 }
 
 resource "aws_lb_listener" "http_redirect" {

@@ -190,9 +190,12 @@ variable "drain_seconds" {
   type        = number
   default     = 20
 
+  # courier@.service stops with TimeoutStopSec=30: the drain, then up to 5 s to release and
+  # flush the worker (worker.release_seconds), then 2 s to close must fit with a margin, or systemd's
+  # SIGKILL skips the release (tests/test_systemd_units.py checks the same sum).
   validation {
-    condition     = var.drain_seconds >= 1 && var.drain_seconds <= 600 && floor(var.drain_seconds) == var.drain_seconds
-    error_message = "drain_seconds must be a whole number between 1 and 600."
+    condition     = var.drain_seconds >= 1 && var.drain_seconds <= 22 && floor(var.drain_seconds) == var.drain_seconds
+    error_message = "drain_seconds must be a whole number between 1 and 22 (the unit's TimeoutStopSec=30 minus release and exit time)."
   }
 }
 
@@ -494,9 +497,27 @@ variable "credstash_kms_alias" {
 }
 
 variable "credstash_encryption_context" {
-  description = "Encryption context courier's secrets were stored with (credstash put ... key=value). When set, the instances may decrypt only CredStash items carrying exactly this context (kms:EncryptionContext:<key> conditions)."
+  description = "Encryption context courier's secrets are stored with (credstash put NAME VALUE key=value). It is rendered into courier.toml (secrets.encryption_context), and the instances may decrypt only CredStash items carrying exactly this context (kms:EncryptionContext:<key> conditions, no other keys); empty allows only items stored without a context."
   type        = map(string)
   default     = {}
+
+  validation {
+    condition = alltrue([for key, value in var.credstash_encryption_context :
+      length(trimspace(key)) > 0 && length(value) > 0 && !startswith(lower(key), "aws:")
+    ])
+    error_message = "credstash_encryption_context keys and values must be non-empty, and keys must not start with aws: (reserved by AWS)."
+  }
+}
+
+variable "envelope_accepted_key_arns" {
+  description = "ARNs of previous data CMKs (after the data key was replaced) whose queued messages must still be opened: rendered into courier.toml as envelope.accepted_key_ids and granted kms:Decrypt. Remove them once the queues have drained."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for arn in var.envelope_accepted_key_arns : can(regex("^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/.+$", arn))])
+    error_message = "envelope_accepted_key_arns must be KMS key ARNs (arn:aws:kms:<region>:<account>:key/<id>)."
+  }
 }
 
 variable "key_deletion_window_days" {

@@ -334,13 +334,15 @@ def write_config(settings: Settings, directory: Path, name: str = "courier.toml"
 async def courier_process(
     settings: Settings, directory: Path, *args: str
 ) -> AsyncIterator[CourierProcess]:
-    """Run ``python -m service --config <file> run <args>`` with ``settings`` on a free port.
+    """Run ``python -m service --config <file> run <args>`` with ``settings`` on free ports.
 
     The child's stdout and stderr go to a file in ``directory``; it is killed on exit if still
     running.
     """
-    port = free_port()
-    configured = settings.replace(http=dataclasses.replace(settings.http, port=port))
+    port, health_port = free_port(), free_port()
+    configured = settings.replace(
+        http=dataclasses.replace(settings.http, port=port, health_port=health_port)
+    )
     config = write_config(configured, directory, f"courier-{port}.toml")
     log_path = directory / f"courier-{port}.log"
     with log_path.open("wb") as out:
@@ -358,7 +360,9 @@ async def courier_process(
             stdout=out,
             stderr=asyncio.subprocess.STDOUT,
         )
-    running = CourierProcess(process, f"http://127.0.0.1:{port}", log_path)
+    # A worker-role process never binds the API port: it answers on its health port.
+    served = health_port if settings.role == "worker" else port
+    running = CourierProcess(process, f"http://127.0.0.1:{served}", log_path)
     try:
         yield running
     finally:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from service import daemon
 from service.local import to_toml
@@ -65,12 +68,22 @@ async def test_not_ready_while_a_required_secret_is_missing(
             assert response.status == 503
             body = await response.json()
         assert body["status"] == "not ready"
-        assert body["checks"]["secrets"] == "not ready"
+        assert body["checks"]["secrets"] == "failing"
+
+
+def probe_failures(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    """The ``fields`` of every readiness_probe_failed log record."""
+    return [
+        fields
+        for record in caplog.records
+        if (fields := getattr(record, "fields", {})).get("event") == "readiness_probe_failed"
+    ]
 
 
 async def test_not_ready_when_aws_is_unreachable(
-    settings: Settings, http: aiohttp.ClientSession
+    settings: Settings, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="courier.health")
     aws = dataclasses.replace(
         settings.aws,
         endpoint_url="http://127.0.0.1:9",
@@ -81,7 +94,67 @@ async def test_not_ready_when_aws_is_unreachable(
         async with http.get(f"{listening.url}/readyz") as response:
             assert response.status == 503
             body = await response.json()
-        assert body["checks"]["aws"].startswith("EndpointConnectionError")
+        assert body["checks"]["aws"] == "failing"
+    # The reason is for operators, in the log: not in the body.
+    [failure] = probe_failures(caplog)
+    assert failure["check"] == "aws"
+    assert str(failure["error"]).startswith("EndpointConnectionError")
+
+
+ROLE_ARN = "arn:aws:sts::123456789012:assumed-role/courier-instance/i-0123456789abcdef0"
+DENIED = (
+    f"User: {ROLE_ARN} is not authorized to perform: sqs:getqueueattributes on resource: "
+    "arn:aws:sqs:eu-west-1:123456789012:courier-work because no identity-based policy allows it"
+)
+
+
+@pytest.fixture
+async def denying_sqs() -> AsyncIterator[str]:
+    """An SQS endpoint that refuses every call the way AWS does for a role without permission."""
+
+    async def deny(_: web.Request) -> web.Response:
+        body = {"__type": "com.amazonaws.sqs#AccessDenied", "message": DENIED}
+        return web.json_response(
+            body,
+            status=403,
+            content_type="application/x-amz-json-1.0",
+            headers={"x-amzn-query-error": "AccessDenied;Sender"},
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", deny)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_readyz_never_shows_aws_error_text_or_the_role_arn(
+    settings: Settings,
+    http: aiohttp.ClientSession,
+    denying_sqs: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="courier.health")
+    aws = dataclasses.replace(settings.aws, sqs_endpoint_url=denying_sqs)
+    async with daemon.serving(on_free_port(settings.replace(aws=aws))) as listening:
+        for _ in range(3):  # the failed probe is cached for a while; the answer stays the same
+            async with http.get(f"{listening.url}/readyz") as response:
+                assert response.status == 503
+                text = await response.text()
+            body = json.loads(text)
+            assert body["status"] == "not ready"
+            assert body["checks"]["aws"] == "failing"
+            assert set(body["checks"].values()) <= {"ok", "failing"}
+            for leak in ("arn:aws", "123456789012", "AccessDenied", "not authorized", "Error"):
+                assert leak not in text, f"/readyz leaks {leak!r}: {text}"
+    failures = probe_failures(caplog)
+    assert len(failures) == 1, "a failure that does not change is logged once"
+    assert ROLE_ARN in str(failures[0]["error"])
 
 
 async def test_unknown_route_is_problem_json_with_request_id(

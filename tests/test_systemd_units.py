@@ -141,6 +141,29 @@ def test_service_contract() -> None:
     assert unit["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
 
 
+def test_a_stop_ends_before_timeout_stop_sec(tmp_path: Path) -> None:
+    """systemd SIGKILLs at TimeoutStopSec, which would skip releasing unfinished messages and
+    flushing deletes. The API and the worker drain against one deadline (http.drain_seconds),
+    then the release and flush (worker.release_seconds) and the exit must still fit: with the
+    unit's environment, and with the values courier.env.example suggests."""
+    from service import daemon
+    from service.settings import load_settings
+
+    unit = unit_directives("courier@.service")
+    timeout = float(unit["TimeoutStopSec"][0])
+    environ = dict(value.split("=", 1) for value in unit["Environment"] if "%" not in value)
+    example = (SYSTEMD_SRC / "courier.env.example").read_text()
+    suggested = dict(re.findall(r"^#(COURIER_\w+)=(\S+)$", example, flags=re.MULTILINE))
+    assert "COURIER_HTTP_DRAIN_SECONDS" in suggested
+    empty = tmp_path / "courier.toml"
+    empty.write_text("")
+    for env in (environ, {**environ, **suggested}):
+        settings = load_settings(empty, env)
+        drain, release = settings.http.drain_seconds, settings.worker.release_seconds
+        assert drain + release + daemon.EXIT_SECONDS < timeout, env
+        assert daemon.stop_bound_seconds(settings) < timeout, env
+
+
 # --- generator ------------------------------------------------------------------------------
 
 

@@ -359,6 +359,25 @@ def test_no_ingress_from_anywhere_except_the_configured_alb_clients(tf: Module) 
 # --------------------------------------------------------------------------------------
 
 
+def test_the_largest_drain_allowed_still_stops_before_systemd_kills(tf: Module) -> None:
+    """drain_seconds goes into courier.toml; the unit's TimeoutStopSec is fixed. The largest
+    value the variable accepts, plus the worker's release and the exit, must fit in it."""
+    import re
+
+    from service import daemon
+    from service.settings import load_settings
+
+    conditions = " ".join(v["condition"] for v in tf.variables["drain_seconds"]["validation"])
+    bound = re.search(r"var\.drain_seconds <= (\d+)", conditions)
+    assert bound, f"drain_seconds needs an upper bound: {conditions}"
+    unit = (REPO / "systemd" / "courier@.service").read_text()
+    stop = re.search(r"^TimeoutStopSec=(\d+)", unit, flags=re.MULTILINE)
+    assert stop, "courier@.service must set TimeoutStopSec"
+    timeout = float(stop[1])
+    settings = load_settings(environ={"COURIER_HTTP_DRAIN_SECONDS": bound[1]})
+    assert daemon.stop_bound_seconds(settings) < timeout
+
+
 def test_target_group_drains_for_the_drain_bound_and_checks_readyz(tf: Module) -> None:
     group = tf.resource("aws_lb_target_group", "api")
     assert group["deregistration_delay"] == "${var.drain_seconds}"
@@ -387,6 +406,41 @@ def test_alb_serves_modern_tls_redirects_http_and_logs(tf: Module) -> None:
     )
     assert redirect["type"] == "redirect"
     assert one(redirect["redirect"], "redirect")["protocol"] == "HTTPS"
+
+
+PUBLIC_PATHS = {"/v1/*", "/openapi.json", "/healthz"}
+
+
+def test_https_listener_answers_404_for_anything_but_the_public_api(tf: Module) -> None:
+    # /readyz (readiness details) and /metrics must not be reachable through the ALB.
+    https = tf.resource("aws_lb_listener", "https")
+    default = one(https["default_action"], "default_action")
+    assert default["type"] == "fixed-response"
+    assert "target_group_arn" not in default
+    fixed = one(default["fixed_response"], "fixed_response")
+    assert str(fixed["status_code"]) == "404"
+    assert fixed["content_type"] == "application/json"  # the rendered body: module.tftest.hcl
+
+
+def test_listener_rules_forward_exactly_the_public_paths_to_the_api(tf: Module) -> None:
+    rules = {
+        name: rule
+        for name, rule in tf.of_type("aws_lb_listener_rule").items()
+        if rule["listener_arn"] == "${aws_lb_listener.https.arn}"
+    }
+    assert rules, "no listener rule forwards the public API"
+    paths: list[str] = []
+    for name, rule in rules.items():
+        action = one(rule["action"], f"{name}.action")
+        assert action["type"] == "forward", f"{name} must forward"
+        assert action["target_group_arn"] == "${aws_lb_target_group.api.arn}"
+        for condition in as_list(rule["condition"]):
+            assert set(condition) == {"path_pattern"}, f"{name}: conditions on paths only"
+            paths += resolve(tf, one(condition["path_pattern"], "path_pattern")["values"])
+    assert sorted(paths) == sorted(PUBLIC_PATHS)
+    # The health check reaches /readyz on the instance's port directly, not via the listener.
+    health = one(tf.resource("aws_lb_target_group", "api")["health_check"], "health_check")
+    assert (health["path"], health["port"]) == ("/readyz", "traffic-port")
 
 
 # --------------------------------------------------------------------------------------
@@ -524,12 +578,11 @@ def test_instance_role_has_exactly_the_access_courier_needs(tf: Module) -> None:
         "sqs:SendMessage",
         "sqs:GetQueueAttributes",
     }
+    # No DeleteItem, no Query, no transactions: courier never calls them on the status table.
     assert set(statements["StatusTable"]["actions"]) == {
         "dynamodb:GetItem",
         "dynamodb:PutItem",
         "dynamodb:UpdateItem",
-        "dynamodb:Query",
-        "dynamodb:ConditionCheckItem",
     }
     assert statements["StatusTable"]["resources"] == ["${aws_dynamodb_table.status.arn}"]
     assert set(statements["CredStashTableRead"]["actions"]) == {
@@ -537,21 +590,84 @@ def test_instance_role_has_exactly_the_access_courier_needs(tf: Module) -> None:
         "dynamodb:GetItem",
     }
     assert statements["DataKeyUse"]["resources"] == [DATA_KEY]
+    assert set(statements["DataKeyUse"]["actions"]) == {"kms:GenerateDataKey", "kms:Decrypt"}
     assert statements["CredStashDecrypt"]["actions"] == ["kms:Decrypt"]
-    dynamic_condition = statements["CredStashDecrypt"]["dynamic"][0]["condition"]
-    assert dynamic_condition["for_each"] == "${var.credstash_encryption_context}"
-    assert dynamic_condition["content"][0]["variable"] == "kms:EncryptionContext:${condition.key}"
+    assert statements["CredStashKeyDescribe"]["actions"] == ["kms:DescribeKey"]
+    assert statements["CredStashKeyDescribe"]["resources"] == ["${local.credstash_key_arn}"]
     lifecycle = statements["OwnLifecycleHook"]
-    assert set(lifecycle["actions"]) == {
-        "autoscaling:CompleteLifecycleAction",
-        "autoscaling:RecordLifecycleActionHeartbeat",
-    }
+    assert lifecycle["actions"] == ["autoscaling:CompleteLifecycleAction"]
     assert lifecycle["resources"] == ["${local.asg_arn}"]
     assert tf.locals["asg_arn"].endswith(":autoScalingGroupName/${local.asg_name}")
     attachments = tf.of_type("aws_iam_role_policy_attachment")
     assert [a["policy_arn"] for a in attachments.values()] == [
         "arn:${local.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"
     ]
+
+
+def _instance_statements(tf: Module) -> dict[str, dict[str, Any]]:
+    return {s["sid"]: s for d, s in _identity_statements(tf) if d == "instance"}
+
+
+def test_credstash_read_is_limited_to_the_secret_names_courier_is_configured_with(
+    tf: Module,
+) -> None:
+    read = _instance_statements(tf)["CredStashTableRead"]
+    [condition] = read["condition"]
+    assert (condition["test"], condition["variable"]) == (
+        "ForAllValues:StringEquals",
+        "dynamodb:LeadingKeys",
+    )
+    assert condition["values"] == "${local.credstash_secret_names}"
+    # The names come from the same variables that put them into courier.toml.
+    names = tf.locals["credstash_secret_names"]
+    for source in (
+        "var.jwt_hs256_secret",
+        "var.idm_api_key_secret",
+        "for target in var.targets : target.secret",
+    ):
+        assert source in names, f"credstash_secret_names does not include {source}"
+    assert "compact(" in names  # an empty name (e.g. a target without a secret) is no grant
+
+
+def test_credstash_decrypt_requires_exactly_the_deployment_encryption_context(
+    tf: Module,
+) -> None:
+    decrypt = _instance_statements(tf)["CredStashDecrypt"]
+    assert decrypt["resources"] == ["${local.credstash_key_arn}"]
+    dynamic_condition = decrypt["dynamic"][0]["condition"]
+    assert dynamic_condition["for_each"] == "${var.credstash_encryption_context}"
+    content = dynamic_condition["content"][0]
+    assert (content["test"], content["variable"], content["values"]) == (
+        "StringEquals",
+        "kms:EncryptionContext:${condition.key}",
+        ["${condition.value}"],
+    )
+    # No context key beyond the configured ones; with none configured, no context at all.
+    [keys] = decrypt["condition"]
+    assert keys["variable"] == "kms:EncryptionContextKeys"
+    assert "ForAllValues:StringEquals" in keys["test"]
+    assert "Null" in keys["test"]
+    assert "keys(var.credstash_encryption_context)" in keys["values"]
+
+
+def test_previous_data_keys_may_only_be_decrypted(tf: Module) -> None:
+    document = tf.data[("aws_iam_policy_document", "instance")]
+    [dynamic] = [d["statement"] for d in document["dynamic"] if "statement" in d]
+    assert "var.envelope_accepted_key_arns" in dynamic["for_each"]
+    content = dynamic["content"][0]
+    assert content["actions"] == ["kms:Decrypt"]
+    assert content["resources"] == "${var.envelope_accepted_key_arns}"
+
+
+def test_credstash_settings_are_rendered_from_what_iam_allows(tf: Module) -> None:
+    config = tf.locals["courier_config"]
+    assert "secrets_encryption_context = var.credstash_encryption_context" in _squash(config)
+    assert "secrets_kms_key_id = local.credstash_key_arn" in _squash(config)
+    assert "accepted_key_ids = var.envelope_accepted_key_arns" in _squash(config)
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
 
 
 # --------------------------------------------------------------------------------------
@@ -624,6 +740,11 @@ TEMPLATE_VALUES: dict[str, Any] = {
     "idm_url": "https://idm.example.net",
     "idm_api_key_secret": "courier.idm.api_key",
     "max_in_flight": 100,
+    "secrets_encryption_context": {"app": "courier", "env": 'prod "eu"'},
+    "secrets_kms_key_id": "arn:aws:kms:eu-west-1:123456789012:key/99999999-2222-3333-4444-555555555555",
+    "accepted_key_ids": [
+        "arn:aws:kms:eu-west-1:123456789012:key/00000000-2222-3333-4444-555555555555"
+    ],
     "metrics_base_port": 9100,
     "asg_name": "courier-asg",
     "lifecycle_hook_name": "courier-drain",
@@ -693,6 +814,20 @@ def test_rendered_courier_toml_is_accepted_by_the_daemon(tmp_path: Path) -> None
         "courier-asg",
         "courier-drain",
     )
+
+
+def test_rendered_courier_toml_carries_the_credstash_context_key_and_accepted_keys(
+    tmp_path: Path,
+) -> None:
+    settings_module = pytest.importorskip("service.settings")
+    path = tmp_path / "courier.toml"
+    for context in (TEMPLATE_VALUES["secrets_encryption_context"], {}):
+        values = {**TEMPLATE_VALUES, "secrets_encryption_context": context}
+        path.write_text(_render("courier.toml.tftpl", values, tmp_path))
+        settings = settings_module.load_settings(path, environ={})
+        assert dict(settings.secrets.encryption_context) == context
+        assert settings.secrets.kms_key_id == TEMPLATE_VALUES["secrets_kms_key_id"]
+        assert settings.envelope.accepted_key_ids == tuple(TEMPLATE_VALUES["accepted_key_ids"])
 
 
 def test_rendered_user_data_is_valid_bash_with_valid_agent_config(tmp_path: Path) -> None:

@@ -248,7 +248,7 @@ def _worker_settings(
         targets=targets,
         # Default worker settings; only a short long-poll, so shutdown does not wait 20 s.
         worker=WorkerSettings(wait_seconds=1),
-        http=dataclasses.replace(settings.http, port=0, drain_seconds=5),
+        http=dataclasses.replace(settings.http, port=0, health_port=0, drain_seconds=5),
     )
 
 

@@ -14,7 +14,12 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """200 when secrets are loaded, AWS answers and the process is not draining; else 503."""
+    """200 when secrets are loaded, AWS answers and the process is not draining; else 503.
+
+    The body names each check as "ok" or "failing" and nothing more: the reasons are in the
+    log (``readiness_probe_failed``), because AWS error text names the role, account and
+    resources, and this route answers without authentication.
+    """
     readiness = request.app[READINESS]
     ready, checks = await readiness.report()
     body = {"status": "ready" if ready else "not ready", "checks": checks}

@@ -38,6 +38,10 @@ mock_provider "aws" {
     }
   }
 
+  mock_resource "aws_lb_listener" {
+    defaults = { arn = "arn:aws:elasticloadbalancing:eu-west-1:123456789012:listener/app/courier/0123456789abcdef/fedcba9876543210" }
+  }
+
   mock_resource "aws_lb_target_group" {
     defaults = {
       arn        = "arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/courier-api/0123456789abcdef"
@@ -108,6 +112,21 @@ run "defaults" {
   }
 
   assert {
+    condition     = aws_lb_listener.https.default_action[0].type == "fixed-response" && aws_lb_listener.https.default_action[0].fixed_response[0].status_code == "404" && jsondecode(aws_lb_listener.https.default_action[0].fixed_response[0].message_body).type == "urn:courier:problem:not-found"
+    error_message = "The HTTPS listener must answer anything no rule forwards with a 404 problem, never reach an instance."
+  }
+
+  assert {
+    condition     = length(aws_lb_listener_rule.public_api.condition) == 1 && toset(one(aws_lb_listener_rule.public_api.condition).path_pattern[0].values) == toset(["/v1/*", "/openapi.json", "/healthz"])
+    error_message = "Exactly /v1/*, /openapi.json and /healthz are forwarded: never /readyz or /metrics."
+  }
+
+  assert {
+    condition     = aws_lb_listener_rule.public_api.listener_arn == aws_lb_listener.https.arn && aws_lb_listener_rule.public_api.action[0].type == "forward" && aws_lb_listener_rule.public_api.action[0].target_group_arn == aws_lb_target_group.api.arn
+    error_message = "The public paths must be forwarded to the API target group by the HTTPS listener."
+  }
+
+  assert {
     condition     = aws_launch_template.courier.metadata_options[0].http_tokens == "required" && aws_launch_template.courier.metadata_options[0].http_put_response_hop_limit == 1
     error_message = "IMDSv2 must be required with a hop limit of 1."
   }
@@ -175,15 +194,14 @@ run "fifo_existing_credstash_waf_spot" {
   }
 }
 
-run "rejects_heartbeat_shorter_than_drain" {
+run "rejects_drain_beyond_the_unit_stop_timeout" {
   command = plan
 
   variables {
-    drain_seconds                    = 120
-    lifecycle_hook_heartbeat_seconds = 60
+    drain_seconds = 23
   }
 
-  expect_failures = [aws_autoscaling_group.courier]
+  expect_failures = [var.drain_seconds]
 }
 
 run "rejects_warm_pool_with_spot" {
@@ -260,4 +278,39 @@ run "rejects_subnet_of_another_vpc" {
   }
 
   expect_failures = [data.aws_subnet.alb]
+}
+
+run "credstash_scope_and_envelope_rotation" {
+  command = apply
+
+  variables {
+    credstash_kms_key_arn        = "arn:aws:kms:eu-west-1:123456789012:key/99999999-2222-3333-4444-555555555555"
+    credstash_encryption_context = { app = "courier", env = "prod" }
+    envelope_accepted_key_arns   = ["arn:aws:kms:eu-west-1:123456789012:key/00000000-2222-3333-4444-555555555555"]
+  }
+
+  assert {
+    condition     = local.credstash_secret_names == tolist(["courier.jwt.hs256", "courier.idm.api_key", "courier.target.mail"])
+    error_message = "The CredStash read must be scoped to exactly the secret names in courier.toml (billing has none)."
+  }
+
+  assert {
+    condition     = strcontains(output.courier_config, "encryption_context = { \"app\" = \"courier\", \"env\" = \"prod\" }") && strcontains(output.courier_config, "kms_key_id = \"arn:aws:kms:eu-west-1:123456789012:key/99999999-2222-3333-4444-555555555555\"")
+    error_message = "courier.toml must carry the encryption context and the CredStash key ARN that IAM allows."
+  }
+
+  assert {
+    condition     = strcontains(output.courier_config, "accepted_key_ids = [\"arn:aws:kms:eu-west-1:123456789012:key/00000000-2222-3333-4444-555555555555\"]")
+    error_message = "courier.toml must list the previous data keys as envelope.accepted_key_ids."
+  }
+}
+
+run "rejects_reserved_encryption_context_key" {
+  command = plan
+
+  variables {
+    credstash_encryption_context = { "aws:sqs:arn" = "x" }
+  }
+
+  expect_failures = [var.credstash_encryption_context]
 }
