@@ -48,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
         "--aws-port", type=int, default=4566, help="moto port (default 4566, 0 = any)"
     )
 
-    commands.add_parser("check", help="validate the settings and exit 0 (valid) or 2 (invalid)")
+    check = commands.add_parser(
+        "check", help="validate the settings as `run` would: exit 0 (valid) or 2 (invalid)"
+    )
+    check.add_argument("--role", choices=["all", "api", "worker"], help="override the role setting")
 
     replay = commands.add_parser("replay", help="move messages from the DLQ back to the work queue")
     replay.add_argument("--reason", default="", help="only messages dead-lettered for this reason")
@@ -78,21 +81,22 @@ def _parser() -> argparse.ArgumentParser:
     put = actions.add_parser("put", help="store a new version of a secret")
     put.add_argument("name")
     put.add_argument("value")
-    put.add_argument("--kms-key", default="alias/credstash")
+    put.add_argument("--kms-key", default=None, help="default: secrets.kms_key_id")
     put.add_argument("--context", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``courier`` console script."""
+    """Entry point of the ``courier`` console script.
+
+    Exit status: 0 done; 2 an invalid setting or argument, with one line on stderr, before
+    anything starts; 1 a failure while running; 130 interrupted.
+    """
     args = _parser().parse_args(argv)
     try:
-        settings = load_settings(args.config)
-        if getattr(args, "role", None):
-            settings = settings.replace(role=args.role)
+        settings = _settings(args)
     except SettingsError as exc:
-        print(f"courier: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(exc)
     setup_logging(settings.log.level)
     if _points_at_emulator(settings):
         use_fake_credentials()
@@ -100,12 +104,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         outcome = handler(args, settings)
         result = run_async(outcome) if asyncio.iscoroutine(outcome) else outcome
+    except SettingsError as exc:
+        return _refuse(exc)
     except CourierError as exc:
         print(f"courier: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return int(result or 0)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The settings the command runs with; for ``run`` and ``check`` also what the role needs."""
+    settings = load_settings(args.config)
+    if getattr(args, "role", None):
+        settings = settings.replace(role=args.role)
+    if args.command in ("run", "check"):
+        # One function, so check refuses exactly what run refuses, with the same line.
+        from .app import check_runnable
+
+        check_runnable(settings)
+    return settings
+
+
+def _refuse(error: SettingsError) -> int:
+    print(f"courier: {error}", file=sys.stderr)
+    return 2
 
 
 def _points_at_emulator(settings: Settings) -> bool:
@@ -132,7 +156,9 @@ async def _local(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _check(_: argparse.Namespace, settings: Settings) -> int:
-    print(f"courier: settings are valid (role={settings.role}, {len(settings.targets)} targets)")
+    # main() has already run run's validation (_settings): reaching here means valid.
+    targets = "1 target" if len(settings.targets) == 1 else f"{len(settings.targets)} targets"
+    print(f"courier: settings are valid (role={settings.role}, {targets})")
     return 0
 
 
@@ -150,12 +176,13 @@ async def _secrets(args: argparse.Namespace, settings: Settings) -> int:
     from .aws import open_client
     from .credstash import CredStash
 
-    context = _context(args.context)
+    # No --context: the deployment's secrets.encryption_context, as the daemon reads them.
+    context = _context(args.context) or None
     async with (
         open_client("dynamodb", settings.aws) as dynamodb,
         open_client("kms", settings.aws) as kms,
     ):
-        store = CredStash(dynamodb, kms, settings.secrets.table)
+        store = CredStash.from_settings(dynamodb, kms, settings.secrets)
         if args.action == "get":
             print(await store.get(args.name, args.secret_version, context))
         else:
@@ -177,7 +204,8 @@ async def _token(args: argparse.Namespace, settings: Settings) -> int:
         open_client("dynamodb", settings.aws) as dynamodb,
         open_client("kms", settings.aws) as kms,
     ):
-        key = await CredStash(dynamodb, kms, settings.secrets.table).get(settings.auth.hs256_secret)
+        store = CredStash.from_settings(dynamodb, kms, settings.secrets)
+        key = await store.get(settings.auth.hs256_secret)
     scopes = args.scope or ["mailbox:create", "mailbox:read"]
     print(issue_token(key, settings.auth, args.subject, scopes, args.ttl))
     return 0
@@ -186,6 +214,7 @@ async def _token(args: argparse.Namespace, settings: Settings) -> int:
 async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from .aws import open_client
     from .consumer import Message
+    from .dlq import DeadLetterInfo
     from .replay import ReplayFilter, replay
 
     if not settings.queue.url or not settings.queue.dlq_url:
@@ -195,10 +224,12 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     def show(message: Message, chosen: bool) -> None:
         if chosen:
             attributes = message.attributes
+            info = DeadLetterInfo.of(attributes)
+            reason = info.reason if info else "(redrive)"  # moved by SQS after maxReceiveCount
             print(
                 f"{'would move' if args.dry_run else 'moving'} {message.message_id}"
                 f" request={attributes.get('request_id', '?')} op={attributes.get('op', '?')}"
-                f" reason={attributes.get('dlq_reason', '?')} target={attributes.get('dlq_target', '') or '-'}"
+                f" reason={reason} target={(info.target if info else '') or '-'}"
             )
 
     async with open_client("sqs", settings.aws) as sqs:
@@ -212,10 +243,15 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
             limit=args.limit,
             on_message=show,
         )
-    verb = "would move" if args.dry_run else "moved"
-    moved = report.matched if args.dry_run else report.moved
+    # skipped: dead-lettered again after the replay began (left for a later run);
+    # left: matched but still in the DLQ (failed to move, or beyond --limit).
+    counts = f"examined {report.examined}, matched {report.matched}"
+    if args.dry_run:
+        print(f"{counts}, would move {report.chosen}, skipped {report.skipped}")
+        return 0
     print(
-        f"examined {report.examined}, matched {report.matched}, {verb} {moved}, failed {report.failed}"
+        f"{counts}, moved {report.moved}, skipped {report.skipped},"
+        f" left {report.left}, failed {report.failed}"
     )
     return 1 if report.failed else 0
 

@@ -265,7 +265,13 @@ def test_courier_runs_from_the_venv(provisioned: Provisioned) -> None:
 def test_courier_check_passes_as_the_service_user(provisioned: Provisioned) -> None:
     """The service user can read /etc/courier, and the unit's environment is valid."""
     config = provisioned.path("/etc/courier/courier.toml")
-    config.write_text('[http]\nhost = "0.0.0.0"\nport = 8080\n')
+    # A queue pair and a target too: check refuses what `courier run` would refuse.
+    config.write_text(
+        '[http]\nhost = "0.0.0.0"\nport = 8080\n'
+        '[queue]\nurl = "https://sqs.eu-west-1.amazonaws.com/123456789012/courier"\n'
+        'dlq_url = "https://sqs.eu-west-1.amazonaws.com/123456789012/courier-dlq"\n'
+        '[[targets]]\nname = "crm"\nurl = "https://crm.internal/api"\n'
+    )
     gid = group_entry(provisioned, "courier")[2]
     os.chown(config, 0, gid)
     config.chmod(0o640)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -194,30 +195,106 @@ def test_describe_covers_every_section() -> None:
     } <= names
 
 
-def test_cli_exits_2_with_the_message() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "service", "check"],
-        env={"COURIER_HTTP_PORT": "zero", "PATH": "/usr/bin:/bin"},
+# --- the real `courier` command: check refuses exactly what run refuses ----------------------
+
+COURIER = Path(sys.executable).with_name("courier")  # the console script beside the venv's python
+README = Path(__file__).parent.parent / "README.md"
+# What every role needs; nothing listens there, and nothing below gets far enough to call it.
+RUNNABLE = {
+    "COURIER_QUEUE_URL": "http://127.0.0.1:9/000000000000/work",
+    "COURIER_QUEUE_DLQ_URL": "http://127.0.0.1:9/000000000000/dlq",
+    "COURIER_TARGETS": '[{"name": "crm", "url": "http://127.0.0.1:9/crm"}]',
+}
+
+
+def courier(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``courier ARGS`` with no settings but ``env`` (no config file, no other COURIER_*)."""
+    assert COURIER.exists(), f"{COURIER} is missing: install courier in this venv (make install)"
+    return subprocess.run(
+        [str(COURIER), *args],
+        env={"PATH": "/usr/bin:/bin", **env},
         capture_output=True,
         text=True,
+        timeout=60,  # a run that was not refused would serve until killed
         check=False,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
-        "courier: invalid setting http.port (COURIER_HTTP_PORT) = 'zero': expected an integer between 0 and 65535"
     )
 
 
-def test_cli_check_ok() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "service", "check"],
-        env={"PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "settings are valid" in result.stdout
+REFUSED = {
+    "bad-value": (
+        {**RUNNABLE, "COURIER_HTTP_PORT": "zero"},
+        [],
+        "invalid setting http.port (COURIER_HTTP_PORT) = 'zero': expected an integer between 0 and 65535",
+    ),
+    "no-queue": ({}, [], "queue.url (COURIER_QUEUE_URL) is required to run the API or the worker"),
+    "api-without-queue": (
+        {"COURIER_QUEUE_DLQ_URL": RUNNABLE["COURIER_QUEUE_DLQ_URL"]},
+        ["--role", "api"],
+        "queue.url (COURIER_QUEUE_URL) is required to run the API or the worker",
+    ),
+    "worker-without-dlq": (
+        {"COURIER_QUEUE_URL": RUNNABLE["COURIER_QUEUE_URL"]},
+        ["--role", "worker"],
+        "queue.dlq_url (COURIER_QUEUE_DLQ_URL) is required to run the worker",
+    ),
+    "all-without-targets": (
+        {**RUNNABLE, "COURIER_TARGETS": "[]"},
+        [],
+        "targets: the worker needs at least one [[targets]] entry",
+    ),
+    "worker-health-port-is-the-api-port": (
+        {
+            **RUNNABLE,
+            "COURIER_HTTP_PORT": "8080",
+            "COURIER_HTTP_HEALTH_PORT": "8078",
+            "COURIER_INSTANCE": "2",
+            "COURIER_ROLE": "worker",
+        },
+        [],
+        "http.health_port (8080 with instance 2) is the API port: a worker-role process must"
+        " not bind the port API processes share",
+    ),
+}
+
+
+@pytest.mark.parametrize(("env", "args", "line"), REFUSED.values(), ids=REFUSED.keys())
+def test_check_refuses_what_run_refuses(env: dict[str, str], args: list[str], line: str) -> None:
+    """Exit 2 and the same one line on stderr from both, before anything starts."""
+    for command in ("check", "run"):
+        result = courier(command, *args, env=env)
+        assert (result.returncode, result.stderr, result.stdout) == (2, f"courier: {line}\n", ""), (
+            command
+        )
+
+
+@pytest.mark.parametrize("role", ["all", "api", "worker"])
+def test_check_accepts_runnable_settings(role: str) -> None:
+    result = courier("check", "--role", role, env=RUNNABLE)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"courier: settings are valid (role={role}, 1 target)\n"
+
+
+def readme_example(after: str) -> str:
+    """The one-line code block that follows ``after`` in the README."""
+    words = re.escape(after).replace(r"\ ", r"\s+")  # wherever the paragraph wraps
+    found = re.search(words + r"\n\n```\n([^\n]+)\n```\n", README.read_text())
+    assert found, f"README has no one-line example after {after!r}"
+    return found.group(1)
+
+
+def test_readme_value_error_example_is_what_courier_prints() -> None:
+    line = readme_example("a bad one stops courier with exit code 2 and one line:")
+    shown = re.search(r"\((COURIER_\w+)\) = '([^']*)'", line)
+    assert shown, line
+    result = courier("check", env={**RUNNABLE, shown.group(1): shown.group(2)})
+    assert (result.returncode, result.stderr) == (2, f"{line}\n")
+
+
+def test_readme_role_error_example_is_what_run_and_check_print() -> None:
+    line = readme_example("refuses what `run` would, with the same line:")
+    for command in ("check", "run"):
+        result = courier(command, env={})
+        assert (result.returncode, result.stderr) == (2, f"{line}\n"), command
 
 
 def test_readme_documents_every_setting() -> None:
