@@ -1,4 +1,8 @@
-"""Middlewares: correlation id, problem+json for every error, metrics and the JSON access log."""
+"""Middlewares: correlation id, problem+json for every error, metrics and the JSON access log.
+
+Also ``ProblemAppRunner``: what aiohttp answers itself, outside any middleware (a request its
+HTTP parser refuses), is problem+json too.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,13 @@ import uuid
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from .. import metrics
 from ..errors import TransientError
 from ..logs import bind_context
-from .problems import Problem, from_http_exception, internal_error, unavailable
+from .problems import Problem, from_http_exception, internal_error, malformed_request, unavailable
 
 log = logging.getLogger("courier.access")
 errors_log = logging.getLogger("courier.api")
@@ -90,3 +96,52 @@ async def _problems(request: web.Request, handler: Handler, request_id: str) -> 
 
 
 ACCESS_LOG_KEY = web.AppKey("access_log", bool)
+
+
+class ProblemRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering what never reaches the app as problem+json.
+
+    A request aiohttp's parser refuses (malformed request line, bad or oversized header, bad
+    chunked encoding) is answered by ``handle_error``, outside every middleware; aiohttp's
+    answer is text that quotes the parser's message, i.e. bytes of the request (a token, say).
+    """
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """The problem for ``status``; aiohttp's own handling (logging, never answering twice)
+        runs first, with the request id in the log line's context."""
+        # Set by ``observe`` when the request got that far (an exception escaping it).
+        request_id = str(request.get(REQUEST_ID_KEY) or uuid.uuid4().hex)
+        bind_context(request_id=request_id)
+        super().handle_error(request, status, exc, message)
+        problem = internal_error() if status >= 500 else malformed_request(status, exc)
+        response = problem.to_response(request_id)
+        response.headers[REQUEST_ID_HEADER] = request_id
+        response.force_close()
+        return response
+
+
+class _ProblemServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProblemAppRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections use ``ProblemRequestHandler``."""
+
+    async def _make_server(self) -> web.Server:
+        # aiohttp has no option for the connection handler's class: the app's server is
+        # rebuilt, same arguments, as a server that makes ``ProblemRequestHandler``s.
+        server = await super()._make_server()
+        return _ProblemServer(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=server._loop,
+            **server._kwargs,
+        )

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 CONTENT_TYPE = "application/problem+json"
 TYPE_PREFIX = "urn:courier:problem:"
@@ -92,3 +93,24 @@ def internal_error() -> Problem:
         "Internal Server Error",
         "courier failed to handle the request; quote the request_id when reporting it.",
     )
+
+
+# What a client is told about a request aiohttp's parser refused, by the parser's error: never
+# the parser's message, which quotes the request's bytes. Most specific first.
+_MALFORMED = (
+    (http_exceptions.LineTooLong, "the request line or a header field is too long"),
+    (http_exceptions.InvalidHeader, "a header field is malformed"),
+    (http_exceptions.BadHttpMethod, "the request is not an HTTP/1.1 request"),
+    (http_exceptions.BadStatusLine, "the request line is malformed"),
+    (http_exceptions.InvalidURLError, "the request target is malformed"),
+    (http_exceptions.PayloadEncodingError, "the request body's encoding is malformed"),
+)
+
+
+def malformed_request(status: int, exc: BaseException | None) -> Problem:
+    """A request the HTTP parser refused (aiohttp answers these before any handler runs)."""
+    detail = next(
+        (text for kind, text in _MALFORMED if isinstance(exc, kind)),
+        "the request is not valid HTTP/1.1",
+    )
+    return Problem(status, "malformed-request", HTTPStatus(status).phrase, detail)
