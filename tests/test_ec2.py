@@ -95,7 +95,8 @@ async def test_off_ec2_identify_gives_up_quickly() -> None:
     started = time.monotonic()
     async with aiohttp.ClientSession() as session:
         assert await identify(Imds(session, settings), settings) is None
-    assert time.monotonic() - started < 1
+    # Generous for a loaded machine; what matters is no waiting on retries or long timeouts.
+    assert time.monotonic() - started < 5
 
 
 async def test_termination_drains_then_completes_the_lifecycle_action(

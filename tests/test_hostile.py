@@ -33,6 +33,7 @@ import schemathesis
 from aiohttp import web
 from hypothesis import strategies as st
 from multidict import CIMultiDict
+from prometheus_client.parser import text_string_to_metric_families
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -45,6 +46,7 @@ from schemathesis.specs.openapi.checks import (
 from service.aws import AwsClients
 from service.bootstrap import ResourceNames, Resources, _queue, _work_attributes, bootstrap
 from service.credstash import CredStash
+from service.dlq import DeadLetterInfo
 from service.envelope import Envelope, EnvelopeCipher
 from service.logs import setup_logging
 from service.operations import create_mailbox
@@ -59,8 +61,10 @@ pytest_plugins = ("tests.fauxqs",)
 
 HS256_KEY = DEMO_SECRETS["courier.jwt.hs256"]
 PROBLEM_JSON = "application/problem+json"
+# Per generation mode (positive, negative). A count, not a time budget: the same derandomised
+# examples run on a fast or a loaded machine; the timeout mark only catches a hang.
 FUZZ_EXAMPLES = 400
-FUZZ_BUDGET_SECONDS = 30.0
+FUZZ_TIMEOUT_SECONDS = 300
 
 
 # --- log capture ----------------------------------------------------------------------------
@@ -130,11 +134,22 @@ class Hostile:
 
 
 def with_http(settings: Settings, **changes: Any) -> Settings:
-    """``settings`` with the given [http] fields; fields this build lacks are skipped, so a test
-    of a proposed setting runs (and fails as xfail) before the setting exists."""
+    """``settings`` with the given [http] fields.
+
+    An unknown field is a TypeError: a misspelt or removed setting must fail the test that
+    relies on it, not leave the test running with the default and passing for nothing.
+    """
     known = {f.name for f in dataclasses.fields(HttpSettings)}
-    present = {name: value for name, value in changes.items() if name in known}
-    return settings.replace(http=dataclasses.replace(settings.http, **present))
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise TypeError(f"HttpSettings has no field(s) {', '.join(unknown)}")
+    return settings.replace(http=dataclasses.replace(settings.http, **changes))
+
+
+def test_with_http_refuses_unknown_fields() -> None:
+    assert with_http(Settings(), body_timeout_seconds=2.0).http.body_timeout_seconds == 2.0
+    with pytest.raises(TypeError, match="body_timout_seconds"):
+        with_http(Settings(), body_timout_seconds=2.0)
 
 
 async def fuzz_queue(
@@ -440,9 +455,7 @@ def really_negative(case: schemathesis.Case) -> bool:
     return key is not None and not IDEMPOTENCY_KEY.fullmatch(str(key).strip(" \t"))
 
 
-def fuzz_create(
-    document: dict[str, Any], url: str, token: str, deadline: float
-) -> Counter[tuple[str, int]]:
+def fuzz_create(document: dict[str, Any], url: str, token: str) -> Counter[tuple[str, int]]:
     schema = schemathesis.openapi.from_dict(copy.deepcopy(document))
     operation = schema["/v1/mailboxes"]["POST"]
     seen: Counter[tuple[str, int]] = Counter()
@@ -459,8 +472,6 @@ def fuzz_create(
         )
         @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
         def check(case: schemathesis.Case) -> None:
-            if time.monotonic() > deadline:
-                return  # the budget is spent: the remaining examples are skipped
             chosen = checks
             if mode is schemathesis.GenerationMode.NEGATIVE and not really_negative(case):
                 # schemathesis 4.32 sometimes "violates" a pattern with a value that still
@@ -483,6 +494,7 @@ def fuzz_create(
     return seen
 
 
+@pytest.mark.timeout(FUZZ_TIMEOUT_SECONDS)
 async def test_fuzzed_create_requests(hostile: Hostile) -> None:
     """POST /v1/mailboxes with schemathesis-generated bodies and headers, valid and invalid:
     no 5xx, every answer documented, every error problem+json, invalid data refused."""
@@ -490,14 +502,18 @@ async def test_fuzzed_create_requests(hostile: Hostile) -> None:
     async with api.http.get(f"{api.url}/openapi.json") as response:
         document = await response.json()
     token = jwt.encode(claims(api, exp=int(time.time()) + 600), HS256_KEY, "HS256")
-    deadline = time.monotonic() + FUZZ_BUDGET_SECONDS
     with captured_logs(logging.INFO) as logs:
-        seen = await asyncio.to_thread(fuzz_create, document, api.url, token, deadline)
+        seen = await asyncio.to_thread(fuzz_create, document, api.url, token)
+    sent: Counter[str] = Counter()
+    for (mode, _), count in seen.items():
+        sent[mode] += count
     statuses = {status for mode, status in seen if mode != "not-really-negative"}
     assert 202 in statuses, seen
     assert {400, 422} <= statuses, seen
     assert all(status < 500 for status in statuses), seen
-    assert sum(seen.values()) >= 100, seen  # the budget allowed a meaningful run
+    # hypothesis stops early only when it runs out of distinct examples: a meaningful run each.
+    assert sent["positive"] >= 100, seen
+    assert sent["negative"] >= 100, seen
     logs.assert_absent(*token_parts(token), HS256_KEY)
     assert not [line for line in logs.lines() if line["level"] == "ERROR"]
 
@@ -690,18 +706,76 @@ async def test_smuggling_shapes_are_refused(hostile: Hostile) -> None:
         assert 400 <= status_of(answer) < 500, answer[:300]
 
 
-async def test_truncated_body_is_a_400_not_a_500(hostile: Hostile) -> None:
+async def answer_to(url: str, request: bytes, timeout: float) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request`` and read one whole response (its head, then Content-Length bytes);
+    TimeoutError when none arrives within ``timeout``."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            head = await reader.readuntil(b"\r\n\r\n")
+            headers = {}
+            for line in head.decode("latin-1").split("\r\n")[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+        return status_of(head), headers, body
+    finally:
+        writer.transport.abort()
+
+
+async def test_truncated_then_half_closed_body_is_a_400_and_closed_at_once(
+    hostile: Hostile,
+) -> None:
+    """The client sends less than its Content-Length, then shuts its side down.
+
+    courier refuses it as a 400 (incomplete-body), never a 500. aiohttp closes a connection
+    at the client's EOF, so that answer cannot reach the client: what it sees is the
+    connection closed at once (not left hanging); the 400 is in the access log.
+    """
     api = hostile.api
     body = json.dumps(VALID_BODY).encode()
+    host, port = api.url.removeprefix("http://").split(":")
     with captured_logs(logging.INFO) as logs:
-        answer = await raw_exchange(
-            api.url, request_bytes(api, body[:10], content_length=len(body)), half_close=True
-        )
-        await asyncio.sleep(0.2)
-    errors = [line for line in logs.lines() if line["level"] == "ERROR"]
-    statuses = [line.get("status") for line in logs.lines() if line.get("event") == "http_request"]
-    assert not errors, errors
-    assert all(status < 500 for status in statuses), (statuses, answer[:200])
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(request_bytes(api, body[:10], content_length=len(body)))
+            writer.write_eof()
+            # A hang would sit out the 10 s body timeout: TimeoutError here.
+            answer = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.transport.abort()
+
+        def access_lines() -> list[dict[str, Any]]:
+            return [line for line in logs.lines() if line.get("event") == "http_request"]
+
+        # The handler finishes just after the close: wait for its access line.
+        await eventually(lambda: bool(access_lines()), timeout=10, what="the access log line")
+    assert answer == b""
+    assert [line["status"] for line in access_lines()] == [400]
+    assert not [line for line in logs.lines() if line["level"] == "ERROR"]
+
+
+async def test_truncated_body_on_an_open_connection_is_a_408_problem(
+    hostile: Hostile, aws: AwsClients
+) -> None:
+    """The client sends less than its Content-Length and waits: after the body timeout it
+    gets a 408 problem+json, not a 5xx and not silence."""
+    api = hostile.api
+    settings = with_http(api.settings, body_timeout_seconds=1.0)
+    body = json.dumps(VALID_BODY).encode()
+    async with running_api(settings, api.resources, aws) as short_api:
+        request = request_bytes(short_api, body[:10], content_length=len(body))
+        status, headers, content = await answer_to(short_api.url, request, timeout=20)
+    assert status == 408, (headers, content[:300])
+    assert headers["content-type"] == PROBLEM_JSON, headers
+    problem = json.loads(content)
+    assert problem["type"] == "urn:courier:problem:body-timeout", problem
+    assert problem["status"] == 408
+    assert problem["detail"] == "the request body did not arrive within 1s"
+    assert problem["request_id"] == headers["x-request-id"]
 
 
 async def test_unpaired_surrogate_is_a_4xx(hostile: Hostile) -> None:
@@ -774,31 +848,38 @@ async def dribble(
         writer.transport.abort()
 
 
-SLOW_BOUND_SECONDS = 5.0
+# How long a test watches a slow client before calling it "still open". Generous (a loaded
+# machine fires timers late), yet each dribble below lasts at least twice as long, so an
+# answer or a close within it can only come from courier cutting the client short.
+SLOW_BOUND_SECONDS = 10.0
 
 
 async def test_unauthenticated_slow_body_is_answered_at_once(hostile: Hostile) -> None:
     """The token is checked before the body is read: an anonymous slowloris gets 401 now."""
     api = hostile.api
     head = request_bytes(api, b"", content_length=200, token="not-a-token")
+    # 200 bytes at 0.25 s each: 50 s of body. A 401 within the bound was sent before it.
     outcome, elapsed = await dribble(api.url, head, b"{" * 200, 0.25, SLOW_BOUND_SECONDS)
-    assert outcome == "answered 401"
-    assert elapsed < 1.0
+    assert outcome == "answered 401", (outcome, elapsed)
 
 
 async def test_authenticated_slow_body_is_bounded(hostile: Hostile, aws: AwsClients) -> None:
     api = hostile.api
-    settings = with_http(api.settings, body_timeout_seconds=2.0)
+    settings = with_http(api.settings, body_timeout_seconds=4.0)
     body = json.dumps({**VALID_BODY, "username": f"d{uuid.uuid4().hex[:10]}"}).encode()
+    assert len(body) * 0.2 > 2 * SLOW_BOUND_SECONDS  # the dribble outlasts the bound
     async with running_api(settings, api.resources, aws) as slow_api:
         head = request_bytes(slow_api, b"", content_length=len(body))
         dribbling = asyncio.create_task(dribble(slow_api.url, head, body, 0.2, SLOW_BOUND_SECONDS))
         await asyncio.sleep(0.5)
         others = [await latency_of_healthz(slow_api.url) for _ in range(5)]
+        served_meanwhile = not dribbling.done()
         outcome, elapsed = await dribbling
-    assert max(others) < 0.5  # everyone else is served meanwhile
-    assert outcome in {"closed", "answered 408", "answered 400"}, (outcome, elapsed)
-    assert elapsed < SLOW_BOUND_SECONDS
+    # Everyone else is served while the slow body is still arriving; a server held up by it
+    # would answer them only once the 4 s body timeout had cut it off.
+    assert served_meanwhile, (others, outcome, elapsed)
+    assert max(others) < 2.0, others
+    assert outcome == "answered 408", (outcome, elapsed)
 
 
 async def test_slow_headers_are_bounded(hostile: Hostile, aws: AwsClients) -> None:
@@ -806,6 +887,7 @@ async def test_slow_headers_are_bounded(hostile: Hostile, aws: AwsClients) -> No
     settings = with_http(api.settings, keepalive_timeout_seconds=2.0)
     async with running_api(settings, api.resources, aws) as slow_api:
         head = b"POST /v1/mailboxes HTTP/1.1\r\nHost: courier\r\n"
+        # 108 bytes at 0.3 s each: 32 s of header, more than twice the bound.
         outcome, elapsed = await dribble(
             slow_api.url, head, b"X-Slow: " + b"a" * 100, 0.3, SLOW_BOUND_SECONDS
         )
@@ -828,7 +910,9 @@ async def test_many_slow_connections_do_not_starve_others(hostile: Hostile) -> N
     finally:
         for writer in writers:
             writer.transport.abort()
-    assert max(latencies) < 0.5, latencies
+    # Generous for a loaded machine, yet a starved server would make these wait for the
+    # 75 s keep-alive timeout to free the slow connections (latency_of_healthz gives up at 5 s).
+    assert max(latencies) < 3.0, latencies
     assert reply.status == 202, reply.body
 
 
@@ -942,9 +1026,10 @@ async def test_planted_poison_is_dead_lettered_with_its_reason_and_never_deliver
                 attributes = {
                     k: v["StringValue"] for k, v in raw.get("MessageAttributes", {}).items()
                 }
-                source = attributes.get("dlq_source_message_id") or raw["MessageId"]
+                info = DeadLetterInfo.of(attributes)
+                source = (info.source_message_id if info else "") or raw["MessageId"]
                 found[source] = {
-                    "reason": attributes.get("dlq_reason", "(redrive)"),
+                    "reason": info.reason if info else "(redrive)",
                     "attributes": attributes,
                     "body": raw["Body"],
                 }
@@ -964,7 +1049,8 @@ async def test_planted_poison_is_dead_lettered_with_its_reason_and_never_deliver
     assert wrong == {}, reasons
     assert effects == dict.fromkeys(chain.targets, 0)
     for p in planted:  # the DLQ copy keeps the body byte for byte (replay needs it)
-        assert found[p.message_id]["attributes"].get("dlq_reason", "(redrive)") == reasons[p.kind]
+        info = DeadLetterInfo.of(found[p.message_id]["attributes"])
+        assert (info.reason if info else "(redrive)") == reasons[p.kind]
 
 
 # --- secrets and personal data never reach the logs -----------------------------------------
@@ -977,6 +1063,46 @@ PII = {
 }
 
 
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+TRANSITIONS = "courier_target_circuit_transitions_total"
+
+
+async def scrape(chain: Chain) -> Samples:
+    """Every sample of the chain's ``GET /metrics``, as an operator's Prometheus reads it."""
+    async with chain.http.get(f"{chain.url}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    return {
+        (found.name, frozenset(found.labels.items())): found.value
+        for family in text_string_to_metric_families(text)
+        for found in family.samples
+    }
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value (0 when the series does not exist yet)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def grew(now: Samples, before: Samples, name: str, **labels: str) -> float:
+    """How much a counter grew between two scrapes (the registry is shared by the session)."""
+    return sample(now, name, **labels) - sample(before, name, **labels)
+
+
+async def billing_circuit_opened(chain: Chain, before: Samples) -> bool:
+    """billing failed ``breaker_failures`` times in a row, each a retried message attempt
+    (targets have no immediate retries here), and its circuit opened."""
+    now = await scrape(chain)
+    threshold = next(t.breaker_failures for t in chain.settings.targets if t.name == "billing")
+    return (
+        grew(now, before, "courier_target_calls_total", target="billing", outcome="http_5xx")
+        >= threshold
+        and grew(now, before, "courier_messages_processed_total", outcome="retried") >= threshold
+        and grew(now, before, TRANSITIONS, target="billing", state="open") >= 1
+    )
+
+
+@pytest.mark.timeout(180)  # generous waits for retries and the circuit on a loaded machine
 async def test_secrets_and_personal_data_never_reach_the_logs(
     settings: Settings, fresh: Resources, aws: AwsClients
 ) -> None:
@@ -1009,11 +1135,20 @@ async def test_secrets_and_personal_data_never_reach_the_logs(
             token = chain.token()
             first = await chain.create(bodies[0])
             await chain.wait_status(first, "completed")
+            before = await scrape(chain)
             chain.targets["billing"].behaviour.failure_rate = 1.0  # retries, circuit opens
             second = await chain.create(bodies[1])
-            await asyncio.sleep(2.5)
+            await eventually(
+                lambda: billing_circuit_opened(chain, before),
+                timeout=40,
+                what="billing's circuit to open after retried failures",
+            )
+            assert (await chain.status(second))["status"] != "completed"
             chain.targets["billing"].behaviour.failure_rate = 0.0
-            await chain.wait_status(second, "completed", timeout=20)
+            await chain.wait_status(second, "completed", timeout=30)
+            closed = await scrape(chain)
+            assert grew(closed, before, TRANSITIONS, target="billing", state="closed") >= 1
+            assert sample(closed, "courier_target_circuit_open", target="billing") == 0
             chain.targets["directory"].behaviour.fixed_status = 400  # permanent: DLQ
             third = await chain.create(bodies[2])
             await chain.wait_status(third, "failed", timeout=20)
@@ -1060,8 +1195,10 @@ async def test_a_refused_event_leaks_no_personal_data(
 
             await eventually(dead_lettered, timeout=20, what="the refused event in the DLQ")
     attributes = {k: v["StringValue"] for k, v in dead[0]["MessageAttributes"].items()}
-    assert attributes["dlq_reason"] == "invalid_payload"
-    assert attributes["dlq_detail"]  # still says what is wrong...
+    info = DeadLetterInfo.of(attributes)
+    assert info is not None
+    assert info.reason == "invalid_payload"
+    assert info.detail  # still says what is wrong...
     personal = ("pii.drift", "not-an-email-pii@", "msisdn-pii-555")
     in_queue = [value for value in personal if value in json.dumps(attributes)]
     in_logs = [value for value in personal if value in logs.text]

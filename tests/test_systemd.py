@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -35,10 +36,38 @@ class FakeSystemd:
                 data = self.sock.recv(4096)
             except TimeoutError:
                 continue
-            self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+            self._record(data)
+
+    def drain(self) -> None:
+        """Take every datagram already queued, without waiting (and without yielding)."""
+        self.sock.settimeout(0)
+        try:
+            while True:
+                try:
+                    data = self.sock.recv(4096)
+                except BlockingIOError:
+                    return
+                self._record(data)
+        finally:
+            self.sock.settimeout(0.1)
+
+    def _record(self, data: bytes) -> None:
+        self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
 
     def sent_keys(self) -> list[str]:
         return [key for message in self.messages for key in message if key != "STATUS"]
+
+    def pings(self) -> int:
+        return self.sent_keys().count("WATCHDOG")
+
+    async def wait_for_pings(self, count: int, timeout: float = 15) -> None:
+        """Until ``count`` more WATCHDOG pings have arrived, letting the event loop run."""
+        wanted = self.pings() + count
+        deadline = time.monotonic() + timeout
+        while self.pings() < wanted:
+            assert time.monotonic() < deadline, f"{self.pings()} pings, wanted {wanted}"
+            await asyncio.sleep(0.02)
+            self.drain()
 
 
 @pytest.fixture
@@ -63,23 +92,23 @@ def test_watchdog_interval_is_half_and_pid_checked(fake_systemd: FakeSystemd) ->
 
 
 async def test_blocked_loop_stops_the_pings(fake_systemd: FakeSystemd) -> None:
+    """The pings come from the event loop: while it is blocked none is sent, so systemd's
+    watchdog (here 100 ms) expires; once it runs again they resume."""
     notifier = Notifier(str(fake_systemd.path), watchdog_usec=100_000)  # ping every 50 ms
     task = asyncio.create_task(notifier.watchdog())
-    await asyncio.sleep(0.3)
-    fake_systemd.collect(time.monotonic() + 0.05)
-    before = fake_systemd.sent_keys().count("WATCHDOG")
-    time.sleep(0.5)  # the event loop is blocked: no task runs
-    fake_systemd.messages.clear()
-    fake_systemd.collect(time.monotonic() + 0.01)
-    during = fake_systemd.sent_keys().count("WATCHDOG")  # only what was queued before the block
-    await asyncio.sleep(0.3)
-    fake_systemd.messages.clear()
-    fake_systemd.collect(time.monotonic() + 0.05)
-    after = fake_systemd.sent_keys().count("WATCHDOG")
-    task.cancel()
-    assert before >= 4
-    assert during <= 1
-    assert after >= 4
+    try:
+        await fake_systemd.wait_for_pings(3)
+        fake_systemd.drain()  # nothing is left queued from before the block
+        before = fake_systemd.pings()
+        time.sleep(1.0)  # the event loop is blocked: no task runs, for 10 watchdog periods
+        fake_systemd.drain()
+        during = fake_systemd.pings() - before
+        await fake_systemd.wait_for_pings(3)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert during == 0
 
 
 def test_daemon_sends_ready_status_watchdog_stopping_in_order(
@@ -105,7 +134,10 @@ def test_daemon_sends_ready_status_watchdog_stopping_in_order(
             deadline = time.monotonic() + 15
             while "READY" not in fake_systemd.sent_keys() and time.monotonic() < deadline:
                 fake_systemd.collect(time.monotonic() + 0.1)
-            fake_systemd.collect(time.monotonic() + 0.5)
+            # WATCHDOG_USEC=200000: a ping every 0.1 s; wait for a few, however slow they come.
+            deadline = time.monotonic() + 15
+            while fake_systemd.pings() < 3 and time.monotonic() < deadline:
+                fake_systemd.collect(time.monotonic() + 0.1)
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=15)
             fake_systemd.collect(time.monotonic() + 0.2)
