@@ -2,10 +2,11 @@
 
 Request ``i`` leaves at ``start + i / rate`` whatever happened to earlier ones (a slow server
 does not slow the offered load). Each request carries its own ``Idempotency-Key``; on a 503,
-a 5xx, a timeout or a refused connection the client retries with the same key (after
-``Retry-After``) until ``retry_seconds`` have passed, so a request that was accepted once is
+a 5xx, a 409 (request in progress), a timeout or a refused connection the client retries with
+the same key (after ``Retry-After``) until ``retry_seconds`` have passed, so a request that was accepted once is
 never sent under another key. Every attempt's answer is recorded: the scenarios count 5xx
-and 503 answers, and check that every request answered 202 was delivered.
+and 503 answers and client-side errors (no answer at all), and check that every request
+answered 202 was delivered.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Request:
     request_id: str = ""
     attempts: int = 0
     answers: list[str] = field(default_factory=list)  # every attempt: status or error name
+    answered_at: list[float] = field(default_factory=list)  # monotonic, one per answer
     sent_at: float = 0.0
     accepted_at: float = 0.0  # monotonic time of the 202
     latency: float = 0.0  # of the attempt that got the final answer
@@ -79,6 +81,12 @@ class LoadResult:
             for a in r.answers
             if a.isdigit() and int(a) >= 500 and a != "503"
         )
+
+    def client_errors(self) -> Counter[str]:
+        """Attempts that got no HTTP answer, by exception name: a dropped, reset or refused
+        connection, a timeout, a cut body. Unlike a 503, the client cannot tell whether the
+        server acted on them (only the Idempotency-Key of its retry makes that safe)."""
+        return Counter(a for r in self.requests for a in r.answers if not a.isdigit())
 
     def latencies(self) -> list[float]:
         return sorted(r.latency for r in self.accepted)
@@ -158,9 +166,12 @@ class Load:
                 except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                     answer, document = type(exc).__name__, None
                 request.answers.append(answer)
+                request.answered_at.append(time.monotonic())
                 if self.on_answer is not None:
                     self.on_answer(request, answer)
-                retryable = not answer.isdigit() or int(answer) >= 500
+                # 409 is request-in-progress: an earlier attempt under this key (one the client
+                # gave up on) still holds its claim; the README says retry after Retry-After.
+                retryable = not answer.isdigit() or int(answer) >= 500 or answer == "409"
                 if not retryable or time.monotonic() + pause > deadline:
                     request.status = int(answer) if answer.isdigit() else 0
                     request.latency = time.monotonic() - attempt_started

@@ -15,6 +15,7 @@ class Row:
     scenario: str
     requests: int = 0  # logical requests sent through the API (+ messages planted in the queue)
     accepted: int = 0  # answered 202 (or planted)
+    refused: int = 0  # final answer not 202: each must be explained by the scenario's fault
     delivered: int = 0  # accepted and delivered to every target
     lost: int = 0  # accepted, not meant to fail, not delivered: must be 0
     duplicate_effects: int = 0  # one request applied under two request ids: must be 0
@@ -49,6 +50,7 @@ COLUMNS = (
     ("scenario", "scenario", "{}"),
     ("requests", "requests", "{}"),
     ("accepted", "accepted", "{}"),
+    ("refused", "refused", "{}"),
     ("delivered", "delivered", "{}"),
     ("lost", "lost", "{}"),
     ("dup effects", "duplicate_effects", "{}"),

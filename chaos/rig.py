@@ -1,7 +1,9 @@
 """The rig every scenario runs on: AWS stand-ins behind cuttable proxies, stubs, courier processes.
 
-SQS is fauxqs, DynamoDB dynalite, KMS moto, each in its own process (``bench.harness``), and
-each reached by courier through a ``TcpProxy`` the scenario can cut. The IdM and the three
+SQS is fauxqs, DynamoDB dynalite, KMS moto, each in its own process (``bench.harness``), behind
+the strict counting proxy (``bench.proxy``: it refuses what real AWS refuses and records every
+call per access key; ``COURIER_AWS_LENIENT=1`` turns the refusing off), and each reached by
+courier through a ``TcpProxy`` in front of that, which the scenario can cut. The IdM and the three
 legacy systems are ``chaos.stubs`` in one process. courier runs as real processes
 (``python -m service --config <toml> run``) through ``bench.harness.courier_process``.
 
@@ -131,7 +133,7 @@ class Rig:
         configured = base.replace(
             role=role,
             aws=self.aws,
-            http=dataclasses.replace(base.http, **{"port": 0, **(http or {})}),
+            http=dataclasses.replace(base.http, **{"port": 0, "health_port": 0, **(http or {})}),
             log=dataclasses.replace(base.log, access_log=False),
             idm=dataclasses.replace(base.idm, url=self.stubs.urls["idm"]),
             worker=dataclasses.replace(WorkerSettings(), **(worker or {})),
@@ -181,13 +183,14 @@ async def rig() -> AsyncIterator[Rig]:
     secrets = harness.demo_secrets()
     async with contextlib.AsyncExitStack() as stack:
         aws, stubs = await asyncio.gather(
-            stack.enter_async_context(harness.aws_stack(proxy=False)),
+            stack.enter_async_context(harness.aws_stack()),
             stack.enter_async_context(stub_process(secrets["courier.idm.api_key"])),
         )
+        strict = aws.settings  # the strict counting proxy's endpoints
         proxies = {
-            "sqs": TcpProxy(aws.direct.sqs_endpoint_url, "sqs"),
-            "dynamodb": TcpProxy(aws.direct.dynamodb_endpoint_url, "dynamodb"),
-            "kms": TcpProxy(aws.direct.kms_endpoint_url, "kms"),
+            "sqs": TcpProxy(strict.sqs_endpoint_url, "sqs"),
+            "dynamodb": TcpProxy(strict.dynamodb_endpoint_url, "dynamodb"),
+            "kms": TcpProxy(strict.kms_endpoint_url, "kms"),
         }
         for proxy in proxies.values():
             await proxy.start()

@@ -9,7 +9,8 @@ serves ``service.stubs``' IdmStub (as ``idm``) and one LegacyStub per ``--legacy
   {username: [request id, ...]}}`` -- every successful delivery by Idempotency-Key, when the
   first one arrived (CLOCK_MONOTONIC, comparable across processes) and, per username in the
   delivered body, the request ids it arrived under (two ids for one username is a duplicate
-  effect that no idempotency key can absorb);
+  effect that no idempotency key can absorb), and ``"refused": {key: count}``, every call
+  answered 400 for the marker (below) by Idempotency-Key;
 - ``POST /_chaos/reset``: forget everything recorded.
 
 A delivery whose body contains its target's marker (``NAME=MARKER``) is answered 400, a
@@ -27,7 +28,7 @@ import os
 import re
 import signal
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -56,10 +57,12 @@ def _username(body: bytes) -> str:
 
 @dataclass
 class Recorder:
-    """What a chaos stub keeps beyond ``StubServer``: first-effect times and ids per username."""
+    """What a chaos stub keeps beyond ``StubServer``: first-effect times, ids per username,
+    and the calls it refused by key."""
 
     first_at: dict[str, float] = field(default_factory=dict)
     requests: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    refused: Counter[str] = field(default_factory=Counter)
 
     def record(self, key: str, body: bytes) -> None:
         self.first_at.setdefault(key, time.monotonic())
@@ -74,6 +77,7 @@ class Recorder:
                     "effects": dict(stub.effects),
                     "first_at": self.first_at,
                     "requests": {name: sorted(ids) for name, ids in self.requests.items()},
+                    "refused": dict(self.refused),
                     "calls": len(stub.calls),
                 }
             )
@@ -82,6 +86,7 @@ class Recorder:
             stub.reset()
             self.first_at.clear()
             self.requests.clear()
+            self.refused.clear()
             return web.json_response({"reset": True})
 
         app.router.add_get("/_chaos/effects", effects)
@@ -128,6 +133,7 @@ class ChaosLegacy(LegacyStub):
         body = await request.read()
         if self.reject_marker and self.reject_marker in body:
             self.calls.append(_call(request, body))
+            self.recorder.refused[request.headers.get("Idempotency-Key", "")] += 1
             return web.json_response({"error": "refused by the chaos marker"}, status=400)
         response = await super()._deliver(request)
         key = request.headers.get("Idempotency-Key", "")

@@ -4,23 +4,30 @@
 - a request's effect arrives under one key per target: a username delivered under two request
   ids is a duplicate effect (no idempotency key can absorb it); the same key delivered twice
   is a redelivery (absorbed by a target that honours Idempotency-Key, reported);
-- the DLQ holds exactly the poison, each with the reason expected for its kind.
+- the DLQ holds exactly the poison, each with the reason expected for its kind;
+- a stopping process leaves no message it received invisible: counted by message id from the
+  strict proxy's message ledger (every SQS message received, deleted or made visible again,
+  by access key), not from queue depths.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiobotocore.session import get_session
 
 from chaos.rig import TARGETS, Rig
+from courier_testkit.strict import MessageEvent
 from service.aws import client_config
 from service.bootstrap import Resources
+from service.dlq import DeadLetterInfo
 
 POLL_SECONDS = 0.25
 
@@ -41,6 +48,11 @@ class Effects:
             keys = self.key_counts(target)
             ids = {i for i in ids if f"{i}:{target}" in keys}
         return ids
+
+    def refused(self, target: str) -> dict[str, int]:
+        """Calls ``target`` answered 400 for the reject marker, by Idempotency-Key."""
+        counts: dict[str, int] = self.by_target[target].get("refused", {})
+        return counts
 
     def redeliveries(self, request_ids: Collection[str] | None = None) -> int:
         total = 0
@@ -127,14 +139,24 @@ def dlq_reasons(messages: Iterable[dict[str, Any]]) -> Counter[str]:
     """Reason per DLQ message; '(redrive)' for those SQS moved after maxReceiveCount."""
     reasons: Counter[str] = Counter()
     for raw in messages:
-        attributes = raw.get("MessageAttributes", {})
-        reasons[attributes.get("dlq_reason", {}).get("StringValue", "(redrive)")] += 1
+        reasons[dlq_reason(raw)] += 1
     return reasons
+
+
+def dlq_reason(raw: dict[str, Any]) -> str:
+    """Why courier dead-lettered a received DLQ message; '(redrive)' if SQS moved it."""
+    info = DeadLetterInfo.of_sqs(raw)
+    return info.reason if info else "(redrive)"
 
 
 async def statuses(rig: Rig, resources: Resources) -> Counter[str]:
     """Status records by state (a scan of the status table on dynalite)."""
-    states: Counter[str] = Counter()
+    return Counter((await states_by_id(rig, resources)).values())
+
+
+async def states_by_id(rig: Rig, resources: Resources) -> dict[str, str]:
+    """Request id -> state of every status record (a scan of the status table on dynalite)."""
+    states: dict[str, str] = {}
     async with get_session().create_client(
         "dynamodb",
         region_name=rig.aws.region,
@@ -144,8 +166,87 @@ async def statuses(rig: Rig, resources: Resources) -> Counter[str]:
         paginator = dynamodb.get_paginator("scan")
         async for page in paginator.paginate(TableName=resources.status_table):
             for item in page.get("Items", []):
-                states[item.get("state", {}).get("S", "?")] += 1
+                request_id = item.get("pk", {}).get("S", "").removeprefix("req#")
+                states[request_id] = item.get("state", {}).get("S", "?")
     return states
+
+
+@contextlib.asynccontextmanager
+async def message_ledger(rig: Rig) -> AsyncIterator[None]:
+    """The strict proxy's message ledger, emptied and on inside the block (off after)."""
+    proxy = rig.stack.proxy
+    assert proxy is not None, "the rig runs without the strict proxy"
+    url = next(iter(proxy.urls.values())) + "/_proxy/ledger"
+
+    async def switch(on: bool) -> None:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+            session.post(url, json={"on": on}) as response,
+        ):
+            response.raise_for_status()
+
+    await switch(True)
+    await proxy.reset()
+    try:
+        yield
+    finally:
+        await switch(False)
+
+
+async def message_events(rig: Rig) -> list[MessageEvent]:
+    """The strict proxy's message ledger so far."""
+    assert rig.stack.proxy is not None, "the rig runs without the strict proxy"
+    calls = await rig.stack.proxy.calls()
+    return [MessageEvent(**event) for event in calls.get("messages", [])]
+
+
+@dataclass
+class Holdings:
+    """What became of the messages one access key received, by message id."""
+
+    received: set[str] = field(default_factory=set)
+    received_before: set[str] = field(default_factory=set)  # before the ``since`` instant
+    deleted: set[str] = field(default_factory=set)  # by anyone
+    released: set[str] = field(default_factory=set)  # made visible again (timeout 0) by the key
+    orphaned: set[str] = field(default_factory=set)  # neither: invisible until the timeout
+
+
+def holdings(events: Iterable[MessageEvent], access_key: str, since: float) -> Holdings:
+    """Sort every message ``access_key`` received into deleted, released or orphaned.
+
+    A message is settled when any consumer deleted it, or when the last thing ``access_key``
+    did with its newest receipt handle of it was to make it visible again at once. Anything else
+    (never touched again, or only hidden longer, as a heartbeat does) leaves it invisible until
+    the visibility timeout runs out: an orphan.
+    """
+    events = list(events)
+    message_of = {e.receipt_handle: e.message_id for e in events if e.event == "received"}
+    newest: dict[str, str] = {}  # message id -> the key's newest receipt handle of it
+    last: dict[str, MessageEvent] = {}  # receipt handle -> the key's last settling event
+    found = Holdings()
+    for event in events:
+        if event.event == "received" and event.access_key == access_key:
+            found.received.add(event.message_id)
+            if event.at < since:
+                found.received_before.add(event.message_id)
+            newest[event.message_id] = event.receipt_handle
+        elif event.event == "deleted" and event.receipt_handle in message_of:
+            found.deleted.add(message_of[event.receipt_handle])
+        if event.event != "received" and event.access_key == access_key:
+            last[event.receipt_handle] = event
+    for message_id, handle in newest.items():
+        settled = last.get(handle)
+        if message_id in found.deleted:
+            continue
+        if (
+            settled is not None
+            and settled.event == "visibility"
+            and settled.visibility_timeout == 0
+        ):
+            found.released.add(message_id)
+        else:
+            found.orphaned.add(message_id)
+    return found
 
 
 @dataclass
