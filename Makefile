@@ -62,8 +62,8 @@ bench-quick: install $(VENV)/.bench ## the same comparison in under 3 minutes (o
 	$(BIN)/python -m bench --quick
 
 format: install
-	$(BIN)/ruff format service tests
-	$(BIN)/ruff check --fix service tests
+	$(BIN)/ruff format service tests bench chaos courier_testkit
+	$(BIN)/ruff check --fix service tests bench chaos courier_testkit
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache build *.egg-info

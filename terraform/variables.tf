@@ -536,13 +536,13 @@ variable "key_deletion_window_days" {
 ################################################################################
 
 variable "courier_role" {
-  description = "Which halves each process runs: all (API and worker), api or worker."
+  description = "Which halves each process runs: all (API and worker) or api. This module puts every instance behind the ALB, whose health check is /readyz on the API port; a worker-role process serves no API port (only health and metrics on its own), so a worker-only fleet would fail every check."
   type        = string
   default     = "all"
 
   validation {
-    condition     = contains(["all", "api", "worker"], var.courier_role)
-    error_message = "courier_role must be all, api or worker."
+    condition     = contains(["all", "api"], var.courier_role)
+    error_message = "courier_role must be all or api: worker-role processes do not serve the API port the ALB health-checks."
   }
 }
 

@@ -314,3 +314,13 @@ run "rejects_reserved_encryption_context_key" {
 
   expect_failures = [var.credstash_encryption_context]
 }
+
+run "rejects_a_worker_only_fleet_behind_the_alb" {
+  command = plan
+
+  variables {
+    courier_role = "worker"
+  }
+
+  expect_failures = [var.courier_role]
+}
