@@ -280,7 +280,15 @@ class CredStash:
                 CiphertextBlob=sealed.wrapped_key, EncryptionContext=dict(context)
             )
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "InvalidCiphertextException":
+            code = exc.response.get("Error", {}).get("Code")
+            if code == "AccessDeniedException":
+                # On AWS this is also what a context the instance policy does not allow gets.
+                raise SecretError(
+                    f"secret {sealed.name!r}: KMS denied the decrypt under encryption context "
+                    f"{_describe_context(context)}: check secrets.encryption_context against "
+                    "the instance role's kms:EncryptionContext conditions"
+                ) from None
+            if code == "InvalidCiphertextException":
                 raise SecretIntegrityError(
                     f"secret {sealed.name!r}: KMS refused the data key under encryption context "
                     f"{_describe_context(context)}: the item was stored with another context "

@@ -56,7 +56,8 @@ MIN_IDLE_SECONDS = 0.25
 # Past the deadline, a request still running gets this long to end once cancelled, twice
 # (aiohttp waits for the handler, then for its task).
 CANCEL_SECONDS = 0.5
-# Closing AWS clients, the HTTP session and the caches once both drains are over.
+# Closing AWS clients, the HTTP session and the caches once both drains are over: an estimate
+# (measured well under it; nothing cuts the close short), kept in stop_bound_seconds' margin.
 EXIT_SECONDS = 2.0
 MAX_QUEUED_ACCEPTS = 4096
 

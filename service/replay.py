@@ -8,7 +8,8 @@ coming from a copy this run sent.
 
 Safety: a message leaves the DLQ only after the work queue accepted its copy. Messages not
 moved (not matching, skipped, beyond the limit, and in a dry run every message) are made
-visible again at the end, untouched. The copy keeps the original attributes minus ``dlq``
+visible again at the end, untouched; one whose move failed stays in the DLQ and becomes
+visible again when its listing visibility (LIST_VISIBILITY_SECONDS) runs out. The copy keeps the original attributes minus ``dlq``
 and gains ``replayed=1`` so the worker consults the request's status before delivering again.
 """
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .errors import TransientError
+from .errors import CourierError, TransientError
 
 TTL_ATTRIBUTE = "expires_at"
 
@@ -47,6 +47,10 @@ class RequestState(StrEnum):
 
 class StatusUnavailableError(TransientError):
     """The status table could not be read or written."""
+
+
+class RequestCompletedError(CourierError):
+    """A worker's write was refused: another delivery of the request already completed it."""
 
 
 def now_iso() -> str:
@@ -287,11 +291,17 @@ class StatusStore:
         error: str | None = None,
         op: str | None = None,
     ) -> None:
-        """Set state / per-target states / error; creates the record if the API's write is missing."""
-        names: dict[str, str] = {"#u": "updated_at", "#e": TTL_ATTRIBUTE}
+        """Set state / per-target states / error; creates the record if the API's write is missing.
+
+        ``completed`` is final: a second copy of the request (an SQS duplicate, an API re-send)
+        that ends later must not turn it back into processing or failed, so the write is
+        conditional and raises RequestCompletedError when the record is already completed.
+        """
+        names: dict[str, str] = {"#u": "updated_at", "#e": TTL_ATTRIBUTE, "#cs": "state"}
         values: dict[str, Any] = {
             ":u": {"S": now_iso()},
             ":e": {"N": str(int(time.time()) + self._ttl_seconds)},
+            ":completed": {"S": RequestState.COMPLETED.value},
         }
         sets = [
             "#u = :u",
@@ -306,14 +316,21 @@ class StatusStore:
         if targets:
             values[":t"] = {"M": {name: {"S": value} for name, value in targets.items()}}
             sets.append("targets = :t")
-        await self._call(
-            self._dynamodb.update_item,
-            TableName=self.table,
-            Key=_key(request_id),
-            UpdateExpression="SET " + ", ".join(sets),
-            ExpressionAttributeNames=names,
-            ExpressionAttributeValues=values,
-        )
+        try:
+            await self._dynamodb.update_item(
+                TableName=self.table,
+                Key=_key(request_id),
+                UpdateExpression="SET " + ", ".join(sets),
+                ConditionExpression="attribute_not_exists(#cs) OR #cs <> :completed",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                raise RequestCompletedError(f"request {request_id} is already completed") from None
+            raise StatusUnavailableError(f"status table unavailable: {type(exc).__name__}") from exc
+        except (BotoCoreError, OSError) as exc:
+            raise StatusUnavailableError(f"status table unavailable: {type(exc).__name__}") from exc
 
     async def _call(self, method: Any, **kwargs: Any) -> Any:
         try:

@@ -22,8 +22,7 @@ from . import metrics
 from .circuit import CircuitBreaker
 from .errors import (
     CircuitOpenError,
-    SecretIntegrityError,
-    SecretNotFoundError,
+    SecretError,
     TargetHttpError,
     TargetMisconfiguredError,
     TransientError,
@@ -116,7 +115,12 @@ class TargetClient:
             return ""
         try:
             return f"Bearer {await self._secret(self.settings.secret)}"
-        except (SecretNotFoundError, SecretIntegrityError) as exc:
+        except SecretError as exc:
+            if is_retryable(exc):  # the store is down: an outage, retried like one
+                raise
+            # Missing, tampered, under another key or context, or refused by IAM (on AWS a
+            # context the policy does not allow is AccessDenied): configuration, not poison.
+            reason = getattr(exc, "reason", "secret_refused")
             metrics.target_calls.labels(self.name, "misconfigured").inc()
             log.warning(
                 "target %s is misconfigured: its secret cannot be read",
@@ -127,11 +131,11 @@ class TargetClient:
                         "reason": TargetMisconfiguredError.reason,
                         "target": self.name,
                         "secret": self.settings.secret,
-                        "error": exc.reason,
+                        "error": reason,
                     }
                 },
             )
-            cause = f"secret {self.settings.secret!r}: {exc.reason}"
+            cause = f"secret {self.settings.secret!r}: {reason}"
             raise TargetMisconfiguredError(self.name, cause) from exc
 
     async def _call(self, delivery: Delivery, authorization: str) -> int:

@@ -11,8 +11,11 @@ never dropped as finished while its only copy could still be lost. Per-target pr
 written only when an attempt ends with some targets delivered and others pending, so a
 redelivery skips them. The status record is read only for a message that may be a second
 copy: received before (receive count > 1), replayed from the DLQ (``replayed``), or re-sent
-by the API after an ambiguous send (``attempt``). A first receive of a first send cannot have
-been finished by another delivery, so the happy path reads nothing.
+by the API after an ambiguous send (``attempt``), so the happy path reads nothing. One case
+is left to the targets' ``Idempotency-Key``: when a send that timed out had in fact queued
+its copy and the API's re-send (``attempt`` 2) finished first, that first copy arrives
+unmarked and is delivered again; closing it would cost a read per message. Whatever the
+order, ``completed`` is final: a copy that ends later cannot write over it (StatusStore).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .errors import (
 )
 from .operations import OPERATIONS
 from .settings import WorkerSettings
-from .status import RequestState, StatusStore
+from .status import RequestCompletedError, RequestState, StatusStore
 from .targets import Delivery, TargetClient
 
 log = logging.getLogger("courier.worker")
@@ -140,16 +143,20 @@ class Pipeline:
         permanent = {name: exc for name, exc in failures.items() if not is_retryable(exc)}
         if permanent:
             return self._rejected(opened, states, permanent)
-        if failures:
-            if delivered_now:
-                states.update({n: PENDING for n in failures})
-                await self._status.update(
-                    opened.id, state=RequestState.PROCESSING, targets=states, op=opened.op
-                )
-            return self._retry(message, failures)
-        await self._status.update(
-            opened.id, state=RequestState.COMPLETED, targets=states, op=opened.op
-        )
+        try:
+            if failures:
+                if delivered_now:
+                    states.update({n: PENDING for n in failures})
+                    await self._status.update(
+                        opened.id, state=RequestState.PROCESSING, targets=states, op=opened.op
+                    )
+                return self._retry(message, failures)
+            await self._status.update(
+                opened.id, state=RequestState.COMPLETED, targets=states, op=opened.op
+            )
+        except RequestCompletedError:
+            # Another copy finished the request while this one ran: nothing is left to do.
+            return Ack("duplicate")
         return Ack("completed")
 
     def _rejected(

@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 from service.circuit import CircuitState
 from service.errors import (
     CircuitOpenError,
+    SecretError,
     SecretNotFoundError,
     SecretUnavailableError,
     TargetHttpError,
@@ -240,18 +241,32 @@ async def test_concurrency_limit_is_respected(
     assert len(stub.effects) == 6
 
 
-class MissingSecrets(Secrets):
-    """A secret getter whose store has no item of that name (CredStash's answer)."""
+class RefusingSecrets(Secrets):
+    """A secret getter whose store refuses the secret for good."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__({})
+        self.error = error
 
     async def __call__(self, name: str) -> str:
         self.asked.append(name)
-        raise SecretNotFoundError(f"secret {name!r} not found in table 'credential-store'")
+        raise self.error
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        SecretNotFoundError("secret 'courier.crm.token' not found in table 'credential-store'"),
+        # What real AWS answers when the policy's LeadingKeys or encryption-context
+        # conditions do not allow the secret: credstash.py wraps it as a plain SecretError.
+        SecretError("secret 'courier.crm.token': secret store failed (AccessDeniedException)"),
+    ],
+    ids=["missing", "refused-by-iam"],
+)
 async def test_missing_secret_is_a_transient_misconfiguration_and_calls_nothing(
-    stub: CountingStub, session: aiohttp.ClientSession
+    stub: CountingStub, session: aiohttp.ClientSession, error: Exception
 ) -> None:
-    secrets = MissingSecrets({})
+    secrets = RefusingSecrets(error)
     target = client(stub, session, secrets, secret="courier.crm.token", retries=2)
     before = calls("crm", "misconfigured")
     with pytest.raises(TargetMisconfiguredError) as caught:

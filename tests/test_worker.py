@@ -27,7 +27,7 @@ from service.envelope import EnvelopeCipher
 from service.operations import create_mailbox
 from service.replay import ReplayFilter, replay
 from service.settings import Settings
-from service.status import RequestState, StatusStore
+from service.status import RequestCompletedError, RequestState, StatusStore
 from service.stubs import LegacyStub
 from tests.chain import (
     Chain,
@@ -570,3 +570,24 @@ async def test_missing_target_secret_retries_without_dead_lettering_until_fixed(
         [call] = chain.targets["crm"].calls
         assert call.headers["Authorization"] == "Bearer crm-token"
         assert await dlq_depth(chain) == 0
+
+
+# --- completed is final ----------------------------------------------------------------------
+
+
+async def test_a_later_copy_never_turns_a_completed_request_back(
+    fresh: Resources, aws: AwsClients
+) -> None:
+    """Two copies of one request can be in flight (an SQS duplicate, an API re-send): the one
+    that ends last must not write processing or failed over the other's completed."""
+    status = StatusStore(aws.dynamodb, fresh.status_table, 1)
+    request_id = uuid.uuid4().hex
+    await status.update(request_id, state=RequestState.PROCESSING, targets={"crm": "delivered"})
+    await status.update(request_id, state=RequestState.COMPLETED, targets={"crm": "delivered"})
+    for late in (RequestState.PROCESSING, RequestState.FAILED, RequestState.COMPLETED):
+        with pytest.raises(RequestCompletedError):
+            await status.update(request_id, state=late, targets={"crm": "pending"})
+    record = await status.get(request_id)
+    assert record is not None
+    assert record.state is RequestState.COMPLETED
+    assert record.targets == {"crm": "delivered"}

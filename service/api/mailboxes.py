@@ -12,7 +12,9 @@ Order of a create, and why:
 5. seal and send to SQS. When SQS refuses (or times out, which may still have queued it) the
    record becomes ``send_failed`` and the client gets 503: nothing is deleted, a retry with
    the same key is a fresh attempt of the same request, and the re-sent message carries
-   attribute ``attempt`` (2, 3, ...) so the worker drops copies of a request already done;
+   attribute ``attempt`` (2, 3, ...) so the worker checks it and drops it when the request is
+   already done (an unmarked first copy arriving after it is absorbed by the targets'
+   Idempotency-Key; see service/worker.py);
 6. mark the claim ``accepted`` (conditional: never over a worker's state) and answer 202 only
    now, when the message is durable.
 A replay answers from the record and never sends again.
@@ -223,8 +225,9 @@ def _lease_end(settings: Settings) -> int:
     """When a claim may be taken over: after the IdM's worst case plus time to seal and send.
 
     Short enough that the clients of a crashed instance are not refused for long. A claimer
-    still alive after it (SQS very slow) is harmless: the IdM call repeats under the same
-    key, the taker's copy carries a higher ``attempt``, and the loser's accept write fails.
+    still alive after it (SQS very slow) costs at most a second copy: the IdM call repeats
+    under the same key, the taker's copy carries a higher ``attempt``, the loser's accept
+    write fails, and the targets' Idempotency-Key absorbs the loser's copy if it arrives last.
     """
     idm = settings.idm.timeout_seconds * (settings.idm.retries + 1)
     return int(time.time() + idm + CLAIM_SEND_ALLOWANCE_SECONDS)
