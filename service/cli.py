@@ -1,20 +1,25 @@
-"""The ``courier`` command: run | local | check | token | replay | secrets."""
+"""The ``courier`` command: run | local | check | bootstrap | token | replay | secrets."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from . import __version__
 from .errors import CourierError, SettingsError
-from .local import use_fake_credentials
+from .local import LOCAL_CONFIG_PATH, use_fake_credentials
 from .logs import setup_logging
-from .settings import Settings, load_settings
+from .settings import DEFAULT_CONFIG_PATH, Settings, load_settings
+
+if TYPE_CHECKING:
+    from .bootstrap import Resources
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int] | int]
 
@@ -28,16 +33,25 @@ def run_async(main: Coroutine[Any, Any, int | None]) -> int | None:
     return uvloop.run(main)
 
 
+CONFIG_HELP = (
+    "TOML settings file (default: $COURIER_CONFIG, else .courier/local.toml in the working"
+    " directory, else /etc/courier/courier.toml if present)"
+)
+
+
+def _config_parent() -> argparse.ArgumentParser:
+    """``--config`` for every subcommand, so it may follow the command as well as precede it."""
+    parent = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand given no --config leaves the one before the command in place.
+    parent.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=CONFIG_HELP)
+    return parent
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="courier", description=__doc__)
     parser.add_argument("--version", action="version", version=f"courier {__version__}")
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="TOML settings file (default: $COURIER_CONFIG, else /etc/courier/courier.toml if present)",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
+    commands = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
     run = commands.add_parser("run", help="serve the API and/or the worker until SIGTERM")
     run.add_argument("--role", choices=["all", "api", "worker"], help="override the role setting")
@@ -52,6 +66,19 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="validate the settings as `run` would: exit 0 (valid) or 2 (invalid)"
     )
     check.add_argument("--role", choices=["all", "api", "worker"], help="override the role setting")
+
+    boot = commands.add_parser(
+        "bootstrap",
+        help="create courier's queues, tables and KMS keys if missing; print them as settings",
+    )
+    boot.add_argument(
+        "--prefix", default="courier", help="name prefix: PREFIX-work, PREFIX-dlq, PREFIX-status"
+    )
+    boot.add_argument(
+        "--demo-secrets",
+        action="store_true",
+        help="also store random values for the demo secrets that are missing",
+    )
 
     replay = commands.add_parser("replay", help="move messages from the DLQ back to the work queue")
     replay.add_argument("--reason", default="", help="only messages dead-lettered for this reason")
@@ -73,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
 
     secrets = commands.add_parser("secrets", help="read or write CredStash secrets")
-    actions = secrets.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = _Commands(secrets.add_subparsers(dest="action", required=True, metavar="ACTION"))
     get = actions.add_parser("get", help="print a secret's plaintext")
     get.add_argument("name")
     get.add_argument("--version", dest="secret_version", default=None)
@@ -84,6 +111,19 @@ def _parser() -> argparse.ArgumentParser:
     put.add_argument("--kms-key", default=None, help="default: secrets.kms_key_id")
     put.add_argument("--context", action="append", default=[], metavar="KEY=VALUE")
     return parser
+
+
+class _Commands:
+    """Subparsers that all accept ``--config``."""
+
+    def __init__(self, action: Any) -> None:
+        self._action = action
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._action.add_parser(
+            name, parents=[_config_parent()], **kwargs
+        )
+        return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _settings(args: argparse.Namespace) -> Settings:
     """The settings the command runs with; for ``run`` and ``check`` also what the role needs."""
-    settings = load_settings(args.config)
+    settings = load_settings(_config_path(args))
     if getattr(args, "role", None):
         settings = settings.replace(role=args.role)
     if args.command in ("run", "check"):
@@ -125,6 +165,26 @@ def _settings(args: argparse.Namespace) -> Settings:
 
         check_runnable(settings)
     return settings
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    """``--config``; else, when nothing names a file, ``courier local``'s file if it is here.
+
+    Not for ``local`` (it writes that file, and must not start from the last run's endpoints),
+    and never on a host that has /etc/courier/courier.toml: there that file is the config.
+    """
+    explicit: Path | None = args.config
+    named = explicit is not None or bool(os.environ.get("COURIER_CONFIG"))
+    if named or args.command == "local" or DEFAULT_CONFIG_PATH.is_file():
+        return explicit  # None: load_settings applies COURIER_CONFIG and the default path
+    if not LOCAL_CONFIG_PATH.is_file():
+        return None
+    print(
+        f"courier: using {LOCAL_CONFIG_PATH} (written by courier local);"
+        " --config or COURIER_CONFIG choose another",
+        file=sys.stderr,
+    )
+    return LOCAL_CONFIG_PATH
 
 
 def _refuse(error: SettingsError) -> int:
@@ -150,6 +210,14 @@ async def _local(args: argparse.Namespace, settings: Settings) -> int:
 
     from .local import run_local
 
+    try:
+        import moto.server  # noqa: F401  (only to learn whether it is installed)
+    except ImportError:
+        # The runtime wheel leaves moto out: it is in the dev extra.
+        raise SettingsError(
+            "courier local needs moto, a development dependency: pip install 'courier[dev]'"
+        ) from None
+
     http = replace(settings.http, port=args.port)
     await run_local(settings.replace(http=http), aws_port=args.aws_port)
     return 0
@@ -160,6 +228,40 @@ def _check(_: argparse.Namespace, settings: Settings) -> int:
     targets = "1 target" if len(settings.targets) == 1 else f"{len(settings.targets)} targets"
     print(f"courier: settings are valid (role={settings.role}, {targets})")
     return 0
+
+
+async def _bootstrap(args: argparse.Namespace, settings: Settings) -> int:
+    from .aws import open_clients
+    from .bootstrap import ResourceNames, bootstrap
+    from .local import demo_secrets
+
+    names = ResourceNames(prefix=args.prefix, secrets_table=settings.secrets.table)
+    # bootstrap stores only the secrets that are missing: a second run keeps the first's values.
+    values = demo_secrets() if args.demo_secrets else None
+    async with open_clients(settings.aws) as clients:
+        made = await bootstrap(clients, names, values)
+    print(_as_settings(made, settings.aws.endpoint_for("sqs") or "AWS"))
+    return 0
+
+
+def _as_settings(made: Resources, where: str) -> str:
+    """What ``bootstrap`` made, as TOML a person pastes into the settings file."""
+    demo = ", ".join(made.secrets) + " (stored where missing)" if made.secrets else "none"
+    return (
+        f"# courier bootstrap: created, or found, at {where}; paste into the settings file\n"
+        f"# FIFO pair: {made.fifo_queue_url} (DLQ {made.fifo_dlq_url})\n"
+        f"# CredStash key: alias/credstash = {made.credstash_key_arn}\n"
+        f"# demo secrets: {demo}\n"
+        f"[queue]\nurl = {_quoted(made.queue_url)}\ndlq_url = {_quoted(made.dlq_url)}\n\n"
+        f"[status]\ntable = {_quoted(made.status_table)}\n\n"
+        f"[secrets]\ntable = {_quoted(made.secrets_table)}\n\n"
+        f"[envelope]\nkms_key_id = {_quoted(made.data_key_arn)}"
+    )
+
+
+def _quoted(value: str) -> str:
+    # A JSON string of printable ASCII is a TOML basic string.
+    return json.dumps(value)
 
 
 def _context(pairs: list[str]) -> dict[str, str]:
@@ -260,6 +362,7 @@ _COMMANDS: dict[str, Command] = {
     "run": _run,
     "local": _local,
     "check": _check,
+    "bootstrap": _bootstrap,
     "secrets": _secrets,
     "token": _token,
     "replay": _replay,
