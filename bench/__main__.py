@@ -332,6 +332,7 @@ def main() -> None:
         result = json.loads(args.render.read_text())
         write_outputs(result, args.out, publish=True)
         return
+    api.require_wrk()
     mode = QUICK if args.quick else FULL
     publish = (not args.quick) if args.publish is None else args.publish
     log(f"bench {mode.name}: {harness.machine()}")

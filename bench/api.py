@@ -115,9 +115,24 @@ def _tag() -> str:
     return secrets.token_hex(4)
 
 
+WRK_MISSING = "bench: wrk is not on PATH; install it with: sudo apt-get install wrk"
+
+
+def require_wrk() -> str:
+    """The path of ``wrk``; exits with one line naming the install command when it is missing.
+
+    Called before anything starts, so a machine without wrk is told at once rather than by a
+    traceback from the API phase after the emulators and the worker phase have run.
+    """
+    binary = shutil.which("wrk")
+    if binary is None:
+        raise SystemExit(WRK_MISSING)
+    return binary
+
+
 async def wrk(url: str, seconds: float, connections: int, token: str) -> dict[str, Any]:
     """One wrk run against POST /v1/mailboxes; the parsed WRK_JSON line."""
-    binary = shutil.which("wrk") or "/usr/bin/wrk"
+    binary = require_wrk()
     process = await asyncio.create_subprocess_exec(
         binary, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
         "-s", str(WRK_SCRIPT), url + "/v1/mailboxes",

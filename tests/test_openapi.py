@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -17,7 +17,10 @@ import hypothesis
 import pytest
 import schemathesis
 from aiohttp import web
+from jsonschema import Draft202012Validator, FormatChecker
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -27,7 +30,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from service.aws import AwsClients
-from service.settings import AwsSettings
+from service.bootstrap import Resources
+from service.settings import AwsSettings, Settings
 from tests.test_api import VALID_BODY, Api, own_resources, running_api
 
 MAX_EXAMPLES = 30
@@ -171,3 +175,95 @@ async def test_responses_conform_to_the_document(api: Api, document: dict[str, A
     assert 202 in statuses["POST /v1/mailboxes"]
     assert {400, 422} & statuses["POST /v1/mailboxes"]
     assert {200, 404} <= statuses["GET /v1/requests/{request_id}"]
+
+
+DOCUMENT_URI = "urn:courier:openapi"
+
+
+def media_types(node: Any, pointer: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(JSON pointer, media type object) of every request and response body in the document."""
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        here = f"{pointer}/{key.replace('~', '~0').replace('/', '~1')}"
+        if key == "content" and isinstance(value, dict):
+            for media_type, media in value.items():
+                yield f"{here}/{media_type.replace('~', '~0').replace('/', '~1')}", media
+        else:
+            yield from media_types(value, here)
+
+
+def example_values(media: dict[str, Any]) -> dict[str, Any]:
+    named = {name: example["value"] for name, example in media.get("examples", {}).items()}
+    return {**named, **({"example": media["example"]} if "example" in media else {})}
+
+
+def test_every_example_matches_its_schema(document: dict[str, Any]) -> None:
+    registry: Registry[Any] = Registry().with_resource(
+        DOCUMENT_URI, Resource.from_contents(document, default_specification=DRAFT202012)
+    )
+    checked = 0
+    for pointer, media in media_types(document):
+        # Resolved inside the document, so "#/components/..." references work as in OpenAPI.
+        validator = Draft202012Validator(
+            {"$ref": f"{DOCUMENT_URI}#{pointer}/schema"},
+            registry=registry,
+            format_checker=FormatChecker(),
+        )
+        for name, value in example_values(media).items():
+            errors = [error.message for error in validator.iter_errors(value)]
+            assert not errors, f"example {name!r} at {pointer}: {errors}"
+            checked += 1
+    assert checked >= 9
+
+
+def response_examples(document: dict[str, Any], response: dict[str, Any]) -> set[str]:
+    if "$ref" in response:
+        response = document["components"]["responses"][response["$ref"].rsplit("/", 1)[-1]]
+    return {name for media in response["content"].values() for name in example_values(media)}
+
+
+def test_the_main_answers_have_examples(document: dict[str, Any]) -> None:
+    create = document["paths"]["/v1/mailboxes"]["post"]
+    assert {"minimal", "full"} <= set(
+        create["requestBody"]["content"]["application/json"]["examples"]
+    )
+    responses = create["responses"]
+    assert response_examples(document, responses["202"])
+    assert response_examples(document, responses["401"]) == {"invalid-token"}
+    assert response_examples(document, responses["409"]) == {
+        "identity-exists",
+        "request-in-progress",
+    }
+    assert response_examples(document, responses["422"]) == {"validation-failed"}
+    assert response_examples(document, responses["503"]) == {"service-unavailable"}
+    status = document["paths"]["/v1/requests/{request_id}"]["get"]["responses"]
+    assert response_examples(document, status["200"])
+
+
+async def test_the_examples_are_what_courier_accepts_and_answers(
+    settings: Settings, fresh: Resources, aws: AwsClients
+) -> None:
+    # A courier and IdM of its own: the conformance test sends the same usernames.
+    async with running_api(settings, fresh, aws) as api:
+        served = (await api.call("GET", "/openapi.json", authorization=None)).body
+        create = served["paths"]["/v1/mailboxes"]["post"]
+        examples = create["requestBody"]["content"]["application/json"]["examples"]
+        for name, example in examples.items():
+            reply = await api.post(example["value"])
+            assert reply.status == 202, f"example {name!r}: {reply.status} {reply.body}"
+            assert reply.body["status"] == "accepted"
+            status = await api.call("GET", reply.headers["Location"])
+            assert status.status == 200
+            assert status.body["operation"] == "create-mailbox"
+        refused = await api.call(
+            "POST",
+            "/v1/mailboxes",
+            data=b"{}",
+            headers={"Content-Type": "application/json"},
+            authorization=None,
+        )
+    problems = served["components"]["responses"]["Unauthorized"]["content"]
+    missing_token = problems["application/problem+json"]["examples"]["invalid-token"]["value"]
+    assert refused.status == 401
+    assert {**refused.body, "request_id": missing_token["request_id"]} == missing_token

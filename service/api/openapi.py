@@ -68,9 +68,119 @@ _STATUS_SCHEMA = {
 
 _REQUEST_SCHEMA = {k: v for k, v in create_mailbox.REQUEST_SCHEMA.items() if k != "$schema"}
 
+# Examples: tests/test_openapi.py validates each against its schema and POSTs the request
+# examples to a running courier, so they cannot drift from what the API accepts and answers.
+_EXAMPLE_REQUEST_ID = "5f0c6a1e9b2d4c7fa3e81d2b6c4a9e07"
+_REQUEST_EXAMPLES = {
+    "minimal": {
+        "summary": "the required fields only",
+        "value": {
+            "username": "jane.doe",
+            "display_name": "Jane Doe",
+            "plan": "standard",
+            "contact_email": "jane@example.com",
+        },
+    },
+    "full": {
+        "summary": "every field",
+        "value": {
+            "username": "john.smith",
+            "display_name": "John Smith",
+            "plan": "premium",
+            "contact_email": "john.smith@example.net",
+            "msisdn": "+447700900123",
+            "quota_mb": 20480,
+            "locale": "en-GB",
+            "aliases": ["jsmith", "john.s"],
+        },
+    },
+}
+_ACCEPTED_EXAMPLE = {"request_id": _EXAMPLE_REQUEST_ID, "status": "accepted"}
+_STATUS_EXAMPLE = {
+    "request_id": _EXAMPLE_REQUEST_ID,
+    "operation": create_mailbox.NAME,
+    "status": "processing",
+    "identity_id": "idm-3f9a2c",
+    "created_at": "2026-01-15T09:30:00.123Z",
+    "updated_at": "2026-01-15T09:30:01.456Z",
+    "targets": {"billing": "delivered", "mailstore": "pending"},
+}
+# The 422 example's errors are what courier itself says about this body.
+_INVALID_REQUEST = {"username": "Jane", "plan": "gold", "contact_email": "jane@example.com"}
+
+
+def _problem_example(
+    summary: str, status: int, slug: str, title: str, detail: str
+) -> dict[str, Any]:
+    value = {
+        "type": TYPE_PREFIX + slug,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "request_id": _EXAMPLE_REQUEST_ID,
+    }
+    return {"summary": summary, "value": value}
+
+
+def _problem_examples() -> dict[int, dict[str, Any]]:
+    """Examples of the main problems, by status (the texts are courier's own)."""
+    errors = create_mailbox.validation_errors(_INVALID_REQUEST)
+    invalid = _problem_example(
+        "the body breaks the CreateMailboxRequest schema",
+        422,
+        "validation-failed",
+        "Unprocessable Content",
+        f"the request body does not match the CreateMailboxRequest schema ({len(errors)} errors)",
+    )
+    invalid["value"]["errors"] = errors
+    return {
+        401: {
+            "invalid-token": _problem_example(
+                "no bearer token (an invalid one gets the same problem, another detail)",
+                401,
+                "invalid-token",
+                "Unauthorized",
+                "an 'Authorization: Bearer <token>' header is required",
+            )
+        },
+        409: {
+            "identity-exists": _problem_example(
+                "the IdM already has this username",
+                409,
+                "identity-exists",
+                "Conflict",
+                "an identity with this username already exists",
+            ),
+            "request-in-progress": _problem_example(
+                "another request with this Idempotency-Key is being handled",
+                409,
+                "request-in-progress",
+                "Conflict",
+                "a request with this Idempotency-Key is still in progress; "
+                "retry after Retry-After seconds",
+            ),
+        },
+        422: {"validation-failed": invalid},
+        503: {
+            "service-unavailable": _problem_example(
+                "a dependency is down; nothing was accepted",
+                503,
+                "service-unavailable",
+                "Service Unavailable",
+                "a service courier depends on is unavailable; retry later",
+            )
+        },
+    }
+
 
 # Problems that carry a header clients act on have their own response component.
-_PROBLEM_RESPONSES = {401: "Unauthorized", 403: "Forbidden", 409: "Conflict", 503: "Unavailable"}
+_PROBLEM_RESPONSES = {
+    401: "Unauthorized",
+    403: "Forbidden",
+    409: "Conflict",
+    422: "Unprocessable",
+    503: "Unavailable",
+}
 
 
 def _problems(*statuses: int) -> dict[str, Any]:
@@ -80,16 +190,20 @@ def _problems(*statuses: int) -> dict[str, Any]:
     }
 
 
-def _problem_response(description: str, header: str = "", meaning: str = "") -> dict[str, Any]:
+def _problem_response(
+    description: str, header: str = "", meaning: str = "", status: int = 0
+) -> dict[str, Any]:
     headers: dict[str, Any] = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
     if header:
         headers[header] = {"required": True, "description": meaning, "schema": {"type": "string"}}
+    media: dict[str, Any] = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    examples = _problem_examples().get(status)
+    if examples:
+        media["examples"] = examples
     return {
         "description": description,
         "headers": headers,
-        "content": {
-            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
-        },
+        "content": {"application/problem+json": media},
     }
 
 
@@ -97,7 +211,8 @@ def _conflict_response() -> dict[str, Any]:
     """409: two problems, and only the in-progress one carries Retry-After and Location."""
     response = _problem_response(
         "identity-exists: the IdM already has this username; request-in-progress: another "
-        "request with this Idempotency-Key is being handled, retry after Retry-After"
+        "request with this Idempotency-Key is being handled, retry after Retry-After",
+        status=409,
     )
     response["headers"]["Retry-After"] = {
         "description": "request-in-progress only: seconds to wait before retrying",
@@ -110,8 +225,13 @@ def _conflict_response() -> dict[str, Any]:
     return response
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+def _json(
+    schema: dict[str, Any], description: str, example: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    media: dict[str, Any] = {"schema": schema}
+    if example is not None:
+        media["examples"] = {"example": {"value": example}}
+    return {"description": description, "content": {"application/json": media}}
 
 
 def document() -> dict[str, Any]:
@@ -146,6 +266,7 @@ def document() -> dict[str, Any]:
                     "missing or invalid bearer token",
                     "WWW-Authenticate",
                     "Bearer challenge (RFC 6750)",
+                    status=401,
                 ),
                 "Forbidden": _problem_response(
                     "the token lacks the operation's scope",
@@ -153,10 +274,16 @@ def document() -> dict[str, Any]:
                     "Bearer challenge naming the missing scope",
                 ),
                 "Conflict": _conflict_response(),
+                "Unprocessable": _problem_response(
+                    "validation-failed: the body breaks the schema (see errors); "
+                    "idempotency-key-reused: the key was used with a different body",
+                    status=422,
+                ),
                 "Unavailable": _problem_response(
                     "a dependency is down; nothing was accepted",
                     "Retry-After",
                     "seconds to wait before retrying",
+                    status=503,
                 ),
             },
         },
@@ -209,7 +336,8 @@ def _create_operation() -> dict[str, Any]:
             "required": True,
             "content": {
                 "application/json": {
-                    "schema": {"$ref": "#/components/schemas/CreateMailboxRequest"}
+                    "schema": {"$ref": "#/components/schemas/CreateMailboxRequest"},
+                    "examples": _REQUEST_EXAMPLES,
                 }
             },
         },
@@ -218,6 +346,7 @@ def _create_operation() -> dict[str, Any]:
                 **_json(
                     {"$ref": "#/components/schemas/Accepted"},
                     "queued; follow Location for the status",
+                    _ACCEPTED_EXAMPLE,
                 ),
                 "headers": {
                     "Location": {
@@ -242,7 +371,9 @@ def _status_operation() -> dict[str, Any]:
             {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}
         ],
         "responses": {
-            "200": _json({"$ref": "#/components/schemas/RequestStatus"}, "the status record"),
+            "200": _json(
+                {"$ref": "#/components/schemas/RequestStatus"}, "the status record", _STATUS_EXAMPLE
+            ),
             **_problems(401, 403, 404, 500, 503),
         },
     }
