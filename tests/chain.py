@@ -389,3 +389,22 @@ async def run_cli(settings: Settings, directory: Path, *args: str) -> tuple[int,
     output, _ = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode is not None
     return process.returncode, output.decode(errors="replace")
+
+
+async def receive_all(aws: AwsClients, url: str) -> list[dict[str, Any]]:
+    """Every visible message of a queue, in receive order, with all attributes (left in
+    flight for a minute, so one pass never sees a message twice)."""
+    found: dict[str, dict[str, Any]] = {}
+    while True:
+        response = await aws.sqs.receive_message(
+            QueueUrl=url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=0,
+            VisibilityTimeout=60,
+            MessageAttributeNames=["All"],
+            MessageSystemAttributeNames=["All"],
+        )
+        if not response.get("Messages"):
+            return list(found.values())
+        for raw in response["Messages"]:
+            found[raw["MessageId"]] = raw

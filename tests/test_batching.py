@@ -19,6 +19,7 @@ from service.bootstrap import Resources
 from service.errors import PermanentError
 from service.queue import Producer
 from service.settings import Settings
+from tests.chain import receive_all
 from tests.test_api import VALID_BODY, Api, running_api
 
 
@@ -187,22 +188,6 @@ def aws_requests(service: str, operation: str) -> float:
 
 def sends() -> float:
     return aws_requests("sqs", "SendMessageBatch") + aws_requests("sqs", "SendMessage")
-
-
-async def receive_all(aws: AwsClients, queue_url: str) -> list[dict[str, Any]]:
-    messages: list[dict[str, Any]] = []
-    while True:
-        response = await aws.sqs.receive_message(
-            QueueUrl=queue_url,
-            MaxNumberOfMessages=10,
-            WaitTimeSeconds=0,
-            MessageAttributeNames=["All"],
-            AttributeNames=["All"],
-            VisibilityTimeout=60,
-        )
-        if not response.get("Messages"):
-            return messages
-        messages += response["Messages"]
 
 
 async def test_producer_coalesces_concurrent_sends(aws: AwsClients, fresh: Resources) -> None:

@@ -21,7 +21,8 @@ from service.batching import BatchEntryError, Batcher
 from service.bootstrap import Resources
 from service.errors import PermanentError
 from service.queue import Producer
-from tests.test_batching import aws_requests, receive_all
+from tests.chain import receive_all
+from tests.test_batching import aws_requests
 
 ELEVEN = {f"a{i:02d}": "v" for i in range(11)}
 

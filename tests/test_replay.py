@@ -14,7 +14,7 @@ from service.bootstrap import Resources
 from service.dlq import DeadLetterInfo
 from service.replay import ReplayFilter, replay
 from service.settings import QueueSettings, Settings
-from tests.chain import eventually, mailbox, plant, run_cli, running_chain
+from tests.chain import eventually, mailbox, plant, receive_all, run_cli, running_chain
 
 # (reason, target) of the planted dead letters
 DEAD_LETTERS = (
@@ -87,23 +87,6 @@ async def depth(aws: AwsClients, url: str) -> tuple[int, int]:
     )
 
 
-async def drain(aws: AwsClients, url: str) -> list[dict[str, Any]]:
-    """Every visible message of a queue (received, left in flight)."""
-    found: dict[str, dict[str, Any]] = {}
-    while True:
-        response = await aws.sqs.receive_message(
-            QueueUrl=url,
-            MaxNumberOfMessages=10,
-            WaitTimeSeconds=0,
-            VisibilityTimeout=30,
-            MessageAttributeNames=["All"],
-        )
-        if not response.get("Messages"):
-            return list(found.values())
-        for raw in response["Messages"]:
-            found[raw["MessageId"]] = raw
-
-
 def attributes(raw: dict[str, Any]) -> dict[str, str]:
     return {name: value["StringValue"] for name, value in raw.get("MessageAttributes", {}).items()}
 
@@ -139,7 +122,7 @@ async def test_filter_moves_only_matching_messages_as_clean_replayed_copies(
         rate_per_second=100,
     )
     assert counts(report) == (6, 2, 2, 0, 0, 0)
-    copies = await drain(aws, fresh.queue_url)
+    copies = await receive_all(aws, fresh.queue_url)
     assert len(copies) == 2
     for raw in copies:
         original = planted[raw["Body"]]
@@ -151,7 +134,7 @@ async def test_filter_moves_only_matching_messages_as_clean_replayed_copies(
         for name in ("op", "request_id", "traceparent"):
             assert found[name] == original[name]
     assert await depth(aws, fresh.dlq_url) == (4, 0)
-    left = {info(attributes(raw)).reason for raw in await drain(aws, fresh.dlq_url)}
+    left = {info(attributes(raw)).reason for raw in await receive_all(aws, fresh.dlq_url)}
     assert left == {"target_rejected", "undecryptable", "malformed"}
 
 
@@ -164,7 +147,7 @@ async def test_limit_and_reason_filter(aws: AwsClients, fresh: Resources) -> Non
     # The rest of its batch was looked at: a second match, if seen, is left for the next run.
     assert report.matched in (1, 2)
     assert report.left == report.matched - 1
-    [copy] = await drain(aws, fresh.queue_url)
+    [copy] = await receive_all(aws, fresh.queue_url)
     assert "dlq" not in attributes(copy)
     visible, in_flight = await depth(aws, fresh.dlq_url)
     assert visible + in_flight == 5
@@ -201,7 +184,7 @@ async def test_cli_dry_run_then_replay(
     code, output = await run_cli(settings, tmp_path, "replay", "--target", "billing")
     assert code == 0, output
     assert "examined 6, matched 1, moved 1, skipped 0, left 0, failed 0" in output
-    [copy] = await drain(aws, fresh.queue_url)
+    [copy] = await receive_all(aws, fresh.queue_url)
     assert attributes(copy)["replayed"] == "1"
     visible, in_flight = await depth(aws, fresh.dlq_url)
     assert visible + in_flight == 5
@@ -271,7 +254,7 @@ async def test_copies_written_before_the_dlq_attribute_are_still_understood(
         aws.sqs, fresh.dlq_url, fresh.queue_url, ReplayFilter(target="crm"), rate_per_second=100
     )
     assert counts(report) == (1, 1, 1, 0, 0, 0)
-    [copy] = await drain(aws, fresh.queue_url)
+    [copy] = await receive_all(aws, fresh.queue_url)
     assert attributes(copy) == {"op": "create-mailbox", "request_id": "req-old", "replayed": "1"}
 
 
@@ -286,7 +269,7 @@ async def test_replay_takes_only_what_the_dlq_held_when_it_began(
         aws.sqs, fresh.dlq_url, fresh.queue_url, ReplayFilter(), rate_per_second=100
     )
     assert counts(report) == (7, 6, 6, 1, 0, 0)
-    assert len(await drain(aws, fresh.queue_url)) == 6
+    assert len(await receive_all(aws, fresh.queue_url)) == 6
     assert await depth(aws, fresh.dlq_url) == (1, 0)  # released for the next run at once
 
 
@@ -318,7 +301,7 @@ async def test_replay_ends_while_the_target_still_refuses(
             return await depth(aws, fresh.dlq_url) == (3, 0) and len(crm.calls) == 6
 
         await eventually(back_in_the_dlq, 15, "every replayed copy refused again")
-        again = [info(attributes(raw)) for raw in await drain(aws, fresh.dlq_url)]
+        again = [info(attributes(raw)) for raw in await receive_all(aws, fresh.dlq_url)]
         assert len(again) == 3
         assert all(found.failed_at >= started for found in again), again
         assert len(crm.calls) == 6  # each request moved once: not again and again

@@ -23,7 +23,7 @@ from service.consumer import DeadLetter, Message
 from service.dlq import DeadLetterInfo, DeadLetterQueue
 from service.replay import ReplayFilter, replay
 from service.settings import Settings
-from tests.chain import plant, run_cli
+from tests.chain import plant, receive_all, run_cli
 
 HOUR = 3600.0
 
@@ -48,24 +48,6 @@ LETTERS = (
 )
 REDRIVEN = "redriven"
 ALL = {letter.request_id for letter in LETTERS} | {REDRIVEN}
-
-
-async def receive_all(aws: AwsClients, url: str) -> list[dict[str, Any]]:
-    """Every visible message of a queue (left in flight for a minute)."""
-    found: dict[str, dict[str, Any]] = {}
-    while True:
-        response = await aws.sqs.receive_message(
-            QueueUrl=url,
-            MaxNumberOfMessages=10,
-            WaitTimeSeconds=0,
-            VisibilityTimeout=60,
-            MessageAttributeNames=["All"],
-            MessageSystemAttributeNames=["All"],
-        )
-        if not response.get("Messages"):
-            return list(found.values())
-        for raw in response["Messages"]:
-            found[raw["MessageId"]] = raw
 
 
 async def dead_letter(aws: AwsClients, fresh: Resources, letters: tuple[Letter, ...]) -> None:
