@@ -38,11 +38,11 @@ from chaos.rig import REJECTING_TARGET, TARGETS, Rig
 from service import daemon
 from service.aws import client_config
 from service.bootstrap import Resources
-from service.dlq import DeadLetterInfo
 from service.envelope import ENCRYPTION_CONTEXT, Envelope, EnvelopeCipher, _header_aad
 from service.operations import create_mailbox
 from service.settings import EnvelopeSettings, Settings
 from service.status import now_iso
+from service.worker.dlq import DeadLetterInfo
 
 
 @dataclass(frozen=True)

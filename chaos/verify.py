@@ -27,7 +27,7 @@ from chaos.rig import TARGETS, Rig
 from courier_testkit.strict import MessageEvent
 from service.aws import client_config
 from service.bootstrap import Resources
-from service.dlq import DeadLetterInfo
+from service.worker.dlq import DeadLetterInfo
 
 POLL_SECONDS = 0.25
 

@@ -22,9 +22,6 @@ from .api import health_routes, mailboxes, openapi
 from .api.auth import Jwks, TokenVerifier
 from .api.middleware import ACCESS_LOG_KEY, observe
 from .aws import AwsClients, open_client, open_clients
-from .consumer import Consumer
-from .credstash import CredStash
-from .dlq import DeadLetterQueue
 from .ec2 import Imds, LifecycleWatcher, identify
 from .envelope import EnvelopeCipher
 from .errors import SettingsError
@@ -32,14 +29,15 @@ from .health import Probe, Readiness
 from .idm import IdmClient
 from .logs import set_process_fields
 from .queue import Producer
-from .secrets import SecretCache
+from .secrets.cache import SecretCache
+from .secrets.credstash import CredStash
 from .settings import Settings, WorkerSettings
 from .state import (
     AWS,
-    CONSUMER,
     ENVELOPE,
     HTTP,
     IDM,
+    POLLER,
     PRODUCER,
     READINESS,
     SECRETS,
@@ -48,8 +46,10 @@ from .state import (
     VERIFIER,
 )
 from .status import StatusStore
-from .targets import TargetClient
-from .worker import Pipeline
+from .worker.dlq import DeadLetterQueue
+from .worker.pipeline import Pipeline
+from .worker.poller import Poller
+from .worker.targets import TargetClient
 
 log = logging.getLogger("courier.app")
 
@@ -244,9 +244,9 @@ async def _worker_context(app: web.Application) -> AsyncIterator[None]:
     targets = [TargetClient(target, app[HTTP], app[SECRETS].get) for target in settings.targets]
     pipeline = Pipeline(app[ENVELOPE], app[STATUS], targets, settings.worker)
     dlq = DeadLetterQueue(sqs, settings.queue.dlq_url, settings.queue.url)
-    consumer = Consumer(sqs, settings.queue.url, pipeline.handle, settings.worker, dlq.move)
-    app[CONSUMER] = consumer
-    consumer.start()
+    poller = Poller(sqs, settings.queue.url, pipeline.handle, settings.worker, dlq.move)
+    app[POLLER] = poller
+    poller.start()
     yield
     # Normally the daemon began the drain at SIGTERM, alongside the API's; else it starts now.
     begin_shutdown(app)
@@ -271,28 +271,28 @@ def begin_shutdown(app: web.Application) -> float:
             "draining",
             extra={"fields": {"event": "draining", "bound_seconds": settings.http.drain_seconds}},
         )
-    if CONSUMER in app and state.worker is None:
+    if POLLER in app and state.worker is None:
         state.worker = asyncio.create_task(
-            _drain_worker(app[CONSUMER], state.deadline, settings.worker), name="worker-drain"
+            _drain_worker(app[POLLER], state.deadline, settings.worker), name="worker-drain"
         )
     return state.deadline
 
 
-async def _drain_worker(consumer: Consumer, deadline: float, settings: WorkerSettings) -> None:
+async def _drain_worker(poller: Poller, deadline: float, settings: WorkerSettings) -> None:
     """In-flight messages get until ``deadline``; releasing the rest and flushing deletes get
     ``release_seconds`` more. Past that, systemd's SIGKILL would cut them anyway: better to
     stop here and let the visibility timeout hand the unreleased messages back."""
     loop = asyncio.get_running_loop()
-    consumer.stop_polling()
+    poller.stop_polling()
     # A receive cut short stays a long poll at SQS, which can still hand it messages until its
     # WaitTimeSeconds end; stop() can release them only if the receive is back by then. While
     # in-flight work keeps the process here anyway, let those receives come back first.
     settle = min(loop.time() + settings.wait_seconds, deadline)
-    while consumer.in_flight and loop.time() < settle:  # noqa: ASYNC110 - a count, no event
+    while poller.in_flight and loop.time() < settle:  # noqa: ASYNC110 - a count, no event
         await asyncio.sleep(WORKER_SETTLE_POLL_SECONDS)
     remaining = max(0.0, deadline - loop.time())
     try:
-        await asyncio.wait_for(consumer.stop(remaining), remaining + settings.release_seconds)
+        await asyncio.wait_for(poller.stop(remaining), remaining + settings.release_seconds)
     except TimeoutError:
         log.error(
             "releasing messages and flushing deletes did not finish in time",

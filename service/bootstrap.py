@@ -13,7 +13,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from .aws import AwsClients
-from .credstash import CredStash
+from .secrets.credstash import CredStash
 from .settings import QueueSettings, Settings
 
 

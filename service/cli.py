@@ -276,7 +276,7 @@ def _context(pairs: list[str]) -> dict[str, str]:
 
 async def _secrets(args: argparse.Namespace, settings: Settings) -> int:
     from .aws import open_client
-    from .credstash import CredStash
+    from .secrets.credstash import CredStash
 
     # No --context: the deployment's secrets.encryption_context, as the daemon reads them.
     context = _context(args.context) or None
@@ -296,7 +296,7 @@ async def _secrets(args: argparse.Namespace, settings: Settings) -> int:
 async def _token(args: argparse.Namespace, settings: Settings) -> int:
     from .api.auth import issue_token
     from .aws import open_client
-    from .credstash import CredStash
+    from .secrets.credstash import CredStash
 
     if not settings.auth.hs256_secret:
         raise SettingsError(
@@ -315,9 +315,9 @@ async def _token(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from .aws import open_client
-    from .consumer import Message
-    from .dlq import DeadLetterInfo
-    from .replay import ReplayFilter, replay
+    from .worker.dlq import DeadLetterInfo
+    from .worker.outcomes import Message
+    from .worker.replay import ReplayFilter, replay
 
     if not settings.queue.url or not settings.queue.dlq_url:
         raise SettingsError("queue.url and queue.dlq_url are required to replay")

@@ -41,7 +41,7 @@ from .api import health_routes
 from .api.middleware import ProblemAppRunner
 from .app import begin_shutdown, create_app, serves_api
 from .settings import Settings
-from .state import CONSUMER, READINESS, SETTINGS
+from .state import POLLER, READINESS, SETTINGS
 from .systemd import Notifier, watchdog_running
 
 log = logging.getLogger("courier.daemon")
@@ -315,6 +315,6 @@ def _activity(listening: Listening) -> str:
     app = listening.app
     where = "API" if serves_api(app[SETTINGS]) else "health"
     parts = [f"{where} on {listening.url}"]
-    if CONSUMER in app:
-        parts.append(f"{app[CONSUMER].in_flight} messages in flight")
+    if POLLER in app:
+        parts.append(f"{app[POLLER].in_flight} messages in flight")
     return ", ".join(parts)

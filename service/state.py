@@ -7,14 +7,14 @@ from aiohttp import web
 
 from .api.auth import TokenVerifier
 from .aws import AwsClients
-from .consumer import Consumer
 from .envelope import EnvelopeCipher
 from .health import Readiness
 from .idm import IdmClient
 from .queue import Producer
-from .secrets import SecretCache
+from .secrets.cache import SecretCache
 from .settings import Settings
 from .status import StatusStore
+from .worker.poller import Poller
 
 SETTINGS = web.AppKey("settings", Settings)
 READINESS = web.AppKey("readiness", Readiness)
@@ -26,4 +26,4 @@ ENVELOPE = web.AppKey("envelope", EnvelopeCipher)
 PRODUCER = web.AppKey("producer", Producer)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 IDM = web.AppKey("idm", IdmClient)
-CONSUMER = web.AppKey("consumer", Consumer)
+POLLER = web.AppKey("poller", Poller)

@@ -22,14 +22,14 @@ import jwt
 from service import daemon
 from service.aws import AwsClients
 from service.bootstrap import Resources
-from service.consumer import Consumer
 from service.envelope import EnvelopeCipher
 from service.local import to_toml
 from service.operations import create_mailbox
 from service.settings import Settings, TargetSettings, WorkerSettings
-from service.state import CONSUMER
+from service.state import POLLER
 from service.status import now_iso
 from service.stubs import IdmStub, LegacyStub
+from service.worker.poller import Poller
 from tests.conftest import DEMO_SECRETS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,10 +62,10 @@ class Chain:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def consumer(self) -> Consumer:
-        """The running courier's SQS consumer."""
-        consumer: Consumer = self.app[CONSUMER]
-        return consumer
+    def poller(self) -> Poller:
+        """The running courier's SQS poller."""
+        poller: Poller = self.app[POLLER]
+        return poller
 
     def token(self, scopes: str = "mailbox:create mailbox:read") -> str:
         now = int(time.time())

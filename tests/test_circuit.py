@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY
 
-from service.circuit import CircuitBreaker, CircuitState
+from service.worker.circuit import CircuitBreaker, CircuitState
 
 
 class Clock:

@@ -24,8 +24,8 @@ import pytest
 
 from service.aws import AwsClients
 from service.bootstrap import Resources
-from service.credstash import CredStash
-from service.errors import SecretIntegrityError, SecretNotFoundError
+from service.secrets.credstash import CredStash
+from service.secrets.errors import SecretIntegrityError, SecretNotFoundError
 
 TABLE = "credstash-interop"
 REGION = "us-east-1"

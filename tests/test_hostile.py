@@ -45,13 +45,13 @@ from schemathesis.specs.openapi.checks import (
 
 from service.aws import AwsClients
 from service.bootstrap import ResourceNames, Resources, _queue, _work_attributes, bootstrap
-from service.credstash import CredStash
-from service.dlq import DeadLetterInfo
 from service.envelope import Envelope, EnvelopeCipher
 from service.logs import setup_logging
 from service.operations import create_mailbox
+from service.secrets.credstash import CredStash
 from service.settings import AwsSettings, HttpSettings, QueueSettings, Settings, load_settings
 from service.stubs import LegacyStub
+from service.worker.dlq import DeadLetterInfo
 from tests.chain import Chain, event_payload, eventually, mailbox, plant, running_chain
 from tests.conftest import DEMO_SECRETS
 from tests.test_api import VALID_BODY, Api, running_api

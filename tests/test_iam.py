@@ -56,7 +56,7 @@ from courier_testkit.iam_policy import (
 )
 from service.aws import AwsClients, open_client
 from service.bootstrap import ResourceNames, Resources, bootstrap
-from service.credstash import CredStash
+from service.secrets.credstash import CredStash
 from service.settings import AwsSettings, FrozenMap, Settings, load_settings
 from service.stubs import IdmStub, LegacyStub
 from tests.chain import Chain, chain_settings, mailbox, serving_stubs, write_config

@@ -33,7 +33,6 @@ from hypothesis import strategies as st
 
 from service.aws import AwsClients
 from service.bootstrap import Resources
-from service.credstash import DIGESTS, SealedSecret, _hmac
 from service.envelope import (
     ENCRYPTION_CONTEXT,
     Envelope,
@@ -41,14 +40,10 @@ from service.envelope import (
     OpenedEnvelope,
     _header_aad,
 )
-from service.errors import (
-    EnvelopeError,
-    SecretIntegrityError,
-    SecretNotFoundError,
-    SettingsError,
-    TransientError,
-)
+from service.errors import EnvelopeError, SettingsError, TransientError
 from service.operations import create_mailbox
+from service.secrets.credstash import DIGESTS, SealedSecret, _hmac
+from service.secrets.errors import SecretIntegrityError, SecretNotFoundError
 from service.settings import EnvelopeSettings, Settings, describe, load_settings
 
 SETTINGS = hypothesis.settings(

@@ -11,9 +11,9 @@ from typing import Any
 
 from service.aws import AwsClients
 from service.bootstrap import Resources
-from service.dlq import DeadLetterInfo
-from service.replay import ReplayFilter, replay
 from service.settings import QueueSettings, Settings
+from service.worker.dlq import DeadLetterInfo
+from service.worker.replay import ReplayFilter, replay
 from tests.chain import eventually, mailbox, plant, receive_all, run_cli, running_chain
 
 # (reason, target) of the planted dead letters

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-import service.dlq
+import service.worker.dlq
 from service.aws import AwsClients
 from service.bootstrap import Resources
-from service.consumer import DeadLetter, Message
-from service.dlq import DeadLetterInfo, DeadLetterQueue
-from service.replay import ReplayFilter, replay
 from service.settings import Settings
+from service.worker.dlq import DeadLetterInfo, DeadLetterQueue
+from service.worker.outcomes import DeadLetter, Message
+from service.worker.replay import ReplayFilter, replay
 from tests.chain import plant, receive_all, run_cli
 
 HOUR = 3600.0
@@ -62,9 +62,9 @@ async def dead_letter(aws: AwsClients, fresh: Resources, letters: tuple[Letter, 
     now = time.time()
     for message in received:
         failed_at = now - by_id[message.attributes["request_id"]].age
-        # Only the clock the move stamps ``failed_at`` with (service.dlq's own ``time``).
+        # Only the clock the move stamps ``failed_at`` with (service.worker.dlq's own ``time``).
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(service.dlq, "time", types.SimpleNamespace(time=lambda at=failed_at: at))
+            patch.setattr(service.worker.dlq, "time", types.SimpleNamespace(time=lambda at=failed_at: at))
             await dlq.move(message, DeadLetter("target_rejected", "crm", "HTTP 400"))
         await aws.sqs.delete_message(QueueUrl=fresh.queue_url, ReceiptHandle=message.receipt_handle)
 

@@ -21,14 +21,10 @@ from prometheus_client import REGISTRY
 
 from service.aws import AwsClients, client_config
 from service.bootstrap import Resources
-from service.credstash import CredStash
-from service.errors import (
-    SecretIntegrityError,
-    SecretNotFoundError,
-    SecretUnavailableError,
-)
 from service.local import EmbeddedAws
-from service.secrets import SecretCache
+from service.secrets.cache import SecretCache
+from service.secrets.credstash import CredStash
+from service.secrets.errors import SecretIntegrityError, SecretNotFoundError, SecretUnavailableError
 from service.settings import AwsSettings, SecretSettings
 
 CONTEXT = {"app": "courier", "env": "test"}

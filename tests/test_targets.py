@@ -12,20 +12,18 @@ import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
-from service.circuit import CircuitState
 from service.errors import (
     CircuitOpenError,
-    SecretError,
-    SecretNotFoundError,
-    SecretUnavailableError,
     TargetHttpError,
     TargetMisconfiguredError,
     TransientError,
     is_retryable,
 )
+from service.secrets.errors import SecretError, SecretNotFoundError, SecretUnavailableError
 from service.settings import TargetSettings
 from service.stubs import LegacyStub
-from service.targets import Delivery, TargetClient
+from service.worker.circuit import CircuitState
+from service.worker.targets import Delivery, TargetClient
 
 TRACEPARENT = "00-0123456789abcdef0123456789abcdef-0123456789abcdef-01"
 

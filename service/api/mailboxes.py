@@ -14,7 +14,7 @@ Order of a create, and why:
    the same key is a fresh attempt of the same request, and the re-sent message carries
    attribute ``attempt`` (2, 3, ...) so the worker checks it and drops it when the request is
    already done (an unmarked first copy arriving after it is absorbed by the targets'
-   Idempotency-Key; see service/worker.py);
+   Idempotency-Key; see service/worker/pipeline.py);
 6. mark the claim ``accepted`` (conditional: never over a worker's state) and answer 202 only
    now, when the message is durable.
 A replay answers from the record and never sends again.

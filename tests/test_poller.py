@@ -16,16 +16,9 @@ from prometheus_client import REGISTRY
 from service import daemon, metrics
 from service.aws import AwsClients
 from service.bootstrap import Resources
-from service.consumer import (
-    Ack,
-    Consumer,
-    DeadLetter,
-    Message,
-    Outcome,
-    Retry,
-    backoff_seconds,
-)
 from service.settings import Settings, WorkerSettings
+from service.worker.outcomes import Ack, DeadLetter, Message, Outcome, Retry, backoff_seconds
+from service.worker.poller import Poller
 from tests.chain import (
     Chain,
     chain_settings,
@@ -82,9 +75,9 @@ async def no_dead_letters(message: Message, verdict: DeadLetter) -> None:
 
 
 @pytest.fixture
-async def stopping() -> AsyncIterator[list[Consumer]]:
+async def stopping() -> AsyncIterator[list[Poller]]:
     """Consumers a test starts; stopped at teardown even when the test fails."""
-    consumers: list[Consumer] = []
+    consumers: list[Poller] = []
     yield consumers
     for consumer in consumers:
         await consumer.stop(1)
@@ -109,7 +102,7 @@ def receive_calls() -> float:
 
 @pytest.mark.timeout(180)  # generous waits: moto slows down a lot on a loaded machine
 async def test_idle_queue_settles_to_one_poller(
-    aws: AwsClients, fresh: Resources, stopping: list[Consumer]
+    aws: AwsClients, fresh: Resources, stopping: list[Poller]
 ) -> None:
     handled: list[str] = []
 
@@ -122,7 +115,7 @@ async def test_idle_queue_settles_to_one_poller(
     # A long visibility timeout: on a loaded machine an ack can land more than the usual 5 s
     # after the receive, and the redelivered copy would be handled twice.
     settings = worker_settings(pollers=4, visibility_timeout_seconds=120)
-    consumer = Consumer(aws.sqs, fresh.queue_url, handler, settings, no_dead_letters)
+    consumer = Poller(aws.sqs, fresh.queue_url, handler, settings, no_dead_letters)
     peak = 0.0
 
     async def sample() -> None:
@@ -162,7 +155,7 @@ async def test_idle_queue_settles_to_one_poller(
 
 
 async def test_retry_hides_the_message_for_at_least_its_delay(
-    aws: AwsClients, fresh: Resources, stopping: list[Consumer]
+    aws: AwsClients, fresh: Resources, stopping: list[Poller]
 ) -> None:
     seen: list[tuple[float, int]] = []
 
@@ -171,7 +164,7 @@ async def test_retry_hides_the_message_for_at_least_its_delay(
         return Retry(0.3, "not yet") if len(seen) == 1 else Ack()
 
     await send_batch(aws, fresh.queue_url, ["once"])
-    consumer = Consumer(aws.sqs, fresh.queue_url, handler, worker_settings(), no_dead_letters)
+    consumer = Poller(aws.sqs, fresh.queue_url, handler, worker_settings(), no_dead_letters)
     consumer.start()
     stopping.append(consumer)
     await eventually(lambda: len(seen) == 2, 8, "the retried message back")
@@ -182,7 +175,7 @@ async def test_retry_hides_the_message_for_at_least_its_delay(
 
 
 async def test_handler_error_is_retried_not_lost(
-    aws: AwsClients, fresh: Resources, stopping: list[Consumer]
+    aws: AwsClients, fresh: Resources, stopping: list[Poller]
 ) -> None:
     counts: list[int] = []
 
@@ -193,7 +186,7 @@ async def test_handler_error_is_retried_not_lost(
         return Ack()
 
     await send_batch(aws, fresh.queue_url, ["boom"])
-    consumer = Consumer(
+    consumer = Poller(
         aws.sqs, fresh.queue_url, handler, worker_settings(backoff_base_seconds=0), no_dead_letters
     )
     consumer.start()
@@ -203,7 +196,7 @@ async def test_handler_error_is_retried_not_lost(
 
 
 async def test_fifo_group_released_behind_a_retry_keeps_its_order(
-    aws: AwsClients, fresh: Resources, stopping: list[Consumer]
+    aws: AwsClients, fresh: Resources, stopping: list[Poller]
 ) -> None:
     handled: list[str] = []
 
@@ -217,7 +210,7 @@ async def test_fifo_group_released_behind_a_retry_keeps_its_order(
         await aws.sqs.send_message(
             QueueUrl=fresh.fifo_queue_url, MessageBody=body, MessageGroupId="g"
         )
-    consumer = Consumer(aws.sqs, fresh.fifo_queue_url, handler, worker_settings(), no_dead_letters)
+    consumer = Poller(aws.sqs, fresh.fifo_queue_url, handler, worker_settings(), no_dead_letters)
     consumer.start()
     stopping.append(consumer)
     await eventually(lambda: handled.count("g-3") == 1, 10, "the whole group")
@@ -236,7 +229,7 @@ async def _visible_after(aws: AwsClients, url: str, seconds: float) -> list[dict
 
 
 async def test_dead_letter_records_its_state_only_after_the_move_then_deletes(
-    aws: AwsClients, fresh: Resources, stopping: list[Consumer]
+    aws: AwsClients, fresh: Resources, stopping: list[Poller]
 ) -> None:
     events: list[str] = []
     attempts: list[int] = []
@@ -255,7 +248,7 @@ async def test_dead_letter_records_its_state_only_after_the_move_then_deletes(
         events.append("moved")
 
     await send_batch(aws, fresh.queue_url, ["poison"])
-    consumer = Consumer(
+    consumer = Poller(
         aws.sqs, fresh.queue_url, handler, worker_settings(visibility_timeout_seconds=2), flaky_dlq
     )
     consumer.start()
@@ -269,7 +262,7 @@ async def test_dead_letter_records_its_state_only_after_the_move_then_deletes(
 
 
 async def test_dead_letter_is_deleted_even_when_recording_its_state_fails(
-    aws: AwsClients, fresh: Resources, stopping: list[Consumer]
+    aws: AwsClients, fresh: Resources, stopping: list[Poller]
 ) -> None:
     moved: list[str] = []
 
@@ -283,7 +276,7 @@ async def test_dead_letter_is_deleted_even_when_recording_its_state_fails(
         moved.append(message.body)
 
     await send_batch(aws, fresh.queue_url, ["poison"])
-    consumer = Consumer(
+    consumer = Poller(
         aws.sqs, fresh.queue_url, handler, worker_settings(visibility_timeout_seconds=2), dlq
     )
     consumer.start()
@@ -338,14 +331,14 @@ async def test_stop_finishes_in_flight_work_within_the_bound(
         ids = [await chain.create(mailbox(50 + i)) for i in range(4)]
         await eventually(lambda: len(chain.targets["crm"].calls) == 4, 5, "4 calls in flight")
         started = time.monotonic()
-        await chain.consumer.stop(3)
+        await chain.poller.stop(3)
         elapsed = time.monotonic() - started
         # The bound, plus slack for a loaded machine: the statuses below show the work finished.
         assert elapsed < 3 + 2
         for request_id in ids:
             assert (await chain.status(request_id))["status"] == "completed"
         assert await chain.queue_depth() == 0
-        assert chain.consumer.in_flight == 0
+        assert chain.poller.in_flight == 0
 
 
 async def test_stop_releases_what_does_not_finish_in_time(
@@ -365,11 +358,11 @@ async def test_stop_releases_what_does_not_finish_in_time(
         ids = {await chain.create(mailbox(60 + i)) for i in range(3)}
         await eventually(lambda: len(chain.targets["crm"].calls) == 3, 5, "3 calls in flight")
         started = time.monotonic()
-        await chain.consumer.stop(1)
+        await chain.poller.stop(1)
         # The 1 s bound, plus slack for a loaded machine; that the calls were not waited for
         # is shown below (released, not deleted, still "accepted").
         assert time.monotonic() - started < 1 + 2
-        assert chain.consumer.in_flight == 0
+        assert chain.poller.in_flight == 0
         assert await chain.queue_depth() == 3  # nothing deleted
         found: dict[str, str] = {}
         for _ in range(3):  # visible again at once: no wait, no visibility timeout to sit out

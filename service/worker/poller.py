@@ -1,4 +1,4 @@
-"""SQS consumer: concurrent long-polls feeding a bounded number of messages in flight.
+"""The SQS poller: concurrent long-polls feeding a bounded number of messages in flight.
 
 Unlike a batch-at-a-time consumer, a slow message never holds back the rest: each message
 is its own task, and pollers receive more as soon as there is room. When the in-flight
@@ -18,101 +18,36 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import metrics
-from .batching import BatchEntryError, Batcher
-from .errors import is_retryable
-from .logs import log_context
-from .queue import is_fifo
-from .settings import WorkerSettings
+from .. import metrics
+from ..batching import BatchEntryError, Batcher
+from ..errors import is_retryable
+from ..logs import log_context
+from ..queue import is_fifo
+from ..settings import WorkerSettings
+from .outcomes import (
+    Ack,
+    DeadLetter,
+    DeadLetterSink,
+    Handler,
+    Message,
+    Outcome,
+    Release,
+    Retry,
+    backoff_seconds,
+)
 
-log = logging.getLogger("courier.consumer")
+log = logging.getLogger("courier.poller")
 
 MAX_VISIBILITY_SECONDS = 43_200
 POLL_ERROR_BACKOFF_SECONDS = (1.0, 30.0)
 # A receive that already has messages answers at once; one still waiting has none to return.
 INTERRUPTED_RECEIVE_WAIT_SECONDS = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A received SQS message."""
-
-    message_id: str
-    receipt_handle: str
-    body: str
-    attributes: Mapping[str, str]
-    receive_count: int
-    sent_at: float
-    group_id: str | None = None
-
-    @classmethod
-    def from_sqs(cls, raw: Mapping[str, Any]) -> Message:
-        """Parse an entry of ReceiveMessage's ``Messages``."""
-        system = raw.get("Attributes", {})
-        attributes = {
-            name: value.get("StringValue", "")
-            for name, value in raw.get("MessageAttributes", {}).items()
-            if value.get("DataType", "").startswith(("String", "Number"))
-        }
-        return cls(
-            message_id=raw["MessageId"],
-            receipt_handle=raw["ReceiptHandle"],
-            body=raw.get("Body", ""),
-            attributes=attributes,
-            receive_count=int(system.get("ApproximateReceiveCount", "1")),
-            sent_at=int(system.get("SentTimestamp", "0")) / 1000,
-            group_id=system.get("MessageGroupId"),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    """Done: delete the message (``outcome``: completed or duplicate)."""
-
-    outcome: str = "completed"
-
-
-@dataclass(frozen=True, slots=True)
-class Retry:
-    """Transient failure: make the message visible again after ``delay_seconds``."""
-
-    delay_seconds: float
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """Permanent failure: move the message to the DLQ with the reason, then delete it.
-
-    ``after_move`` runs once the DLQ copy exists and before the delete: it records the
-    terminal state, which must not exist while the copy does not (a redelivery that read
-    ``failed`` would drop the message as done). If it fails, the message is deleted anyway:
-    the DLQ copy exists, and keeping the message would only dead-letter it twice.
-    """
-
-    reason: str
-    target: str = ""
-    detail: str = ""
-    after_move: Callable[[], Awaitable[None]] | None = field(
-        default=None, compare=False, repr=False
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    """Give the message back at once (shutdown, or the rest of a FIFO group)."""
-
-
-Outcome = Ack | Retry | DeadLetter | Release
-Handler = Callable[[Message], Awaitable[Outcome]]
-DeadLetterSink = Callable[[Message, DeadLetter], Awaitable[None]]
 
 
 async def _after_move(message: Message, verdict: DeadLetter) -> None:
@@ -132,14 +67,6 @@ async def _after_move(message: Message, verdict: DeadLetter) -> None:
                 }
             },
         )
-
-
-def backoff_seconds(
-    receive_count: int, base: float, maximum: float, rng: random.Random | None = None
-) -> float:
-    """Exponential backoff on the receive count, with jitter in [50%, 100%] of the step."""
-    step = min(maximum, base * 2 ** max(0, receive_count - 1))
-    return (rng or random).uniform(step / 2, step)
 
 
 @dataclass
@@ -179,7 +106,7 @@ class _Capacity:
 
 
 @dataclass
-class Consumer:
+class Poller:
     """Polls one queue and runs ``handler`` on every message; ``run`` until ``stop``."""
 
     sqs: Any

@@ -1,12 +1,12 @@
 """The message pipeline: open the envelope, dispatch on ``op``, deliver to every target at once.
 
-``Pipeline.handle`` turns one message into one outcome; the consumer applies it. The single
+``Pipeline.handle`` turns one message into one outcome; the poller applies it. The single
 classification happens in ``_verdict``: a target that refused permanently dead-letters the
 message, anything transient (a misconfigured target included) retries it with backoff, all
 delivered acknowledges it.
 
 Status writes: one per finished request: ``completed`` before the ack; ``failed`` only once
-the DLQ copy exists (the consumer runs it between the move and the delete), so a message is
+the DLQ copy exists (the poller runs it between the move and the delete), so a message is
 never dropped as finished while its only copy could still be lost. Per-target progress is
 written only when an attempt ends with some targets delivered and others pending, so a
 redelivery skips them. The status record is read only for a message that may be a second
@@ -26,21 +26,21 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .consumer import Ack, DeadLetter, Message, Outcome, Retry, backoff_seconds
-from .envelope import EnvelopeCipher, OpenedEnvelope
-from .errors import (
+from ..envelope import EnvelopeCipher, OpenedEnvelope
+from ..errors import (
     CircuitOpenError,
     EnvelopeError,
     TargetHttpError,
     TargetMisconfiguredError,
     is_retryable,
 )
-from .operations import OPERATIONS
-from .settings import WorkerSettings
-from .status import RequestCompletedError, RequestState, StatusStore
+from ..operations import OPERATIONS
+from ..settings import WorkerSettings
+from ..status import RequestCompletedError, RequestState, StatusStore
+from .outcomes import Ack, DeadLetter, Message, Outcome, Retry, backoff_seconds
 from .targets import Delivery, TargetClient
 
-log = logging.getLogger("courier.worker")
+log = logging.getLogger("courier.pipeline")
 
 DELIVERED, PENDING, FAILED = "delivered", "pending", "failed"
 
@@ -167,7 +167,7 @@ class Pipeline:
     ) -> DeadLetter:
         name, exc = next(iter(permanent.items()))
         states.update({n: FAILED for n in permanent})
-        # Recorded by the consumer once the DLQ copy exists, not now (see the module docstring).
+        # Recorded by the poller once the DLQ copy exists, not now (see the module docstring).
         mark_failed = functools.partial(
             self._status.update,
             opened.id,

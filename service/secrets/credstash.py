@@ -26,14 +26,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.hmac import HMAC
 
+from ..errors import is_retryable
+from ..settings import SecretSettings
 from .errors import (
     SecretError,
     SecretIntegrityError,
     SecretNotFoundError,
     SecretUnavailableError,
-    is_retryable,
 )
-from .settings import SecretSettings
 
 PAD_LEN = 19
 LEGACY_NONCE = b"\x00" * 15 + b"\x01"

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from enum import IntEnum
 
-from . import metrics
+from .. import metrics
 
 
 class CircuitState(IntEnum):

@@ -18,17 +18,17 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from . import metrics
-from .circuit import CircuitBreaker
-from .errors import (
+from .. import metrics
+from ..errors import (
     CircuitOpenError,
-    SecretError,
     TargetHttpError,
     TargetMisconfiguredError,
     TransientError,
     is_retryable,
 )
-from .settings import TargetSettings
+from ..secrets.errors import SecretError
+from ..settings import TargetSettings
+from .circuit import CircuitBreaker
 
 log = logging.getLogger("courier.targets")
 

@@ -20,15 +20,15 @@ from prometheus_client import REGISTRY
 
 from service.aws import AwsClients
 from service.bootstrap import Resources
-from service.consumer import Message, Outcome
-from service.credstash import CredStash
-from service.dlq import DeadLetterInfo, DeadLetterQueue
 from service.envelope import EnvelopeCipher
 from service.operations import create_mailbox
-from service.replay import ReplayFilter, replay
+from service.secrets.credstash import CredStash
 from service.settings import Settings
 from service.status import RequestCompletedError, RequestState, StatusStore
 from service.stubs import LegacyStub
+from service.worker.dlq import DeadLetterInfo, DeadLetterQueue
+from service.worker.outcomes import Message, Outcome
+from service.worker.replay import ReplayFilter, replay
 from tests.chain import (
     Chain,
     chain_settings,
@@ -378,7 +378,7 @@ async def test_poison_stays_queued_and_not_failed_until_its_dlq_copy_exists(
 ) -> None:
     resources = chain.resources
     missing = resources.dlq_url.rsplit("/", 1)[0] + f"/no-such-dlq-{uuid.uuid4().hex[:8]}"
-    chain.consumer.dead_letter = DeadLetterQueue(aws.sqs, missing, resources.queue_url).move
+    chain.poller.dead_letter = DeadLetterQueue(aws.sqs, missing, resources.queue_url).move
     crm = chain.targets["crm"]
     crm.behaviour.fixed_status = 400
     failures = entry_failures("deadletter")
@@ -391,7 +391,7 @@ async def test_poison_stays_queued_and_not_failed_until_its_dlq_copy_exists(
     assert await chain.queue_depth() == 1
     assert await dlq_depth(chain) == 0
 
-    chain.consumer.dead_letter = DeadLetterQueue(
+    chain.poller.dead_letter = DeadLetterQueue(
         aws.sqs, resources.dlq_url, resources.queue_url
     ).move  # the DLQ works again
     record = await chain.wait_status(request_id, "failed", timeout=20)
@@ -428,13 +428,13 @@ async def test_every_message_courier_sends_has_at_most_10_attributes(
     chain: Chain, aws: AwsClients
 ) -> None:
     received: list[dict[str, str]] = []
-    handle = chain.consumer.handler
+    handle = chain.poller.handler
 
     async def recording(message: Message) -> Outcome:
         received.append(dict(message.attributes))  # as SQS delivered them to the worker
         return await handle(message)
 
-    chain.consumer.handler = recording
+    chain.poller.handler = recording
     chain.targets["crm"].behaviour.fixed_status = 400
     request_id = await chain.create(mailbox(91))  # API → work queue
     await chain.wait_status(request_id, "failed", timeout=10)

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Protocol
 
-from . import metrics
-from .errors import PermanentError, SecretUnavailableError
-from .settings import SecretSettings
+from .. import metrics
+from ..errors import PermanentError
+from ..settings import SecretSettings
+from .errors import SecretUnavailableError
 
 log = logging.getLogger("courier.secrets")
 

@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import metrics
-from .consumer import DeadLetter, Message
-from .queue import is_fifo, string_attributes
+from .. import metrics
+from ..queue import is_fifo, string_attributes
+from .outcomes import DeadLetter, Message
 
 log = logging.getLogger("courier.dlq")
 
@@ -147,7 +147,7 @@ def carried_attributes(attributes: Mapping[str, str], added: Mapping[str, str]) 
 
 
 class DeadLetterQueue:
-    """Sends poison messages to the DLQ (the consumer deletes them from the source after)."""
+    """Sends poison messages to the DLQ (the poller deletes them from the source after)."""
 
     def __init__(self, sqs: Any, dlq_url: str, source_queue_url: str) -> None:
         self._sqs = sqs

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .consumer import Message
+from ..queue import is_fifo, string_attributes
 from .dlq import DeadLetterInfo, carried_attributes
-from .queue import is_fifo, string_attributes
+from .outcomes import Message
 
 LIST_VISIBILITY_SECONDS = 60
 OnMessage = Callable[[Message, bool], None]

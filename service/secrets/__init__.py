@@ -1,0 +1,1 @@
+"""Secrets: the in-memory cache and the CredStash store behind it."""
