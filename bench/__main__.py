@@ -27,7 +27,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import api, consumers, cost, harness, plots, report, workers, workload
+from bench import api, consumers, cost, plots, report, workers, workload
+from courier_testkit.aws import aws_stack, demo_secrets, node_binary
+from courier_testkit.processes import REPO
+from courier_testkit.sampling import machine
+from courier_testkit.stubs import stub_process
 from service import __version__
 from service.settings import load_settings
 
@@ -64,7 +68,7 @@ def log(message: str) -> None:
 def versions() -> dict[str, str]:
     def npm(name: str) -> str:
         with contextlib.suppress(OSError, ValueError):
-            return json.loads((harness.REPO / "node_modules" / name / "package.json").read_text())[
+            return json.loads((REPO / "node_modules" / name / "package.json").read_text())[
                 "version"
             ]
         return "missing"
@@ -73,14 +77,12 @@ def versions() -> dict[str, str]:
     import aiohttp
 
     node = subprocess.run(
-        [str(harness.node_binary()), "--version"], capture_output=True, text=True, check=False
+        [str(node_binary()), "--version"], capture_output=True, text=True, check=False
     )
     wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
 
     def git(*args: str) -> str:
-        done = subprocess.run(
-            ["git", *args], cwd=harness.REPO, capture_output=True, text=True, check=False
-        )
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
         return done.stdout.strip()
 
     return {
@@ -209,11 +211,11 @@ async def run(mode: Mode, out_dir: Path) -> dict[str, Any]:
     started = time.monotonic()
     started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     base = load_settings(environ={})
-    async with harness.aws_stack() as stack:
-        secrets_ = harness.demo_secrets()
+    async with aws_stack() as stack:
+        secrets_ = demo_secrets()
         resources = await stack.bootstrap("bench", secrets_)
         legacy = {name: mode.target_latencies[0] for name, _ in consumers.TARGETS}
-        async with harness.stub_process(
+        async with stub_process(
             legacy, idm_api_key=secrets_["courier.idm.api_key"], idm_latency_seconds=0.02
         ) as stubs:
             log(
@@ -242,14 +244,14 @@ async def run(mode: Mode, out_dir: Path) -> dict[str, Any]:
         "mode": mode.name,
         "started_at": started_at,
         "duration_s": round(time.monotonic() - started),
-        "machine": harness.machine(),
+        "machine": machine(),
         "versions": versions(),
         "config": asdict(mode),
         "method": {
-            "sqs": "fauxqs behind a counting proxy (bench.proxy); SQS and KMS requests are counted there",
+            "sqs": "fauxqs behind a counting proxy (courier_testkit.proxy); SQS and KMS requests are counted there",
             "kms": "moto server in its own process, behind the same proxy",
             "dynamodb": "dynalite 4.0.0 (status table and CredStash table)",
-            "stubs": "service.stubs in one aiohttp process (bench.stubs); arrival time per Idempotency-Key",
+            "stubs": "service.stubs in one aiohttp process (courier_testkit.stubs); arrival time per Idempotency-Key",
             "throughput": "pre-loaded queue, consumer paused (SIGSTOP) while loading; msg/s = completed / (last completion - resume)",
             "latency": "open-loop paced send at 50% of the drain rate; send -> call to the last target",
             "api_saturation": "wrk -t1 -c64 (closed loop) after a warm-up run",
@@ -335,7 +337,7 @@ def main() -> None:
     api.require_wrk()
     mode = QUICK if args.quick else FULL
     publish = (not args.quick) if args.publish is None else args.publish
-    log(f"bench {mode.name}: {harness.machine()}")
+    log(f"bench {mode.name}: {machine()}")
 
     async def main_task() -> dict[str, Any]:
         task = asyncio.current_task()

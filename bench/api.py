@@ -35,9 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import jwt
 
-from bench import harness
+from courier_testkit.aws import AwsStack
+from courier_testkit.courier import CourierProcess, courier_config, courier_process
+from courier_testkit.ports import LOOPBACK, free_port
+from courier_testkit.processes import HarnessError, ManagedProcess, managed, python_env
+from courier_testkit.proxy import counter_delta
+from courier_testkit.stubs import StubProcess
+from courier_testkit.tokens import mint_token
 from service.settings import Settings
 
 WRK_SCRIPT = Path(__file__).parent / "wrk" / "create_mailbox.lua"
@@ -45,7 +50,7 @@ VARIANT_ENV: dict[str, dict[str, str]] = {
     "courier": {},
     "courier-nobatch": {"COURIER_QUEUE_BATCH_SENDS": "false"},
     "stateless": {
-        "COURIER_SECRETS_ENABLED": "false",
+        "COURIER_SECRETS_CACHE_ENABLED": "false",
         "COURIER_ENVELOPE_DATA_KEY_MAX_MESSAGES": "1",
         "COURIER_ENVELOPE_DECRYPT_CACHE_SIZE": "0",
     },
@@ -80,24 +85,21 @@ SERVERLESS_COLD_START = [
 class ApiBench:
     """What every API run shares."""
 
-    stack: harness.AwsStack
-    stubs: harness.StubProcess
+    stack: AwsStack
+    stubs: StubProcess
     base: Settings
     seconds: float
     warmup_seconds: float
     connections: int = 64
 
     def token(self) -> str:
-        now = int(time.time())
-        claims = {
-            "iss": self.base.auth.issuer,
-            "aud": self.base.auth.audience,
-            "sub": "bench",
-            "scope": "mailbox:create mailbox:read",
-            "iat": now,
-            "exp": now + 6 * 3600,
-        }
-        return jwt.encode(claims, self.stack.secrets["courier.jwt.hs256"], algorithm="HS256")
+        """A bearer token with both mailbox scopes, valid for the whole run (6 h)."""
+        return mint_token(
+            self.stack.secrets["courier.jwt.hs256"],
+            self.base.auth,
+            subject="bench",
+            lifetime_seconds=6 * 3600,
+        )
 
     async def settings(self, port: int = 0) -> Settings:
         """Default settings, role api, a fresh queue, the IdM stub; everything else bootstrapped."""
@@ -143,7 +145,7 @@ async def wrk(url: str, seconds: float, connections: int, token: str) -> dict[st
     text = out.decode(errors="replace")
     line = next((row for row in text.splitlines() if row.startswith("WRK_JSON ")), None)
     if line is None:
-        raise harness.HarnessError(f"wrk printed no result: {text[-1000:]} {err.decode()[-1000:]}")
+        raise HarnessError(f"wrk printed no result: {text[-1000:]} {err.decode()[-1000:]}")
     result: dict[str, Any] = json.loads(line.removeprefix("WRK_JSON "))
     result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
     result["ok_rps"] = (result["requests"] - result["status_errors"]) / (
@@ -158,7 +160,7 @@ async def open_loop(url: str, rate: float, seconds: float, token: str) -> dict[s
         sys.executable, "-m", "bench.loadgen", "--url", url + "/v1/mailboxes",
         "--rate", f"{rate:.2f}", "--duration", str(seconds), "--token", token, "--run", _tag(),
     ]  # fmt: skip
-    async with harness.managed(argv, name="loadgen", env=harness.python_env()) as process:
+    async with managed(argv, name="loadgen", env=python_env()) as process:
         deadline = time.monotonic() + seconds + 60
         while process.alive() and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
@@ -174,13 +176,13 @@ async def server(bench: ApiBench, variant: str) -> AsyncIterator[tuple[str, Any]
     """The server of ``variant``: (URL, process handle with cpu_seconds and metrics or None)."""
     if variant == "bare":
         argv = [sys.executable, "-m", "bench.peers.bare_api"]
-        async with harness.managed(argv, name="bare", env=harness.python_env()) as process:
+        async with managed(argv, name="bare", env=python_env()) as process:
             found = await process.wait_for_output(r"listening (http://127\.0\.0\.1:\d+)")
             yield found[1], process
         return
     settings = await bench.settings()
     try:
-        async with harness.courier_process(
+        async with courier_process(
             settings, env=VARIANT_ENV[variant], name=f"courier-{variant}"
         ) as courier:
             yield courier.url, courier
@@ -191,7 +193,7 @@ async def server(bench: ApiBench, variant: str) -> AsyncIterator[tuple[str, Any]
 async def _counters(bench: ApiBench, handle: Any) -> dict[str, Any]:
     proxy = bench.stack.proxy
     fetches = 0.0
-    if isinstance(handle, harness.CourierProcess):
+    if isinstance(handle, CourierProcess):
         for (name, _), value in (await handle.metrics()).items():
             if name == "courier_secret_fetches_total":
                 fetches += value
@@ -209,7 +211,7 @@ def _per_request(
     before: Mapping[str, Any], after: Mapping[str, Any], requests: int
 ) -> dict[str, Any]:
     window = max(1e-6, after["at"] - before["at"])
-    delta = harness.counter_delta(after["proxy"], before["proxy"])
+    delta = counter_delta(after["proxy"], before["proxy"])
     sqs, kms = delta.get("sqs", {}), delta.get("kms", {})
     requests = max(1, requests)
     return {
@@ -332,7 +334,7 @@ async def secret_reads(bench: ApiBench, rate: float, seconds: float) -> dict[str
     token = bench.token()
     settings = await bench.settings()
     names = 2  # the API's secrets: the JWT key and the IdM API key
-    async with harness.courier_process(settings, env=env, name="courier-ttl") as courier:
+    async with courier_process(settings, env=env, name="courier-ttl") as courier:
         before = await _counters(bench, courier)
         load = await open_loop(courier.url, rate, seconds, token)
         after = await _counters(bench, courier)
@@ -350,12 +352,6 @@ async def secret_reads(bench: ApiBench, rate: float, seconds: float) -> dict[str
 
 
 # -- cold start -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((harness.LOOPBACK, 0))
-        return int(probe.getsockname()[1])
 
 
 async def _first_202(url: str, token: str, started: float, deadline: float) -> tuple[float, float]:
@@ -404,7 +400,7 @@ async def cold_start(bench: ApiBench) -> dict[str, Any]:
     port = free_port()
     settings = await bench.settings(port=port)
     directory = Path(tempfile.mkdtemp(prefix="bench-cold-"))
-    config = harness.courier_config(settings, directory)
+    config = courier_config(settings, directory)
     notify = directory / "notify"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify))
@@ -413,17 +409,17 @@ async def cold_start(bench: ApiBench) -> dict[str, Any]:
     token = bench.token()
     try:
         started = time.monotonic()
-        process = harness.ManagedProcess(
+        process = ManagedProcess(
             argv,
             name="courier-cold",
-            env=harness.python_env({"NOTIFY_SOCKET": str(notify)}),
+            env=python_env({"NOTIFY_SOCKET": str(notify)}),
             directory=directory,
         )
         try:
             deadline = started + 30
             ready, (first, first_latency) = await asyncio.gather(
                 _ready_datagram(sock, started, deadline),
-                _first_202(f"http://{harness.LOOPBACK}:{port}", token, started, deadline),
+                _first_202(f"http://{LOOPBACK}:{port}", token, started, deadline),
             )
         finally:
             await process.stop()
@@ -442,9 +438,7 @@ async def interpreter_baseline() -> dict[str, float]:
 
     async def timed(code: str) -> float:
         started = time.monotonic()
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, env=harness.python_env()
-        )
+        process = await asyncio.create_subprocess_exec(sys.executable, "-c", code, env=python_env())
         await process.wait()
         return time.monotonic() - started
 
@@ -500,7 +494,7 @@ class IdleProbe:
     async def start(self) -> None:
         self._settings = await self.bench.settings()
         courier = await self._stack.enter_async_context(
-            harness.courier_process(self._settings, name="courier-idle")
+            courier_process(self._settings, name="courier-idle")
         )
         self._url = courier.url
         warm = await self._sequential(200)

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import harness
+from courier_testkit.aws import AwsStack, node_binary
+from courier_testkit.courier import CourierProcess, courier_process
+from courier_testkit.processes import ManagedProcess, python_env
 from service.settings import Settings, TargetFormat, TargetSettings
 
 # The reference operation's three legacy systems, as in tests/chain.py: two JSON, one SOAP.
@@ -48,7 +50,7 @@ class Consumer:
     kind: str
     processes: list[Any]  # ManagedProcess or CourierProcess
     out_path: Path | None = None
-    couriers: list[harness.CourierProcess] = field(default_factory=list)
+    couriers: list[CourierProcess] = field(default_factory=list)
 
     def pause(self) -> None:
         for process in self._managed():
@@ -64,7 +66,7 @@ class Consumer:
     def peak_rss(self) -> list[int]:
         return [process.memory()["peak_rss"] for process in self.processes]
 
-    def _managed(self) -> list[harness.ManagedProcess]:
+    def _managed(self) -> list[ManagedProcess]:
         return [getattr(p, "process", p) for p in self.processes]
 
     async def stop(self) -> None:
@@ -99,7 +101,7 @@ def courier_worker_settings(
 async def start(
     kind: str,
     *,
-    stack: harness.AwsStack,
+    stack: AwsStack,
     stub_urls: Mapping[str, str],
     queue: Any,  # QueueSettings with URLs through the proxy
     base: Settings,
@@ -114,7 +116,7 @@ async def start(
             couriers = await asyncio.gather(
                 *(
                     stack_.enter_async_context(
-                        harness.courier_process(settings, name=f"courier-worker-{i}")
+                        courier_process(settings, name=f"courier-worker-{i}")
                     )
                     for i in range(count)
                 )
@@ -137,7 +139,7 @@ async def _peer(
 ) -> AsyncIterator[Consumer]:
     urls = target_urls(stub_urls)
     out_path = None
-    env = harness.python_env()
+    env = python_env()
     argv: Sequence[str]
     if kind == "naive":
         argv = [
@@ -158,7 +160,7 @@ async def _peer(
         ]  # fmt: skip
     elif kind == "sqs-consumer":
         script = Path(__file__).parent / "peers" / "sqs_consumer.mjs"
-        argv = [str(harness.node_binary()), str(script)]
+        argv = [str(node_binary()), str(script)]
         env.update(
             QUEUE_URL=queue_url,
             SQS_ENDPOINT=endpoint,
@@ -167,7 +169,7 @@ async def _peer(
         )
     else:
         raise ValueError(f"unknown consumer {kind!r}")
-    process = harness.ManagedProcess(argv, name=kind, env=env)
+    process = ManagedProcess(argv, name=kind, env=env)
     try:
         await process.wait_for_output(r"(?m)^ready$")
         yield Consumer(kind, [process], out_path=out_path)

@@ -30,8 +30,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench import consumers, harness, workload
+from bench import consumers, workload
 from bench.workload import Event
+from courier_testkit.aws import AwsStack
+from courier_testkit.proxy import counter_delta
+from courier_testkit.stubs import StubProcess
 from service.settings import Settings
 
 POLL_SECONDS = 0.2
@@ -44,8 +47,8 @@ _queues = itertools.count()
 class WorkerBench:
     """What every worker run shares."""
 
-    stack: harness.AwsStack
-    stubs: harness.StubProcess
+    stack: AwsStack
+    stubs: StubProcess
     base: Settings
     drain: Sequence[Event]
     paced: Sequence[Event]
@@ -208,7 +211,7 @@ async def _drain_rate(
         return len(finished) / max(1e-3, max(finished, default=after["at"]) - before["at"])
     if drained:
         return len(bench.drain) / elapsed
-    batches = harness.counter_delta(after["proxy"], before["proxy"]).get("sqs", {})
+    batches = counter_delta(after["proxy"], before["proxy"]).get("sqs", {})
     return min(len(bench.drain), 10 * batches.get("DeleteMessageBatch", 0)) / elapsed
 
 
@@ -235,8 +238,8 @@ def _result(
         low, high = finished[count // 10], finished[(count * 9) // 10]
         steady = ((count * 9) // 10 - count // 10) / max(1e-6, high - low)
     latencies = [done[rid] - at for rid, at in sent.items() if rid in done]
-    sqs = harness.counter_delta(after["proxy"], before["proxy"]).get("sqs", {})
-    kms = harness.counter_delta(after["proxy"], before["proxy"]).get("kms", {})
+    sqs = counter_delta(after["proxy"], before["proxy"]).get("sqs", {})
+    kms = counter_delta(after["proxy"], before["proxy"]).get("kms", {})
     window = max(1e-6, t_end - t0)
     consumer_cpu = after["consumer_cpu"] - before["consumer_cpu"]
     courier_sqs = courier[1].get("sqs", 0) - courier[0].get("sqs", 0)

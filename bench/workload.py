@@ -11,16 +11,13 @@ recorded here compares with an arrival time recorded by the stub process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiobotocore.session import get_session
-
-from service.aws import client_config
+from courier_testkit.aws import plain_client
 from service.envelope import EnvelopeCipher
 from service.operations import create_mailbox
 from service.settings import AwsSettings, EnvelopeSettings
@@ -47,21 +44,9 @@ def mailbox(index: int) -> dict[str, Any]:
     }
 
 
-@contextlib.asynccontextmanager
-async def client(service: str, settings: AwsSettings) -> AsyncIterator[Any]:
-    """A plain aiobotocore client (not courier's: its requests are not in courier's metrics)."""
-    async with get_session().create_client(
-        service,
-        region_name=settings.region,
-        endpoint_url=settings.endpoint_for(service),
-        config=client_config(settings),
-    ) as made:
-        yield made
-
-
 async def seal_events(aws: AwsSettings, key_arn: str, count: int, tag: str) -> list[Event]:
     """``count`` events sealed under fresh data keys (KMS once per 10,000, courier's default)."""
-    async with client("kms", aws) as kms:
+    async with plain_client("kms", aws) as kms:
         cipher = EnvelopeCipher(kms, EnvelopeSettings(kms_key_id=key_arn))
         requested_at = now_iso()
         events = []
@@ -102,7 +87,7 @@ async def load(aws: AwsSettings, queue_url: str, events: Sequence[Event]) -> flo
     """Put ``events`` on the queue (SendMessageBatch in tens, 16 at a time); returns seconds."""
     started = time.perf_counter()
     limit = asyncio.Semaphore(LOAD_CONCURRENCY)
-    async with client("sqs", aws) as sqs:
+    async with plain_client("sqs", aws) as sqs:
 
         async def send(batch: Sequence[Event]) -> None:
             async with limit:
@@ -124,7 +109,7 @@ async def paced(
     wanted = min(len(events), max(1, round(rate * duration)))
     sent: dict[str, float] = {}
     tasks: set[asyncio.Task[None]] = set()
-    async with client("sqs", aws) as sqs:
+    async with plain_client("sqs", aws) as sqs:
 
         async def send(batch: Sequence[Event]) -> None:
             at = time.monotonic()
@@ -149,7 +134,7 @@ async def paced(
 
 async def depth(aws: AwsSettings, queue_url: str) -> tuple[int, int]:
     """(visible, in flight) messages of a queue."""
-    async with client("sqs", aws) as sqs:
+    async with plain_client("sqs", aws) as sqs:
         response = await sqs.get_queue_attributes(
             QueueUrl=queue_url,
             AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
@@ -163,5 +148,5 @@ async def depth(aws: AwsSettings, queue_url: str) -> tuple[int, int]:
 
 async def purge(aws: AwsSettings, queue_url: str) -> None:
     """Drop the visible messages (what a consumer has in flight stays, and finishes)."""
-    async with client("sqs", aws) as sqs:
+    async with plain_client("sqs", aws) as sqs:
         await sqs.purge_queue(QueueUrl=queue_url)

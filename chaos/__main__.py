@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench import harness
 from chaos import report
 from chaos.rig import rig
 from chaos.scenarios import FULL, SCENARIOS, SMALL, Scale
+from courier_testkit.sampling import machine
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ async def _run(names: list[str], scale: Scale, path: Path) -> bool:
         path,
         {
             "scale": scale.name,
-            "machine": harness.machine(),
+            "machine": machine(),
             "seconds": round(time.monotonic() - started, 1),
             "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },

@@ -1,11 +1,14 @@
 """The rig every scenario runs on: AWS stand-ins behind cuttable proxies, stubs, courier processes.
 
-SQS is fauxqs, DynamoDB dynalite, KMS moto, each in its own process (``bench.harness``), behind
-the strict counting proxy (``bench.proxy``: it refuses what real AWS refuses and records every
-call per access key; ``COURIER_AWS_LENIENT=1`` turns the refusing off), and each reached by
-courier through a ``TcpProxy`` in front of that, which the scenario can cut. The IdM and the three
-legacy systems are ``chaos.stubs`` in one process. courier runs as real processes
-(``python -m service --config <toml> run``) through ``bench.harness.courier_process``.
+Everything here comes from the test kit (``courier_testkit``); this module only puts it
+together. SQS is fauxqs, DynamoDB dynalite, KMS moto, each in its own process
+(``courier_testkit.aws``), behind the strict counting proxy (``courier_testkit.proxy``: it
+refuses what real AWS refuses and records every call per access key; ``COURIER_AWS_LENIENT=1``
+turns the refusing off), and each reached by courier through a ``TcpProxy`` in front of that,
+which the scenario can cut. The IdM and the three legacy systems are the kit's stubs in one
+process (``courier_testkit.stubs``; the crm stub refuses bodies with ``REJECT_MARKER``).
+courier runs as real processes (``python -m service --config <toml> run``) through
+``courier_testkit.courier.courier_process``.
 
 A scenario takes ``fresh()`` resources (a new queue pair and status table, so runs never see
 each other's messages), builds settings with ``settings()`` and starts processes with
@@ -17,20 +20,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import os
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-import jwt
-
-from bench import harness
-from chaos.tcpproxy import TcpProxy
+from courier_testkit.aws import AwsStack, aws_stack, demo_secrets
+from courier_testkit.courier import CourierProcess, courier_process
+from courier_testkit.stubs import StubProcess, stub_process
+from courier_testkit.tcpproxy import TcpProxy
+from courier_testkit.tokens import mint_token
 from service.bootstrap import Resources
 from service.settings import (
     AwsSettings,
@@ -46,60 +46,31 @@ REJECT_MARKER = "zreject"
 REJECTING_TARGET = "crm"
 
 
-@dataclass
-class Stubs:
-    """The chaos stub process: ``urls[name]``, behaviour changes and recorded effects."""
+def chaos_stubs(idm_api_key: str) -> contextlib.AbstractAsyncContextManager[StubProcess]:
+    """The IdM and the ``TARGETS`` stubs in one process; ``REJECTING_TARGET`` refuses the marker.
 
-    urls: Mapping[str, str]
-    process: harness.ManagedProcess
-
-    async def _call(self, name: str, method: str, path: str, body: Any = None) -> Any:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
-            session.request(method, self.urls[name] + path, json=body) as response,
-        ):
-            return await response.json()
-
-    async def behave(self, name: str, **changes: Any) -> None:
-        await self._call(name, "POST", "/_stub/behaviour", changes)
-
-    async def effects(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(name, "GET", "/_chaos/effects")
-        return result
-
-    async def reset(self) -> None:
-        for name in self.urls:
-            await self._call(name, "POST", "/_chaos/reset")
-            await self.behave(
-                name, latency_seconds=0.0, failure_rate=0.0, down=False, fixed_status=0
-            )
-
-
-@contextlib.asynccontextmanager
-async def stub_process(idm_api_key: str) -> AsyncIterator[Stubs]:
-    argv = [sys.executable, "-m", "chaos.stubs"]
-    for name, _ in TARGETS:
-        argv += ["--legacy", f"{name}={REJECT_MARKER}" if name == REJECTING_TARGET else name]
-    env = harness.python_env({"CHAOS_IDM_API_KEY": idm_api_key})
-    async with harness.managed(argv, name="chaos-stubs", env=env) as process:
-        found = await process.wait_for_output(r"stubs listening (\{.*\})")
-        urls = json.loads(found[1])
-        for url in urls.values():
-            await harness.wait_http(url + "/_stub/stats", process=process)
-        yield Stubs(urls, process)
+    Its ``reset()`` also puts every stub's knobs back to their defaults.
+    """
+    return stub_process(
+        dict.fromkeys((name for name, _ in TARGETS), 0.0),
+        idm_api_key=idm_api_key,
+        reject={REJECTING_TARGET: REJECT_MARKER},
+        restore_behaviour=True,
+        name="chaos-stubs",
+    )
 
 
 @dataclass
 class Rig:
     """What every scenario shares."""
 
-    stack: harness.AwsStack
+    stack: AwsStack
     proxies: dict[str, TcpProxy]
-    stubs: Stubs
+    stubs: StubProcess
     secrets: dict[str, str]
     aws: AwsSettings  # through the cuttable proxies
     log_dir: str = ""
-    started: list[harness.CourierProcess] = field(default_factory=list)
+    started: list[CourierProcess] = field(default_factory=list)
 
     async def fresh(self, prefix: str) -> Resources:
         """New queues, status table and data key; queue URLs through the SQS proxy."""
@@ -150,10 +121,10 @@ class Rig:
         *,
         wait_ready: bool = True,
         env: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[harness.CourierProcess]:
+    ) -> AsyncIterator[CourierProcess]:
         # to_toml does not render the top-level ``instance``: it goes in the environment.
         env = {"COURIER_INSTANCE": str(settings.instance), **(env or {})}
-        async with harness.courier_process(
+        async with courier_process(
             settings,
             name=name,
             env=env,
@@ -164,27 +135,22 @@ class Rig:
             yield process
 
     def token(self, subject: str = "chaos", lifetime: int = 3600) -> str:
-        now = int(time.time())
-        base = load_settings(environ={}).auth
-        claims = {
-            "iss": base.issuer,
-            "aud": base.audience,
-            "sub": subject,
-            "scope": "mailbox:create mailbox:read",
-            "iat": now,
-            "exp": now + lifetime,
-        }
-        return jwt.encode(claims, self.secrets["courier.jwt.hs256"], algorithm="HS256")
+        """A bearer token with both mailbox scopes, signed with this rig's HS256 secret."""
+        return mint_token(
+            self.secrets["courier.jwt.hs256"],
+            subject=subject,
+            lifetime_seconds=lifetime,
+        )
 
 
 @contextlib.asynccontextmanager
 async def rig() -> AsyncIterator[Rig]:
     """Start everything (about 3 s); stop everything on exit, also after a failure."""
-    secrets = harness.demo_secrets()
+    secrets = demo_secrets()
     async with contextlib.AsyncExitStack() as stack:
         aws, stubs = await asyncio.gather(
-            stack.enter_async_context(harness.aws_stack()),
-            stack.enter_async_context(stub_process(secrets["courier.idm.api_key"])),
+            stack.enter_async_context(aws_stack()),
+            stack.enter_async_context(chaos_stubs(secrets["courier.idm.api_key"])),
         )
         strict = aws.settings  # the strict counting proxy's endpoints
         proxies = {

@@ -7,13 +7,16 @@
 - the DLQ holds exactly the poison, each with the reason expected for its kind;
 - a stopping process leaves no message it received invisible: counted by message id from the
   strict proxy's message ledger (every SQS message received, deleted or made visible again,
-  by access key), not from queue depths.
+  by access key), not from queue depths;
+- what courier says about itself in its log is found by the fields of its JSON lines
+  (``log_events``: by ``event``), not by the wording of their message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Collection, Iterable
@@ -309,6 +312,18 @@ async def wait_dead_lettered(
         ):
             return await dlq_messages(rig, resources)
         await asyncio.sleep(POLL_SECONDS)
+
+
+def log_events(log: str, event: str) -> list[dict[str, Any]]:
+    """The lines of a courier process's log (one JSON object a line) whose ``event`` field is
+    ``event``, parsed, in order; anything else on the stream (not JSON) is skipped."""
+    found = []
+    for line in log.splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and entry.get("event") == event:
+                found.append(entry)
+    return found
 
 
 def percentile(values: list[float], q: float) -> float:

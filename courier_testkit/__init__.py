@@ -3,6 +3,39 @@
 Not shipped in the wheel (``service*`` only): importable from the repository root, which
 pytest, ``python -m bench`` and ``python -m chaos`` put on ``sys.path``.
 
+The API (``from courier_testkit import X``; each name lives in the module named)
+--------------------------------------------------------------------------------
+=================================  ==============================================================
+``EmbeddedAws``, ``bootstrap``     (``service.local``, ``service.bootstrap``) moto in a thread,
+                                   and courier's resources: the very ones ``courier local`` and
+                                   ``courier bootstrap`` ship, re-exported
+``aws_stack()`` -> ``AwsStack``    (``aws``) fauxqs + dynalite + moto processes behind the
+                                   counting proxy, bootstrapped on demand; also ``fauxqs()``
+                                   (launcher: ``fauxqs.running_fauxqs``), ``dynalite()``,
+                                   ``moto_process()``, ``demo_secrets()``
+``StubIdm``, ``StubTarget``        (``stubs``) the IdM and legacy-system stubs: ``service.stubs``'
+                                   route table plus latency, failure and capacity knobs, call and
+                                   effect records (``EffectRecorder``), a reject marker
+``stub_process()`` ->              (``stubs``) those stubs in a process of their own
+``StubProcess``                    (``python -m courier_testkit.stubs``) and its HTTP client
+``courier_process()`` ->           (``courier``) ``courier run`` as a child: wait-ready, signals,
+``CourierProcess``                 logs, /metrics, CPU and memory
+``counting_proxy()`` ->            (``proxy``) the counting, strict-limits reverse proxy
+``CountingProxy``                  (``python -m courier_testkit.proxy``) and its client;
+                                   ``counter_delta``
+``TcpProxy``, ``tcp_proxy()``      (``tcpproxy``) a TCP relay that can be cut and restored
+``mint_token``                     (``tokens``) a bearer token made by ``courier token``'s
+                                   ``issue_token``, claims overridable
+``ProcessSampler``                 (``sampling``) pid, CPU seconds and memory of a process (every
+                                   process handle above is one); ``machine()``
+``ManagedProcess``, ``managed()``  (``processes``) a child in its own process group, always
+``wait_http()``, ``python_env()``  stopped; ``HarnessError`` when one does not start
+``free_port``, ``bound_port``      (``ports``) a free port; the port a started aiohttp site got
+=================================  ==============================================================
+
+Every process the kit starts runs in a process group of its own and is stopped on exit, also
+after a failure; ``processes.kill_all`` (run at exit) ends any group still alive.
+
 Strict AWS limits (on by default everywhere the emulators are used)
 -------------------------------------------------------------------
 moto and fauxqs accept requests real AWS refuses. The strict layer stands in front of them
@@ -47,7 +80,7 @@ API:
   rules, pure functions over the decoded request (JSON protocol shape).
 - ``strict.StrictWsgi(app, recorder, enforce=True)``: WSGI middleware for moto's server (the
   test-suite's ``moto_endpoint`` fixture uses it through ``EmbeddedAws(wsgi_middleware=...)``).
-- ``bench/proxy.py`` (the counting proxy of bench and chaos) enforces the same rules through
+- ``proxy.py`` (the counting proxy of bench and chaos) enforces the same rules through
   ``strict.inspect``; ``--lenient`` turns it off.
 
 Recording AWS calls per access key
@@ -65,3 +98,80 @@ by the access key id of the SigV4 ``Authorization`` header (``Credential=AKID/..
 In the test-suite the session's recorder is the ``aws_calls`` fixture; in bench and chaos ``GET /_proxy/stats`` carries it under
 ``"_calls"`` (``CountingProxy.calls()``).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.bootstrap import bootstrap
+    from service.local import EmbeddedAws
+
+    from .aws import AwsStack, aws_stack, demo_secrets, dynalite, fauxqs, moto_process
+    from .courier import CourierProcess, courier_process
+    from .ports import bound_port, free_port
+    from .processes import HarnessError, ManagedProcess, managed, python_env, wait_http
+    from .proxy import CountingProxy, counter_delta, counting_proxy
+    from .sampling import ProcessSampler, machine
+    from .stubs import EffectRecorder, StubIdm, StubProcess, StubTarget, stub_process
+    from .tcpproxy import TcpProxy, tcp_proxy
+    from .tokens import mint_token
+
+# module -> the names it gives the kit's API. Imported on first use, so that
+# ``python -m courier_testkit.<module>`` and the strict layer inside moto's process do not load
+# the whole kit.
+_MODULES = {
+    "service.bootstrap": "bootstrap",
+    "service.local": "EmbeddedAws",
+    ".aws": "AwsStack aws_stack demo_secrets dynalite fauxqs moto_process",
+    ".courier": "CourierProcess courier_process",
+    ".ports": "bound_port free_port",
+    ".processes": "HarnessError ManagedProcess managed python_env wait_http",
+    ".proxy": "CountingProxy counter_delta counting_proxy",
+    ".sampling": "ProcessSampler machine",
+    ".stubs": "EffectRecorder StubIdm StubProcess StubTarget stub_process",
+    ".tcpproxy": "TcpProxy tcp_proxy",
+    ".tokens": "mint_token",
+}
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names.split()}
+
+__all__ = [
+    "AwsStack",
+    "CountingProxy",
+    "CourierProcess",
+    "EffectRecorder",
+    "EmbeddedAws",
+    "HarnessError",
+    "ManagedProcess",
+    "ProcessSampler",
+    "StubIdm",
+    "StubProcess",
+    "StubTarget",
+    "TcpProxy",
+    "aws_stack",
+    "bootstrap",
+    "bound_port",
+    "counter_delta",
+    "counting_proxy",
+    "courier_process",
+    "demo_secrets",
+    "dynalite",
+    "fauxqs",
+    "free_port",
+    "machine",
+    "managed",
+    "mint_token",
+    "moto_process",
+    "python_env",
+    "stub_process",
+    "tcp_proxy",
+    "wait_http",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)

@@ -317,7 +317,7 @@ class IamMoto:
 @contextlib.asynccontextmanager
 async def iam_moto(region: str = "us-east-1") -> AsyncIterator[IamMoto]:
     """The server in its own process, an administrator created, enforcement checked on."""
-    from bench.harness import managed, python_env, wait_http
+    from .processes import managed, python_env, wait_http
 
     argv = [sys.executable, "-m", "courier_testkit.iam_moto", "--no-auth-requests"]
     argv.append(str(SETUP_REQUESTS))

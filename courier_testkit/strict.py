@@ -1,7 +1,7 @@
 """The strict layer's HTTP side: decode an AWS request, judge it, record it, shape the answer.
 
 Both adapters use it: ``StrictWsgi`` (below) wraps moto's WSGI app for the test-suite, and
-``bench/proxy.py`` (aiohttp) stands in front of fauxqs, dynalite and moto for bench and chaos.
+``courier_testkit/proxy.py`` (aiohttp) stands in front of fauxqs, dynalite and moto for bench and chaos.
 The rules themselves are in ``courier_testkit.aws_limits``.
 """
 

@@ -248,7 +248,9 @@ async def _worker_context(app: web.Application) -> AsyncIterator[None]:
     app[POLLER] = poller
     poller.start()
     yield
-    # Normally the daemon began the drain at SIGTERM, alongside the API's; else it starts now.
+    # Under the daemon the drain began at SIGTERM and ran alongside the API's (begin_shutdown).
+    # An app stopped another way (a test's runner.cleanup) starts it only now: aiohttp has
+    # already drained the API by then, so there the two drains run one after the other.
     begin_shutdown(app)
     worker = app[SHUTDOWN].worker
     assert worker is not None
@@ -259,9 +261,11 @@ def begin_shutdown(app: web.Application) -> float:
     """Start draining now, if not already begun; the shared deadline (event-loop time).
 
     Readiness turns false and the worker stops polling at once, then finishes its in-flight
-    messages by the deadline, in parallel with the API's in-flight requests: the two drains
-    overlap, they never add up. The earliest caller (SIGTERM, or the Auto Scaling lifecycle
-    hook) sets the deadline, ``http.drain_seconds`` from then.
+    messages by the deadline in a task of its own. The daemon calls this at SIGTERM and only
+    then drains the API's requests (``daemon._drain_http``) against the same deadline, so the
+    two drains overlap and never add up (``tests/test_shutdown.py`` checks it). The earliest
+    caller (SIGTERM, or the Auto Scaling lifecycle hook) sets the deadline,
+    ``http.drain_seconds`` from then: that setting bounds both halves, not only HTTP.
     """
     state, settings = app[SHUTDOWN], app[SETTINGS]
     if state.deadline is None:

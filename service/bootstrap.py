@@ -77,19 +77,25 @@ async def bootstrap(
     clients: AwsClients, names: ResourceNames, secrets: Mapping[str, str] | None = None
 ) -> Resources:
     """Create queues (+DLQs, + FIFO pair), tables, KMS keys with aliases, and ``secrets``."""
-    dlq_url = await _queue(clients.sqs, names.dlq, {"MessageRetentionPeriod": str(14 * 86400)})
-    queue_url = await _queue(
-        clients.sqs, names.queue, await _work_attributes(clients.sqs, names, dlq_url)
+    dlq_url = await ensure_queue(
+        clients.sqs, names.dlq, {"MessageRetentionPeriod": str(14 * 86400)}
+    )
+    queue_url = await ensure_queue(
+        clients.sqs, names.queue, await work_queue_attributes(clients.sqs, names, dlq_url)
     )
     fifo = {"FifoQueue": "true", "ContentBasedDeduplication": "true"}
-    fifo_dlq_url = await _queue(clients.sqs, f"{names.dlq}.fifo", fifo)
-    fifo_queue_url = await _queue(
+    fifo_dlq_url = await ensure_queue(clients.sqs, f"{names.dlq}.fifo", fifo)
+    fifo_queue_url = await ensure_queue(
         clients.sqs,
         f"{names.queue}.fifo",
-        {**fifo, **await _work_attributes(clients.sqs, names, fifo_dlq_url)},
+        {**fifo, **await work_queue_attributes(clients.sqs, names, fifo_dlq_url)},
     )
-    await _table(clients.dynamodb, names.secrets_table, [("name", "HASH"), ("version", "RANGE")])
-    await _table(clients.dynamodb, names.status_table, [("pk", "HASH")], ttl_attribute="expires_at")
+    await ensure_table(
+        clients.dynamodb, names.secrets_table, [("name", "HASH"), ("version", "RANGE")]
+    )
+    await ensure_table(
+        clients.dynamodb, names.status_table, [("pk", "HASH")], ttl_attribute="expires_at"
+    )
     data_key = await _kms_key(clients.kms, f"alias/{names.prefix}", "courier envelope data keys")
     credstash_key = await _kms_key(clients.kms, "alias/credstash", "CredStash secrets")
     store = CredStash(clients.dynamodb, clients.kms, names.secrets_table)
@@ -109,7 +115,8 @@ async def bootstrap(
     )
 
 
-async def _work_attributes(sqs: Any, names: ResourceNames, dlq_url: str) -> dict[str, str]:
+async def work_queue_attributes(sqs: Any, names: ResourceNames, dlq_url: str) -> dict[str, str]:
+    """Attributes of a work queue: redrive to ``dlq_url``, retention, visibility timeout."""
     attributes = await sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])
     redrive = {
         "deadLetterTargetArn": attributes["Attributes"]["QueueArn"],
@@ -122,14 +129,17 @@ async def _work_attributes(sqs: Any, names: ResourceNames, dlq_url: str) -> dict
     }
 
 
-async def _queue(sqs: Any, name: str, attributes: Mapping[str, str]) -> str:
+async def ensure_queue(sqs: Any, name: str, attributes: Mapping[str, str]) -> str:
+    """The URL of queue ``name``, created with ``attributes`` unless it exists."""
     response = await sqs.create_queue(QueueName=name, Attributes=dict(attributes))
     return str(response["QueueUrl"])
 
 
-async def _table(
+async def ensure_table(
     dynamodb: Any, name: str, keys: list[tuple[str, str]], ttl_attribute: str | None = None
 ) -> None:
+    """Create table ``name`` (string ``keys``, on demand, TTL on ``ttl_attribute``) unless it
+    exists."""
     try:
         await dynamodb.create_table(
             TableName=name,

@@ -40,6 +40,7 @@ from aiohttp.web_protocol import RequestHandler
 from .api import health_routes
 from .api.middleware import ProblemAppRunner
 from .app import begin_shutdown, create_app, serves_api
+from .net import bound_port
 from .settings import Settings
 from .state import POLLER, READINESS, SETTINGS
 from .systemd import Notifier, watchdog_running
@@ -99,13 +100,6 @@ class _Closing:
             response.headers[hdrs.CONNECTION] = "close"
 
 
-def _bound_port(site: web.TCPSite) -> int:
-    server = site._server  # aiohttp exposes no public accessor for the bound socket
-    assert server is not None
-    sockets = getattr(server, "sockets", None) or []
-    return int(sockets[0].getsockname()[1])
-
-
 def _runner(app: web.Application, settings: Settings) -> web.AppRunner:
     # What aiohttp's parser refuses never reaches the middlewares: problem+json all the same.
     return ProblemAppRunner(
@@ -136,7 +130,7 @@ async def serving(settings: Settings) -> AsyncIterator[Listening]:
             runner, settings.http.host, serving_port(settings), reuse_port=reuse_port
         )
         await site.start()
-        url = f"http://{settings.http.host}:{_bound_port(site)}"
+        url = f"http://{settings.http.host}:{bound_port(site)}"
         metrics_url = None
         if settings.http.metrics_port:
             metrics_runner, metrics_url = await _start_metrics(settings)

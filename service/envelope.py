@@ -10,10 +10,12 @@ The header (``v``, ``op``, ``id``) is readable without any key, for routing and 
 triage, and is the AES-GCM associated data as the compact, ASCII-only JSON array
 ``[v,"op","id"]``: a ciphertext moved under another header does not authenticate.
 
-KMS is called once per data key, not once per message (DESIGN.md): the sealing side reuses a
-data key for a bounded number of messages and seconds, the opening side caches decrypted data
-keys by their KMS ciphertext, and both coalesce concurrent KMS calls into one. Every KMS call
-carries the encryption context ``{"purpose": "courier-envelope"}``.
+KMS is called once per data key, not once per message (README, "Envelope encryption"): KMS
+bills and throttles per call, and one call per message would cap throughput at the account's
+KMS quota. The sealing side reuses a data key for a bounded number of messages and seconds,
+the opening side caches decrypted data keys by their KMS ciphertext, and both coalesce
+concurrent KMS calls into one. Every KMS call carries the encryption context
+``{"purpose": "courier-envelope"}``.
 
 Key rotation: sealing always uses ``envelope.kms_key_id``; opening accepts data keys under it
 and under ``envelope.accepted_key_ids`` (the previous keys), so messages already in the queue
@@ -22,17 +24,16 @@ when the key changes are still delivered. An envelope naming any other key is re
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _json_string
 from types import MappingProxyType
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
@@ -40,10 +41,11 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import metrics
-from .errors import EnvelopeError, TransientError
+from .errors import AWS_CODES, MISCONFIGURED, REFUSE, EnvelopeError, TransientError, classify
 from .settings import EnvelopeSettings
+from .singleflight import SingleFlight
 
-__all__ = ["ENVELOPE_VERSION", "Envelope", "EnvelopeCipher", "OpenedEnvelope"]
+__all__ = ["ENVELOPE_VERSION", "Envelope", "EnvelopeCipher", "OpenedEnvelope", "header_aad"]
 
 ENVELOPE_VERSION = 1
 ENCRYPTION_CONTEXT: Mapping[str, str] = MappingProxyType({"purpose": "courier-envelope"})
@@ -53,9 +55,10 @@ DATA_KEY_BYTES = 32
 # KMS's own bound on CiphertextBlob; anything longer cannot be a data key KMS produced.
 MAX_ENCRYPTED_KEY_BYTES = 6144
 
-# KMS answers that mean "this encrypted data key cannot be opened here": the message is at fault.
-# Everything else (outages, throttling, our own IAM or key state) is not, so it is retried.
-_UNDECRYPTABLE_CODES = frozenset({"InvalidCiphertextException", "IncorrectKeyException"})
+# What KMS answers means what the "kms" row of service/errors.py says: a REFUSE it names (the
+# encrypted data key cannot be opened here: InvalidCiphertextException, IncorrectKeyException)
+# is the message's fault; everything else (outages, throttling, our own IAM or key state, a code
+# no row names) is not, so it is retried.
 # What a failed KMS call raises: botocore's errors, the HTTP stack's, and timeouts (OSError).
 _KMS_FAILURES = (ClientError, BotoCoreError, aiohttp.ClientError, OSError)
 
@@ -68,12 +71,10 @@ _cache_hits = metrics.data_keys.labels("cache_hit")
 _compact_ascii = json.JSONEncoder(separators=(",", ":"))
 _compact_utf8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
-_K = TypeVar("_K", bound=Hashable)
-_V = TypeVar("_V")
 _CacheKey = tuple[str, bytes]  # (KMS key ARN, encrypted data key)
 
 
-def _header_aad(version: int, op: str, message_id: str) -> bytes:
+def header_aad(version: int, op: str, message_id: str) -> bytes:
     """The associated data of an envelope: its header as canonical JSON bytes.
 
     The same bytes as ``json.dumps([version, op, message_id], separators=(",", ":"))``,
@@ -97,7 +98,7 @@ class Envelope:
     @property
     def aad(self) -> bytes:
         """The header bytes the ciphertext is bound to."""
-        return _header_aad(self.version, self.op, self.id)
+        return header_aad(self.version, self.op, self.id)
 
     @classmethod
     def parse(cls, body: str | bytes) -> Envelope:
@@ -176,8 +177,8 @@ class EnvelopeCipher:
         self._settings = settings
         self._clock = clock
         self._data_key: _DataKey | None = None
-        self._generation: _SingleFlight[None, _DataKey] = _SingleFlight()
-        self._decryptions: _SingleFlight[_CacheKey, AESGCM] = _SingleFlight()
+        self._generation: SingleFlight[None, _DataKey] = SingleFlight()
+        self._decryptions: SingleFlight[_CacheKey, AESGCM] = SingleFlight()
         self._keys = _KeyCache(
             settings.decrypt_cache_size, settings.decrypt_cache_ttl_seconds, clock
         )
@@ -196,7 +197,7 @@ class EnvelopeCipher:
         plaintext = _compact_utf8.encode(document).encode("utf-8")
         key = await self._current_key()
         nonce = os.urandom(NONCE_BYTES)
-        aad = _header_aad(ENVELOPE_VERSION, op, message_id)
+        aad = header_aad(ENVELOPE_VERSION, op, message_id)
         ciphertext = key.aead.encrypt(nonce, plaintext, aad)
         sealed = Envelope(op, message_id, key.key_id, key.encrypted_key, nonce, ciphertext)
         return sealed.serialize()
@@ -238,7 +239,7 @@ class EnvelopeCipher:
             )
         except _KMS_FAILURES as exc:
             # Never the caller's fault: the API answers 503 and the client retries.
-            raise TransientError(f"KMS GenerateDataKey failed: {_describe(exc)}") from exc
+            raise _kms_unavailable("GenerateDataKey", exc) from exc
         _generated.inc()
         key = _DataKey(
             key_id=str(response["KeyId"]),
@@ -298,10 +299,10 @@ class EnvelopeCipher:
             except ClientError as exc:
                 failures.append(exc)
             except _KMS_FAILURES as exc:
-                raise TransientError(f"KMS Decrypt failed: {_describe(exc)}") from exc
+                raise _kms_unavailable("Decrypt", exc) from exc
         for failure in failures:
-            if _error_code(failure) not in _UNDECRYPTABLE_CODES:
-                raise TransientError(f"KMS Decrypt failed: {_describe(failure)}") from failure
+            if not _undecryptable(failure):
+                raise _kms_unavailable("Decrypt", failure) from failure
         code = _error_code(failures[-1])
         raise EnvelopeError(f"KMS cannot decrypt the data key ({code})", "undecryptable")
 
@@ -346,31 +347,6 @@ class _KeyCache:
         self._entries.move_to_end(key)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
-
-
-class _SingleFlight(Generic[_K, _V]):
-    """Concurrent calls with the same key share one in-flight call, its result or its error."""
-
-    def __init__(self) -> None:
-        self._calls: dict[_K, asyncio.Task[_V]] = {}
-
-    async def run(self, key: _K, call: Callable[[], Coroutine[Any, Any, _V]]) -> _V:
-        task = self._calls.get(key)
-        # A finished task lingers until its done-callback runs; reusing it would hand back a
-        # stale result (an exhausted data key) without yielding, and callers looping on
-        # "key exhausted, get another" would spin forever.
-        if task is None or task.done():
-            task = asyncio.create_task(call())
-            self._calls[key] = task
-            task.add_done_callback(lambda done: self._finish(key, done))
-        # Shielded: one waiter being cancelled must not cancel the call the others wait on.
-        return await asyncio.shield(task)
-
-    def _finish(self, key: _K, task: asyncio.Task[_V]) -> None:
-        if self._calls.get(key) is task:
-            del self._calls[key]
-        if not task.cancelled():
-            task.exception()  # retrieved here, so a call nobody awaits any more logs no warning
 
 
 def _load_object(body: str | bytes) -> dict[str, Any]:
@@ -447,3 +423,25 @@ def _foreign_key(key_id: str) -> EnvelopeError:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def _undecryptable(exc: ClientError) -> bool:
+    """KMS says the data key cannot be opened: a REFUSE the "kms" row names, nothing less.
+
+    A code no row names falls back to REFUSE in the table, but that is no proof the message is
+    at fault, so it is retried rather than dead-lettered.
+    """
+    code = _error_code(exc)
+    return code in AWS_CODES["kms"] and classify(exc, "kms") is REFUSE
+
+
+def _kms_unavailable(operation: str, exc: BaseException) -> TransientError:
+    """A KMS failure that is not the message's: RETRY or MISCONFIGURED (service/errors.py).
+
+    A refusal of sealing is courier's deployment too (its key, its context): 503 either way.
+    """
+    decision = classify(exc, "kms")
+    return TransientError(
+        f"KMS {operation} failed: {_describe(exc)}",
+        decision=decision if decision.retryable else MISCONFIGURED,
+    )

@@ -1,11 +1,229 @@
-"""courier's error hierarchy and the one function that says whether a failure is worth retrying."""
+"""courier's error hierarchy and the one table that decides retry vs. refuse.
+
+Every adapter (SQS, DynamoDB status and secrets, KMS envelope and secrets, the IdM, the legacy
+targets) asks this module what a failure means; none keeps its own list. To answer "what
+happens when X returns Y", read ``AWS_CODES`` (by source, then error code) and
+``HTTP_STATUSES`` (any HTTP peer courier calls: the IdM and the targets) below. Codes a table
+does not name fall back on the HTTP status: 5xx and 429 retry, 403 is a misconfiguration,
+any other 4xx refuses. Network failures (connection refused or reset, timeouts) always retry.
+
+What each ``Decision`` leads to:
+
+============== ============================================ =====================================
+decision       worker (the message)                         API (the client)
+============== ============================================ =====================================
+RETRY          back to the queue with exponential backoff   503 + Retry-After
+MISCONFIGURED  back to the queue with backoff, never DLQ    503 + Retry-After
+REFUSE         DLQ at once when the message decides the     a 4xx problem when the client's
+               call (its envelope, a target's 4xx);         request decides the call (IdM 409);
+               a refusal of courier's own call (status      else 5xx: the IdM refusing what
+               table) is a bug: logged ``handler_error``,   courier sent is 502, a refusal of
+               retried with backoff, never dead-lettered    courier's own AWS call is 500
+============== ============================================ =====================================
+
+MISCONFIGURED is courier's deployment refusing the call (IAM, a disabled key, a queue or table
+that does not exist). It is never the input's fault, so nothing is dead-lettered or refused
+for it, and it is not retried in the same call either: it clears when an operator fixes the
+deployment, and the backed-off retries then go through. ``is_retryable`` is true for it.
+
+The IdM is called synchronously, with its own immediate retries for RETRY answers; its
+answers map to 409 (conflict), 502 + Retry-After (unavailable), 504 + Retry-After (timeout) or
+502 (rejected: a 4xx other than 409, courier's request is wrong) in ``service/api/mailboxes.py``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from enum import StrEnum
+from types import MappingProxyType
 
 import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
+
+
+class Decision(StrEnum):
+    """What to do about a failure: see the module docstring for what each leads to."""
+
+    RETRY = "retry"
+    """Transient (an outage, throttling, a timeout): it goes away by itself."""
+    MISCONFIGURED = "misconfigured"
+    """courier's own deployment refuses the call: retried with backoff until an operator acts."""
+    REFUSE = "refuse"
+    """The call will never succeed as it is, however often it is made."""
+
+    @property
+    def retryable(self) -> bool:
+        """True when coming back later may succeed (RETRY, and MISCONFIGURED once fixed)."""
+        return self is not Decision.REFUSE
+
+
+RETRY, MISCONFIGURED, REFUSE = Decision.RETRY, Decision.MISCONFIGURED, Decision.REFUSE
+
+# --- The table -------------------------------------------------------------------------------
+# AWS error codes by source, as botocore reports them in ``ClientError.response["Error"]["Code"]``.
+# "any" holds the codes every AWS service uses alike; a source's own row wins over it.
+AWS_CODES: Mapping[str, Mapping[str, Decision]] = MappingProxyType(
+    {
+        "any": MappingProxyType(
+            {
+                # throttling
+                "Throttling": RETRY,
+                "ThrottlingException": RETRY,
+                "ThrottledException": RETRY,
+                "RequestThrottled": RETRY,
+                "RequestThrottledException": RETRY,
+                "TooManyRequestsException": RETRY,
+                "RequestLimitExceeded": RETRY,
+                # AWS's side failed or timed out
+                "InternalError": RETRY,
+                "InternalFailure": RETRY,
+                "InternalServerError": RETRY,
+                "ServiceUnavailable": RETRY,
+                "ServiceUnavailableException": RETRY,
+                "RequestTimeout": RETRY,
+                "RequestTimeoutException": RETRY,
+                # credentials rotate: botocore fetches new ones for the next call
+                "ExpiredToken": RETRY,
+                "ExpiredTokenException": RETRY,
+                # courier's IAM role or credentials
+                "AccessDenied": MISCONFIGURED,
+                "AccessDeniedException": MISCONFIGURED,
+                "UnrecognizedClientException": MISCONFIGURED,
+                "InvalidClientTokenId": MISCONFIGURED,
+                # the call as built is invalid
+                "ValidationException": REFUSE,
+                "SerializationException": REFUSE,
+                "MissingParameter": REFUSE,
+                "InvalidParameterValue": REFUSE,
+                "InvalidParameterCombination": REFUSE,
+            }
+        ),
+        "sqs": MappingProxyType(
+            {
+                "AWS.SimpleQueueService.ServiceUnavailable": RETRY,
+                "KmsThrottled": RETRY,  # an SSE-KMS queue's data key: KMS throttled SQS
+                "KMS.ThrottlingException": RETRY,
+                "OverLimit": RETRY,  # too many messages in flight: room comes back
+                "QueueDoesNotExist": MISCONFIGURED,
+                "AWS.SimpleQueueService.NonExistentQueue": MISCONFIGURED,
+                "AWS.SimpleQueueService.QueueDeletedRecently": MISCONFIGURED,
+                "KmsAccessDenied": MISCONFIGURED,
+                "KMS.AccessDeniedException": MISCONFIGURED,
+                "KmsDisabled": MISCONFIGURED,
+                "KMS.DisabledException": MISCONFIGURED,
+                "InvalidMessageContents": REFUSE,
+                "InvalidAttributeValue": REFUSE,
+                "ReceiptHandleIsInvalid": REFUSE,
+                "AWS.SimpleQueueService.BatchEntryIdsNotDistinct": REFUSE,
+                "AWS.SimpleQueueService.TooManyEntriesInBatchRequest": REFUSE,
+                "AWS.SimpleQueueService.BatchRequestTooLong": REFUSE,
+            }
+        ),
+        "dynamodb": MappingProxyType(
+            {
+                "ProvisionedThroughputExceededException": RETRY,
+                "TransactionInProgressException": RETRY,
+                "TransactionConflictException": RETRY,
+                "LimitExceededException": RETRY,
+                "ResourceNotFoundException": MISCONFIGURED,  # the table does not exist
+                # A failed condition is an answer, not an outage: the caller reads it (a claim
+                # lost to another request, a record already completed, a version that exists).
+                "ConditionalCheckFailedException": REFUSE,
+                "ItemCollectionSizeLimitExceededException": REFUSE,
+            }
+        ),
+        "kms": MappingProxyType(
+            {
+                "KMSInternalException": RETRY,
+                "DependencyTimeoutException": RETRY,
+                "KeyUnavailableException": RETRY,
+                "LimitExceededException": RETRY,  # KMS's request quota: throttling
+                "DisabledException": MISCONFIGURED,
+                "KMSInvalidStateException": MISCONFIGURED,  # e.g. pending deletion
+                "NotFoundException": MISCONFIGURED,  # a key or alias courier is configured with
+                "InvalidKeyUsageException": MISCONFIGURED,
+                # KMS parameters are courier's (key id, encryption context); a ciphertext's
+                # length is checked before any call, so this is the deployment, not the input.
+                "ValidationException": MISCONFIGURED,
+                # The ciphertext cannot be opened (garbage, another key or another context):
+                # the input decides it, so the envelope is dead-lettered as undecryptable.
+                "InvalidCiphertextException": REFUSE,
+                "IncorrectKeyException": REFUSE,
+            }
+        ),
+    }
+)
+
+# HTTP statuses of the IdM and of the legacy targets, other than 5xx (RETRY) and 2xx (success).
+# A 4xx not named here refuses: courier sent something the peer will never accept (the IdM's
+# 409 means the identity exists: the client is told 409).
+HTTP_STATUSES: Mapping[int, Decision] = MappingProxyType(
+    {
+        408: RETRY,  # Request Timeout
+        425: RETRY,  # Too Early
+        429: RETRY,  # Too Many Requests
+    }
+)
+
+
+def classify_http(status: int) -> Decision:
+    """The decision for an HTTP status answered by the IdM or a target (not for 2xx)."""
+    if status in HTTP_STATUSES:
+        return HTTP_STATUSES[status]
+    return RETRY if status >= 500 else REFUSE
+
+
+def classify_code(source: str, code: str, status: int = 0) -> Decision:
+    """The decision for AWS error ``code`` from ``source`` ("sqs", "dynamodb", "kms", or "any"
+    when unknown); by the HTTP ``status`` when no table names the code."""
+    decision = AWS_CODES.get(source, {}).get(code) or AWS_CODES["any"].get(code)
+    if decision is not None:
+        return decision
+    if source == "any":  # the service is unknown: a code whose sources all agree still counts
+        found = {table[code] for table in AWS_CODES.values() if code in table}
+        if len(found) == 1:
+            return found.pop()
+    if status >= 500 or status == 429:
+        return RETRY
+    return MISCONFIGURED if status == 403 else REFUSE
+
+
+def classify_aws(exc: ClientError, source: str = "any") -> Decision:
+    """The decision for a botocore ``ClientError`` raised by a call to ``source``."""
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return classify_code(source, code, status)
+
+
+def classify(exc: BaseException, source: str = "any") -> Decision:
+    """The decision for any failure: courier's own errors carry theirs, the rest go by the table.
+
+    ``source`` names the AWS service a raw ``ClientError`` came from. Failures nobody
+    classified (a bug) refuse: they are never retried as if they were an outage.
+    """
+    decision = getattr(exc, "decision", None)
+    if isinstance(decision, Decision):
+        return decision
+    if isinstance(exc, ClientError):
+        return classify_aws(exc, source)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return classify_http(exc.status)
+    if isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError):
+        return RETRY  # the network, a timeout, or botocore's own connection errors
+    return REFUSE
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True when coming back later may succeed (backoff, 503), False when it never will.
+
+    Callers route on the answer (backoff vs DLQ, 503 vs 4xx, stale secret vs hard error);
+    the answer comes from ``classify`` and so from the tables above.
+    """
+    return classify(exc).retryable
+
+
+# --- Errors courier raises --------------------------------------------------------------------
 
 
 class CourierError(Exception):
@@ -17,13 +235,35 @@ class SettingsError(CourierError):
 
 
 class TransientError(CourierError):
-    """A failure that may succeed if tried again later (timeouts, 5xx, throttling, outages)."""
+    """A failure that may succeed if tried again later (timeouts, 5xx, throttling, outages).
+
+    The API answers it with 503 + Retry-After. ``decision`` is RETRY, or MISCONFIGURED when an
+    adapter says so (``MisconfiguredError``, or an instance given that decision).
+    """
+
+    decision: Decision = RETRY
+
+    def __init__(self, message: str = "", *, decision: Decision | None = None) -> None:
+        super().__init__(message)
+        if decision is not None:
+            self.decision = decision
+
+
+class MisconfiguredError(TransientError):
+    """courier's deployment refuses the call (IAM, a disabled key, a missing queue or table).
+
+    Transient for the fleet, never the input's fault: the worker retries with backoff and the
+    API answers 503 until an operator fixes it.
+    """
+
+    decision = MISCONFIGURED
 
 
 class PermanentError(CourierError):
     """A failure that will never succeed however often it is retried."""
 
     reason: str = "permanent"
+    decision: Decision = REFUSE
 
 
 class EnvelopeError(PermanentError):
@@ -37,15 +277,16 @@ class EnvelopeError(PermanentError):
 
 
 class TargetHttpError(CourierError):
-    """A legacy target answered with a non-2xx status."""
+    """A legacy target answered with a non-2xx status; ``decision`` comes from ``HTTP_STATUSES``."""
 
     def __init__(self, target: str, status: int) -> None:
         super().__init__(f"target {target!r} answered {status}")
         self.target = target
         self.status = status
+        self.decision = classify_http(status)
 
 
-class TargetMisconfiguredError(TransientError):
+class TargetMisconfiguredError(MisconfiguredError):
     """A target cannot be called as configured (e.g. its credential secret is missing).
 
     Transient for the fleet, not poison for the message: once an operator fixes the
@@ -66,46 +307,3 @@ class CircuitOpenError(TransientError):
         super().__init__(f"target {target!r} circuit is open")
         self.target = target
         self.retry_after = retry_after
-
-
-# HTTP statuses that mean "try later"; every other 4xx will never succeed.
-RETRYABLE_STATUSES = frozenset({408, 425, 429})
-
-# AWS error codes that mean "try later" rather than "this request is wrong".
-_RETRYABLE_AWS_CODES = frozenset(
-    {
-        "ThrottlingException",
-        "Throttling",
-        "ProvisionedThroughputExceededException",
-        "RequestLimitExceeded",
-        "RequestThrottled",
-        "ServiceUnavailable",
-        "InternalError",
-        "InternalFailure",
-        "InternalServerError",
-        "KMSInternalException",
-        "DependencyTimeoutException",
-        "KeyUnavailableException",
-        "AWS.SimpleQueueService.ServiceUnavailable",
-        "TransactionInProgressException",
-    }
-)
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """Classify a failure: True when retrying later may succeed, False when it never will.
-
-    This is the single place that decides; callers route on the answer (backoff vs DLQ,
-    503 vs 4xx, stale secret vs hard error).
-    """
-    if isinstance(exc, TransientError):
-        return True
-    if isinstance(exc, PermanentError):
-        return False
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return error.get("Code", "") in _RETRYABLE_AWS_CODES or status >= 500 or status == 429
-    if isinstance(exc, TargetHttpError | aiohttp.ClientResponseError):
-        return exc.status >= 500 or exc.status in RETRYABLE_STATUSES
-    return isinstance(exc, BotoCoreError | aiohttp.ClientError | asyncio.TimeoutError | OSError)

@@ -1,8 +1,9 @@
 """Client of the identity back-end (IdM): the synchronous step of create-mailbox.
 
-A timeout per attempt and a bounded number of retries for transient answers (5xx, 429,
-timeouts, connection errors). Every attempt carries the same ``Idempotency-Key`` (the
-courier request id), so a retry never creates a second identity.
+A timeout per attempt and a bounded number of retries for the answers ``service/errors.py``'s
+HTTP table calls RETRY (5xx, 408, 425, 429), timeouts and connection errors. Every attempt
+carries the same ``Idempotency-Key`` (the courier request id), so a retry never creates a
+second identity.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from . import metrics
-from .errors import CourierError
+from .errors import RETRY, CourierError, Decision, classify_http
 from .settings import IdmSettings
 
 log = logging.getLogger("courier.idm")
@@ -25,11 +26,21 @@ RETRY_DELAY_SECONDS = 0.05
 
 
 class IdmError(CourierError):
-    """The IdM did not create the identity; ``kind`` says why: conflict, rejected, unavailable, timeout."""
+    """The IdM did not create the identity; ``kind`` says why: conflict, rejected, unavailable, timeout.
 
-    def __init__(self, kind: str, detail: str) -> None:
+    ``decision`` comes from the table in ``service/errors.py``: RETRY for unavailable and timeout
+    (retried here, then 502 / 504 + Retry-After), REFUSE for conflict (409) and rejected (502).
+    """
+
+    def __init__(self, kind: str, detail: str, decision: Decision = RETRY) -> None:
         super().__init__(detail)
         self.kind = kind
+        self.decision = decision
+
+    @property
+    def retryable(self) -> bool:
+        """True when the same call may succeed later."""
+        return self.decision.retryable
 
 
 class IdmClient:
@@ -58,7 +69,7 @@ class IdmClient:
             except IdmError as exc:
                 metrics.idm_calls.labels(exc.kind).inc()
                 metrics.idm_latency.observe(time.perf_counter() - started)
-                if exc.kind in ("conflict", "rejected"):
+                if not exc.retryable:
                     raise
                 last = exc
                 continue
@@ -89,13 +100,19 @@ class IdmClient:
 
 
 def _identity_id(status: int, document: Any) -> str:
-    if status == 409:
-        raise IdmError("conflict", "an identity with this username already exists")
-    if status >= 500 or status == 429:
-        raise IdmError("unavailable", f"the IdM answered {status}")
     if status >= 300:
-        # 4xx other than 409 means courier sent something the IdM will never accept.
-        raise IdmError("rejected", f"the IdM rejected the identity ({status})")
+        raise _answer_error(status)
     if not isinstance(document, dict) or not isinstance(document.get("id"), str):
         raise IdmError("unavailable", "the IdM answered without an identity id")
     return str(document["id"])
+
+
+def _answer_error(status: int) -> IdmError:
+    """The IdmError for a non-2xx answer, as the HTTP table decides."""
+    decision = classify_http(status)
+    if decision.retryable:
+        return IdmError("unavailable", f"the IdM answered {status}", decision)
+    if status == 409:
+        return IdmError("conflict", "an identity with this username already exists", decision)
+    # Any other refusal: courier sent something the IdM will never accept.
+    return IdmError("rejected", f"the IdM rejected the identity ({status})", decision)

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import signal
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import fields, is_dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .aws import open_clients
 from .bootstrap import ResourceNames, Resources, bootstrap
-from .settings import AwsSettings, Settings, TargetFormat, TargetSettings
+from .settings import AwsSettings, Settings, TargetFormat, TargetSettings, to_toml
 
 if TYPE_CHECKING:
     from .daemon import Listening
@@ -165,35 +164,3 @@ def _print_banner(
         '"contact_email":"jane@example.com"}\'',
     ]
     print("\n".join(lines), file=sys.stderr, flush=True)
-
-
-def to_toml(settings: Settings) -> str:
-    """Render settings as a TOML file that ``load_settings`` reads back identically."""
-    scalars = [
-        f
-        for f in fields(settings)
-        if f.name != "targets" and not is_dataclass(getattr(settings, f.name))
-    ]
-    out = [f"{f.name} = {_toml_value(getattr(settings, f.name))}" for f in scalars]
-    for section in fields(settings):
-        value = getattr(settings, section.name)
-        if is_dataclass(value):
-            out.append(f"\n[{section.name}]")
-            out += [f"{f.name} = {_toml_value(getattr(value, f.name))}" for f in fields(value)]
-    for target in settings.targets:
-        out.append("\n[[targets]]")
-        out += [f"{f.name} = {_toml_value(getattr(target, f.name))}" for f in fields(target)]
-    return "\n".join(out) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, tuple | list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):  # an inline table, e.g. secrets.encryption_context
-        pairs = (f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
-        return "{" + ", ".join(pairs) + "}"
-    return json.dumps(str(value))

@@ -8,11 +8,15 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .batching import BatchEntryError, Batcher
-from .errors import PermanentError, TransientError, is_retryable
+from .errors import Decision, PermanentError, TransientError, classify, classify_code
 
 
 class SendError(TransientError):
-    """SQS did not take the message; nothing was queued."""
+    """SQS did not take the message; nothing was queued, and a later try may succeed.
+
+    ``decision`` is RETRY (outage, throttling) or MISCONFIGURED (IAM, no such queue): the API
+    answers 503 either way (``service/errors.py``).
+    """
 
 
 def is_fifo(queue_url: str) -> bool:
@@ -59,13 +63,14 @@ class Producer:
             else:
                 result = await self._sqs.send_message(QueueUrl=self.queue_url, **entry)
         except BatchEntryError as exc:
-            if exc.sender_fault:
-                raise PermanentError(f"SQS refused the message: {exc}") from exc
-            raise SendError(f"SQS did not take the message: {exc}") from exc
+            # An entry's code the table does not name goes by SQS's own SenderFault flag.
+            decision = classify_code("sqs", exc.code, 400 if exc.sender_fault else 500)
+            raise _send_error(f"SQS did not take the message: {exc}", decision) from exc
         except (ClientError, BotoCoreError, OSError) as exc:
-            if not is_retryable(exc):
-                raise PermanentError(f"SQS refused the message: {exc}") from exc
-            raise SendError(f"SQS is unavailable: {type(exc).__name__}") from exc
+            # The error code, not AWS's text: that names the account and queue, and 503s are logged.
+            code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else ""
+            detail = f"SQS did not take the message: {code or type(exc).__name__}"
+            raise _send_error(detail, classify(exc, "sqs")) from exc
         return str(result["MessageId"])
 
     async def aclose(self) -> None:
@@ -78,3 +83,10 @@ class Producer:
             QueueUrl=self.queue_url, Entries=entries
         )
         return response
+
+
+def _send_error(detail: str, decision: Decision) -> SendError | PermanentError:
+    """SendError (503) when a later try may succeed, PermanentError (500) when SQS refused."""
+    if decision.retryable:
+        return SendError(detail, decision=decision)
+    return PermanentError(detail)

@@ -29,6 +29,9 @@ from .errors import SettingsError
 
 DEFAULT_CONFIG_PATH = Path("/etc/courier/courier.toml")
 ENV_PREFIX = "COURIER_"
+# Old dotted name -> new one. The old name is refused with a line naming the new one, never
+# ignored: an ignored COURIER_SECRETS_ENABLED=false would silently turn caching back on.
+RENAMED = {"secrets.enabled": "secrets.cache_enabled"}
 
 Role = Literal["all", "api", "worker"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -77,7 +80,7 @@ def setting(
 
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
-    """Where the API listens and how it stops."""
+    """Where the API listens, and the shutdown deadline (``drain_seconds``) of both halves."""
 
     host: str = setting("127.0.0.1", "address the API binds to")
     port: int = setting(
@@ -97,9 +100,9 @@ class HttpSettings:
     max_body_bytes: int = setting(64 * 1024, "largest accepted request body", min=1024, max=10**7)
     drain_seconds: float = setting(
         20.0,
-        "one bound, shared by the API and the worker, on finishing in-flight requests and"
-        " messages after SIGTERM (keep it + worker.release_seconds + 2 below systemd's"
-        " TimeoutStopSec)",
+        "one deadline after SIGTERM, for the API and the worker alike: in-flight requests are"
+        " answered and in-flight messages finished by then (keep it + worker.release_seconds + 2"
+        " below systemd's TimeoutStopSec)",
         min=0,
         max=600,
     )
@@ -192,7 +195,9 @@ class SecretSettings:
         max=604800,
     )
     prefetch: tuple[str, ...] = setting([], "secret names loaded at startup (readiness waits)")
-    enabled: bool = setting(True, "cache secrets (false = fetch on every use, for benchmarks)")
+    cache_enabled: bool = setting(
+        True, "cache secrets (false = fetch from the store on every use, for benchmarks)"
+    )
     encryption_context: FrozenMap = setting(
         FrozenMap(),
         "KMS encryption context of this deployment's secrets (credstash put NAME VALUE k=v);"
@@ -278,7 +283,12 @@ class TargetSettings:
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
-    """The SQS consumer."""
+    """The worker half (``service/worker/``): how it polls the queue, how many messages it runs
+    at once, how it acknowledges them and backs off retries.
+
+    Its drain at shutdown is bounded by ``http.drain_seconds``, the one deadline shared with the
+    API (see ``app.begin_shutdown``); ``release_seconds`` is what the worker adds after it.
+    """
 
     max_in_flight: int = setting(100, "messages processed at once per process", min=1, max=10_000)
     pollers: int = setting(4, "concurrent long-polls when the queue is busy", min=1, max=64)
@@ -297,7 +307,8 @@ class WorkerSettings:
     backoff_max_seconds: float = setting(900.0, "longest retry delay", min=1, max=43200)
     release_seconds: float = setting(
         5.0,
-        "bound on releasing unfinished messages and flushing deletes after the drain",
+        "bound on releasing unfinished messages and flushing deletes after the drain deadline"
+        " (http.drain_seconds)",
         min=0.5,
         max=60,
     )
@@ -367,6 +378,40 @@ def load_settings(
     return settings
 
 
+def to_toml(settings: Settings) -> str:
+    """Render settings as a TOML file that ``load_settings`` reads back identically."""
+    out = _toml_pairs(settings)
+    for section in dataclasses.fields(settings):
+        value = getattr(settings, section.name)
+        if dataclasses.is_dataclass(value):
+            out += [f"\n[{section.name}]", *_toml_pairs(value)]
+    for target in settings.targets:
+        out += ["\n[[targets]]", *_toml_pairs(target)]
+    return "\n".join(out) + "\n"
+
+
+def _toml_pairs(table: Any) -> list[str]:
+    # Scalars only: sections and [[targets]] follow as tables of their own.
+    return [
+        f"{item.name} = {_toml_value(getattr(table, item.name))}"
+        for item in dataclasses.fields(table)
+        if item.name != "targets" and not dataclasses.is_dataclass(getattr(table, item.name))
+    ]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):  # an inline table, e.g. secrets.encryption_context
+        pairs = (f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + ", ".join(pairs) + "}"
+    return json.dumps(str(value))
+
+
 def _config_path(explicit: Path | None, env: Mapping[str, str]) -> Path | None:
     if explicit is not None:
         return explicit
@@ -392,6 +437,7 @@ def _read_toml(path: Path | None) -> dict[str, Any]:
 def _build(
     cls: type[Any], document: Mapping[str, Any], env: Mapping[str, str], section: str
 ) -> Any:
+    _refuse_renamed(document, env, section)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(document) - known)
@@ -404,6 +450,23 @@ def _build(
     return cls(**values)
 
 
+def _refuse_renamed(document: Mapping[str, Any], env: Mapping[str, str], section: str) -> None:
+    for old, new in RENAMED.items():
+        old_section, _, old_name = old.rpartition(".")
+        if old_section != section:
+            continue
+        renamed = f"was renamed to {new} ({_env_name(new)})"
+        if old_name in document:
+            raise SettingsError(f"setting {old} {renamed}")
+        if _env_name(old) in env:
+            raise SettingsError(f"setting {old} ({_env_name(old)}) {renamed}")
+
+
+def _env_name(dotted: str) -> str:
+    """``http.port`` -> ``COURIER_HTTP_PORT``."""
+    return ENV_PREFIX + dotted.replace(".", "_").upper()
+
+
 def _field_value(
     item: dataclasses.Field[Any],
     hint: Any,
@@ -412,7 +475,7 @@ def _field_value(
     section: str,
 ) -> Any:
     dotted = f"{section}.{item.name}" if section else item.name
-    env_name = ENV_PREFIX + dotted.replace(".", "_").upper()
+    env_name = _env_name(dotted)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         sub = document.get(item.name, {})
         if not isinstance(sub, Mapping):
@@ -588,8 +651,7 @@ def describe() -> list[tuple[str, str, Any, str]]:
                 walk(hints[item.name], dotted)
             elif item.metadata:
                 default = item.default if item.default is not dataclasses.MISSING else ()
-                env_name = ENV_PREFIX + dotted.replace(".", "_").upper()
-                rows.append((dotted, env_name, default, item.metadata["help"]))
+                rows.append((dotted, _env_name(dotted), default, item.metadata["help"]))
 
     walk(Settings, "")
     return rows

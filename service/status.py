@@ -19,11 +19,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeGuard
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .errors import CourierError, TransientError
+from .errors import CourierError, PermanentError, TransientError, classify
 
 TTL_ATTRIBUTE = "expires_at"
 
@@ -46,7 +46,20 @@ class RequestState(StrEnum):
 
 
 class StatusUnavailableError(TransientError):
-    """The status table could not be read or written."""
+    """The status table could not be read or written, and a later try may succeed.
+
+    ``decision`` is RETRY (outage, throttling) or MISCONFIGURED (IAM, no such table), as the
+    table in ``service/errors.py`` says: the API answers 503, the worker retries with backoff.
+    """
+
+
+class StatusRefusedError(PermanentError):
+    """The status table refused a call courier built (e.g. ValidationException): a bug.
+
+    Retrying the same call cannot help. The API answers 500; in the worker it escapes the
+    pipeline, the poller logs ``handler_error`` and retries the message with backoff (the
+    message is not at fault, so it is not dead-lettered).
+    """
 
 
 class RequestCompletedError(CourierError):
@@ -146,7 +159,11 @@ def _key(request_id: str) -> dict[str, Any]:
 
 
 class StatusStore:
-    """Reads and writes status records; every failure is a StatusUnavailableError (retryable)."""
+    """Reads and writes status records.
+
+    A failed call raises StatusUnavailableError (retryable) or StatusRefusedError (not), as
+    ``service/errors.py`` classifies its error code; failed conditions are answers, read here.
+    """
 
     def __init__(self, dynamodb: Any, table: str, ttl_days: int) -> None:
         self._dynamodb = dynamodb
@@ -269,11 +286,8 @@ class StatusStore:
 
     async def _current(self, request_id: str, exc: Exception) -> StatusRecord:
         """After a failed conditional write: the record that failed it; other errors raise."""
-        if not isinstance(exc, ClientError):
-            raise StatusUnavailableError(f"status table unreachable: {type(exc).__name__}") from exc
-        error = exc.response.get("Error", {})
-        if error.get("Code") != "ConditionalCheckFailedException":
-            raise StatusUnavailableError(f"status table: {exc}") from exc
+        if not _condition_failed(exc):
+            raise _status_error(exc) from exc
         item = exc.response.get("Item")
         record = _from_item(item) if item else await self.get(request_id)
         if record is None:
@@ -325,15 +339,35 @@ class StatusStore:
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
             )
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+        except (ClientError, BotoCoreError, OSError) as exc:
+            if _condition_failed(exc):
                 raise RequestCompletedError(f"request {request_id} is already completed") from None
-            raise StatusUnavailableError(f"status table unavailable: {type(exc).__name__}") from exc
-        except (BotoCoreError, OSError) as exc:
-            raise StatusUnavailableError(f"status table unavailable: {type(exc).__name__}") from exc
+            raise _status_error(exc) from exc
 
     async def _call(self, method: Any, **kwargs: Any) -> Any:
         try:
             return await method(**kwargs)
         except (ClientError, BotoCoreError, OSError) as exc:
-            raise StatusUnavailableError(f"status table unavailable: {type(exc).__name__}") from exc
+            raise _status_error(exc) from exc
+
+
+def _condition_failed(exc: BaseException) -> TypeGuard[ClientError]:
+    """A conditional write lost: an answer the caller reads, never an error to retry."""
+    return (
+        isinstance(exc, ClientError)
+        and exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+    )
+
+
+def _status_error(exc: BaseException) -> StatusUnavailableError | StatusRefusedError:
+    """What a failed status-table call raises, as the table in ``service/errors.py`` decides."""
+    decision = classify(exc, "dynamodb")
+    if not decision.retryable:
+        return StatusRefusedError(f"status table refused the call: {_describe(exc)}")
+    return StatusUnavailableError(f"status table unavailable: {_describe(exc)}", decision=decision)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", type(exc).__name__))
+    return type(exc).__name__

@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
-import signal
-import socket
 import sys
 import time
 import uuid
@@ -17,13 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import jwt
 
+from courier_testkit.courier import CourierProcess
+from courier_testkit.courier import courier_config as write_config
+from courier_testkit.courier import courier_process as kit_courier_process
+from courier_testkit.ports import free_port
+from courier_testkit.processes import REPO
+from courier_testkit.stubs import StubIdm, StubTarget
+from courier_testkit.tokens import mint_token
 from service import daemon
 from service.aws import AwsClients
 from service.bootstrap import Resources
 from service.envelope import EnvelopeCipher
-from service.local import to_toml
 from service.operations import create_mailbox
 from service.settings import Settings, TargetSettings, WorkerSettings
 from service.state import POLLER
@@ -32,7 +34,7 @@ from service.stubs import IdmStub, LegacyStub
 from service.worker.poller import Poller
 from tests.conftest import DEMO_SECRETS
 
-REPO = Path(__file__).resolve().parent.parent
+__all__ = ["REPO", "CourierProcess", "free_port", "write_config"]  # for the test modules
 
 TARGETS = (("crm", "json"), ("billing", "soap"), ("directory", "json"))
 
@@ -68,16 +70,12 @@ class Chain:
         return poller
 
     def token(self, scopes: str = "mailbox:create mailbox:read") -> str:
-        now = int(time.time())
-        claims = {
-            "iss": self.settings.auth.issuer,
-            "aud": self.settings.auth.audience,
-            "sub": "tester",
-            "scope": scopes,
-            "iat": now,
-            "exp": now + 600,
-        }
-        return jwt.encode(claims, DEMO_SECRETS["courier.jwt.hs256"], algorithm="HS256")
+        return mint_token(
+            DEMO_SECRETS["courier.jwt.hs256"],
+            self.settings.auth,
+            scopes=scopes,
+            lifetime_seconds=600,
+        )
 
     async def create(self, body: dict[str, Any]) -> str:
         headers = {"Authorization": f"Bearer {self.token()}"}
@@ -182,7 +180,7 @@ def chain_settings(
 
 def legacy_stubs() -> dict[str, LegacyStub]:
     """One stub per target of ``TARGETS``."""
-    return {name: LegacyStub(name=name) for name, _ in TARGETS}
+    return {name: StubTarget(name=name) for name, _ in TARGETS}
 
 
 @contextlib.asynccontextmanager
@@ -209,7 +207,7 @@ async def running_chain(
     **worker: Any,
 ) -> AsyncIterator[Chain]:
     """Stubs + courier (role all) in this loop; ``stubs`` replaces some of the legacy stubs."""
-    idm = IdmStub(api_key=DEMO_SECRETS["courier.idm.api_key"])
+    idm = StubIdm(api_key=DEMO_SECRETS["courier.idm.api_key"])
     stubs = {**legacy_stubs(), **(stubs or {})}
     async with contextlib.AsyncExitStack() as stack:
         idm_url = await stack.enter_async_context(idm.serving())
@@ -285,94 +283,43 @@ async def plant_request(
     return request_id
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@dataclass
-class CourierProcess:
-    """``python -m service run`` in a child process (see ``courier_process``)."""
-
-    process: asyncio.subprocess.Process
-    url: str
-    log_path: Path
-
-    def log(self) -> str:
-        """What the process wrote so far (JSON log lines)."""
-        return self.log_path.read_text(errors="replace")
-
-    async def wait_ready(self, timeout: float = 15) -> None:
-        """Until ``/readyz`` answers 200 (fails if the process exits first)."""
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as session:
-            while True:
-                assert self.process.returncode is None, f"courier exited:\n{self.log()}"
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{self.url}/readyz") as response:
-                        if response.status == 200:
-                            return
-                assert time.monotonic() < deadline, f"courier not ready:\n{self.log()}"
-                await asyncio.sleep(0.1)
-
-    async def signal_and_wait(self, signum: int, timeout: float = 15) -> int:
-        """Send ``signum``; the exit code once the process has ended."""
-        self.process.send_signal(signum)
-        return await asyncio.wait_for(self.process.wait(), timeout)
-
-
-def write_config(settings: Settings, directory: Path, name: str = "courier.toml") -> Path:
-    """``settings`` as a TOML file the CLI reads back."""
-    path = directory / name
-    path.write_text(to_toml(settings))
-    return path
-
-
 @contextlib.asynccontextmanager
 async def courier_process(
     settings: Settings, directory: Path, *args: str
 ) -> AsyncIterator[CourierProcess]:
     """Run ``python -m service --config <file> run <args>`` with ``settings`` on free ports.
 
-    The child's stdout and stderr go to a file in ``directory``; it is killed on exit if still
-    running.
+    The kit's runner, started without waiting for /readyz (``wait_ready()`` does) with this
+    environment's AWS credentials; courier's output stays in ``directory`` and it is killed on
+    exit if still running.
     """
     port, health_port = free_port(), free_port()
     configured = settings.replace(
         http=dataclasses.replace(settings.http, port=port, health_port=health_port)
     )
-    config = write_config(configured, directory, f"courier-{port}.toml")
-    log_path = directory / f"courier-{port}.log"
-    with log_path.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "service",
-            "--config",
-            str(config),
-            "run",
-            *args,
-            cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    # A worker-role process never binds the API port: it answers on its health port.
-    served = health_port if settings.role == "worker" else port
-    running = CourierProcess(process, f"http://127.0.0.1:{served}", log_path)
-    try:
+    async with kit_courier_process(
+        configured,
+        name=f"courier-{port}",
+        args=args,
+        directory=directory,
+        env={"PYTHONUNBUFFERED": "1"},
+        wait_ready=False,
+        stop_timeout=0,
+        fake_aws=False,
+    ) as running:
         yield running
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGKILL)
-            await process.wait()
 
 
-async def run_cli(settings: Settings, directory: Path, *args: str) -> tuple[int, str]:
-    """``python -m service --config <settings as TOML> <args>``: exit code and output."""
+async def run_cli(
+    settings: Settings,
+    directory: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> tuple[int, str]:
+    """``python -m service --config <settings as TOML> <args>``: exit code and output.
+
+    ``env``, when given, is the child's whole environment (else this process's)."""
     config = write_config(settings, directory, f"cli-{uuid.uuid4().hex[:8]}.toml")
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -382,11 +329,12 @@ async def run_cli(settings: Settings, directory: Path, *args: str) -> tuple[int,
         str(config),
         *args,
         cwd=REPO,
+        env=env,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    output, _ = await asyncio.wait_for(process.communicate(), 30)
+    output, _ = await asyncio.wait_for(process.communicate(), timeout)
     assert process.returncode is not None
     return process.returncode, output.decode(errors="replace")
 

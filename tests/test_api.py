@@ -10,13 +10,11 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
-from urllib.parse import urlparse
 
 import aiohttp
 import jwt
@@ -24,6 +22,9 @@ import pytest
 from aiohttp import web, web_app
 from multidict import CIMultiDict
 
+from courier_testkit.ports import free_port
+from courier_testkit.tcpproxy import TcpProxy
+from courier_testkit.tokens import mint_token
 from service import daemon
 from service.aws import AwsClients
 from service.bootstrap import ResourceNames, Resources, bootstrap
@@ -65,19 +66,9 @@ class Api:
     app: web.Application | None = field(default=None, repr=False)
 
     def token(self, scopes: str = "mailbox:create mailbox:read", **overrides: Any) -> str:
-        now = int(time.time())
-        claims = {
-            "iss": self.settings.auth.issuer,
-            "aud": self.settings.auth.audience,
-            "sub": "tester",
-            "scope": scopes,
-            "iat": now,
-            "nbf": now,
-            "exp": now + 300,
-            **overrides,
-        }
-        claims = {k: v for k, v in claims.items() if v is not None}
-        return jwt.encode(claims, HS256_KEY, algorithm="HS256")
+        return mint_token(
+            HS256_KEY, self.settings.auth, scopes=scopes, lifetime_seconds=300, **overrides
+        )
 
     async def post(
         self,
@@ -237,13 +228,6 @@ def rejecting_api(shared_api: Api) -> Api:
     for record in (idm.calls, idm.identities, idm.by_key, idm.effects):
         record.clear()
     return shared_api
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 with nobody listening (bound once, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 # --- the happy path ----------------------------------------------------------------------------
@@ -591,7 +575,7 @@ async def test_sqs_unreachable_is_503_and_the_record_says_send_failed(
 ) -> None:
     broken = dataclasses.replace(
         aws_settings,
-        sqs_endpoint_url=f"http://127.0.0.1:{closed_port()}",
+        sqs_endpoint_url=f"http://127.0.0.1:{free_port()}",
         connect_timeout_seconds=0.2,
         read_timeout_seconds=1,
     )
@@ -611,57 +595,6 @@ async def test_sqs_unreachable_is_503_and_the_record_says_send_failed(
         (record,) = await api.status_records()
         assert record["state"]["S"] == "send_failed"
         assert record["identity_id"]["S"] == api.idm.identities["jane.doe"]
-
-
-class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a backend until ``close``; then the port refuses."""
-
-    def __init__(self, backend: str) -> None:
-        parsed = urlparse(backend)
-        self._backend = (parsed.hostname or "127.0.0.1", parsed.port or 80)
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.url = ""
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self.url
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for writer in list(self._writers):
-            writer.transport.abort()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self._backend)
-        self._writers |= {writer, up_writer}
-        pipes = [
-            asyncio.create_task(self._pipe(reader, up_writer)),
-            asyncio.create_task(self._pipe(up_reader, writer)),
-        ]
-        self._tasks.update(pipes)
-        await asyncio.gather(*pipes, return_exceptions=True)
-        self._tasks.difference_update(pipes)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.transport.abort()
-            self._writers.discard(writer)
 
 
 async def test_status_table_unreachable_is_503_and_nothing_is_queued(

@@ -12,9 +12,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from courier_testkit.ports import free_port
 from service import daemon
-from service.local import to_toml
-from service.settings import Settings, load_settings
+from service.net import bound_port
+from service.settings import Settings, load_settings, to_toml
 
 
 def on_free_port(settings: Settings) -> Settings:
@@ -186,11 +187,7 @@ async def test_unknown_route_is_problem_json_with_request_id(
 async def test_metrics_port_serves_only_metrics(
     settings: Settings, http: aiohttp.ClientSession
 ) -> None:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free = probe.getsockname()[1]
+    free = free_port()
     http_settings = dataclasses.replace(settings.http, port=0, metrics_port=free)
     async with daemon.serving(settings.replace(role="api", http=http_settings)) as listening:
         assert listening.metrics_url == f"http://127.0.0.1:{free}/metrics"
@@ -232,3 +229,24 @@ def test_the_worker_role_needs_targets_and_a_dlq(settings: Settings) -> None:
     queue = dataclasses.replace(settings.queue, url="")
     with pytest.raises(SettingsError, match=r"^queue.url \(COURIER_QUEUE_URL\) is required"):
         create_app(settings.replace(role="api", queue=queue))
+
+
+async def test_bound_port_is_the_port_a_site_given_port_0_answers_on(
+    http: aiohttp.ClientSession,
+) -> None:
+    async def here(_: web.Request) -> web.Response:
+        return web.Response(text="here")
+
+    app = web.Application()
+    app.router.add_get("/", here)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        with pytest.raises(RuntimeError, match="start it first"):
+            bound_port(site)
+        await site.start()
+        async with http.get(f"http://127.0.0.1:{bound_port(site)}/") as response:
+            assert await response.text() == "here"
+    finally:
+        await runner.cleanup()

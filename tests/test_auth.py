@@ -9,7 +9,6 @@ import hashlib
 import hmac
 import json
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from courier_testkit.ports import free_port
 from service.api.auth import (
     FAILED_FETCH_RETRY_SECONDS,
     AuthError,
@@ -232,12 +232,6 @@ def assert_401(error: AuthError, reason: str, detail: str, challenge: str = INVA
         "detail": detail,
         "request_id": "req-1",
     }
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 # --- accepted tokens -------------------------------------------------------------------------
@@ -605,7 +599,7 @@ async def test_jwks_with_foreign_entries_keeps_only_usable_keys(
 async def test_jwks_down_with_no_cached_keys_is_transient(
     session: aiohttp.ClientSession, clock: FakeClock
 ) -> None:
-    url = f"http://127.0.0.1:{closed_port()}/jwks.json"
+    url = f"http://127.0.0.1:{free_port()}/jwks.json"
     jwks = Jwks(session, url, REFRESH_SECONDS, max_age_seconds=MAX_AGE_SECONDS, clock=clock)
     verifier = TokenVerifier(auth_settings(url), _hs256_key, jwks)
     with pytest.raises(TransientError, match="signing keys are unavailable"):

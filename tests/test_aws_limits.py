@@ -2,7 +2,7 @@
 
 Every request here is sent by a real aiobotocore client (SQS over its JSON protocol, as courier
 sends it) to the session's moto through the strict WSGI layer (``moto_endpoint``), or through
-bench/chaos's counting proxy (``bench.proxy``). Each test checks what botocore reports
+bench/chaos's counting proxy (``courier_testkit.proxy``). Each test checks what botocore reports
 (``ClientError`` code, HTTP status) and that the refusal came from the layer, not from moto.
 """
 
@@ -20,7 +20,6 @@ import pytest
 from aiohttp import web
 from botocore.exceptions import ClientError
 
-from bench.proxy import Proxy
 from courier_testkit.aws_limits import (
     DYNAMODB_MAX_ITEM_BYTES,
     SQS_MAX_MESSAGE_BYTES,
@@ -29,9 +28,11 @@ from courier_testkit.aws_limits import (
     dynamodb_item_bytes,
     sqs_message_bytes,
 )
+from courier_testkit.proxy import Proxy
 from courier_testkit.strict import ActionRecorder, AwsCall
 from service.aws import AwsClients, open_client, open_clients
 from service.bootstrap import Resources
+from service.net import bound_port
 from service.settings import AwsSettings
 
 
@@ -345,12 +346,12 @@ def test_query_forms_decode_to_the_json_shape() -> None:
 
 @contextlib.asynccontextmanager
 async def strict_proxy(endpoint: str, *, lenient: bool = False) -> AsyncIterator[tuple[Proxy, str]]:
-    """bench.proxy in this loop, in front of the session's moto, for SQS."""
+    """The counting proxy in this loop, in front of the session's moto, for SQS."""
     proxy = Proxy({"sqs": endpoint}, lenient=lenient)
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         proxy.session = session
         with warnings.catch_warnings():
-            # bench.proxy routes through a lambda, which aiohttp calls deprecated.
+            # The proxy routes through a lambda, which aiohttp calls deprecated.
             warnings.simplefilter("ignore", DeprecationWarning)
             application = proxy.application("sqs")
         runner = web.AppRunner(application, access_log=None)
@@ -358,7 +359,7 @@ async def strict_proxy(endpoint: str, *, lenient: bool = False) -> AsyncIterator
         try:
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
-            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            port = bound_port(site)
             yield proxy, f"http://127.0.0.1:{port}"
         finally:
             await runner.cleanup()

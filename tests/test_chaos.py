@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
-from chaos import report, scenarios, verify
+from chaos import report, verify
 from chaos.load import LoadResult, Request
 from chaos.rig import TARGETS, Rig, rig
-from chaos.scenarios import SMALL
-from chaos.tcpproxy import tcp_proxy
+from chaos.scenarios import SMALL, aws, common, crash, graceful, outage, planted, poison
 from courier_testkit.strict import AwsCall, MessageEvent, message_events
+from courier_testkit.tcpproxy import tcp_proxy
 from service.settings import QueueSettings
 
 pytestmark = pytest.mark.timeout(150)
@@ -50,7 +50,7 @@ def assert_held(rows: list[report.Row], *, except_: tuple[str, ...] = ()) -> Non
 
 
 async def test_crash_of_workers_loses_nothing(chaos_rig: Rig) -> None:
-    rows = await scenarios.crash(chaos_rig, SMALL)
+    rows = await crash.run(chaos_rig, SMALL)
     assert_held(rows)
     (row,) = rows
     assert row.delivered == row.accepted == SMALL.crash_requests
@@ -58,7 +58,7 @@ async def test_crash_of_workers_loses_nothing(chaos_rig: Rig) -> None:
 
 
 async def test_legacy_outage_opens_and_closes_the_circuit(chaos_rig: Rig) -> None:
-    rows = await scenarios.outage(chaos_rig, SMALL)
+    rows = await outage.run(chaos_rig, SMALL)
     assert_held(rows)
     (row,) = rows
     assert row.notes["circuit_opened"] >= 1
@@ -66,10 +66,10 @@ async def test_legacy_outage_opens_and_closes_the_circuit(chaos_rig: Rig) -> Non
 
 
 async def test_poison_is_dead_lettered_and_blocks_nothing(chaos_rig: Rig) -> None:
-    rows = await scenarios.poison(chaos_rig, SMALL)
+    rows = await poison.run(chaos_rig, SMALL)
     assert_held(rows)
     _, dirty = rows
-    assert set(dirty.notes["dlq_reasons"]) == {reason for _, reason in scenarios.POISON_KINDS}
+    assert set(dirty.notes["dlq_reasons"]) == {reason for _, reason in planted.POISON_KINDS}
     # The refusing target saw one call per attempt (each refused request was received once).
     # Two poison runs of 600, one target-400 in each, refused once in its one attempt.
     assert dirty.notes["refused_calls_per_attempt"] == {"1/1": 2}
@@ -77,7 +77,7 @@ async def test_poison_is_dead_lettered_and_blocks_nothing(chaos_rig: Rig) -> Non
 
 
 async def test_aws_outages(chaos_rig: Rig) -> None:
-    rows = await scenarios.aws(chaos_rig, SMALL)
+    rows = await aws.run(chaos_rig, SMALL)
     assert_held(rows)
     sqs, kms, dynamodb = rows
     assert sqs.notes["answers_while_cut"].get("503", 0) > 0
@@ -90,7 +90,7 @@ async def test_aws_outages(chaos_rig: Rig) -> None:
 
 
 async def test_graceful_shutdown_under_load(chaos_rig: Rig) -> None:
-    rows = await scenarios.graceful(chaos_rig, SMALL)
+    rows = await graceful.run(chaos_rig, SMALL)
     assert_held(rows)
     (row,) = rows
     assert row.notes["in_flight_at_sigterm"] > 0
@@ -128,8 +128,8 @@ async def test_sigterm_releases_the_messages_of_an_interrupted_receive(chaos_rig
                 url=through(resources.queue_url), dlq_url=through(resources.dlq_url)
             ),
         )
-        messages, _ = await scenarios.sealed_messages(chaos_rig, resources, "stop", 300, 0)
-        await scenarios.preload(chaos_rig, resources.queue_url, messages)
+        messages, _ = await planted.sealed_messages(chaos_rig, resources, "stop", 300, 0)
+        await planted.preload(chaos_rig, resources.queue_url, messages)
         async with chaos_rig.courier(settings, "stop-worker") as worker:
             await verify_some_delivered(chaos_rig)
             worker.process.signal(signal.SIGTERM)
@@ -195,7 +195,7 @@ def outcome(*requests: tuple[str, int]) -> tuple[LoadResult, verify.Drained]:
 
 def test_summarize_holds_on_a_clean_run() -> None:
     row = report.Row("clean")
-    scenarios.summarize(row, *outcome(("a", 202), ("b", 202), ("c", 202)))
+    common.summarize(row, *outcome(("a", 202), ("b", 202), ("c", 202)))
     assert row.violations == []
     assert (row.requests, row.accepted, row.refused, row.delivered, row.lost) == (3, 3, 0, 3, 0)
 
@@ -203,20 +203,20 @@ def test_summarize_holds_on_a_clean_run() -> None:
 def test_summarize_fails_two_202s_under_one_request_id() -> None:
     """Two accepted requests, one id: the second is invisible to the delivery count by id."""
     row = report.Row("repeated id")
-    scenarios.summarize(row, *outcome(("a", 202), ("a", 202), ("c", 202)))
+    common.summarize(row, *outcome(("a", 202), ("a", 202), ("c", 202)))
     assert row.lost == 0  # what the count by id alone would have reported
     assert row.violations == ["3 requests answered 202 under only 2 distinct request ids"]
 
 
 def test_summarize_fails_a_202_without_request_id() -> None:
     row = report.Row("empty id")
-    scenarios.summarize(row, *outcome(("a", 202), ("", 202)))
+    common.summarize(row, *outcome(("a", 202), ("", 202)))
     assert "1 requests answered 202 without a request id" in row.violations
 
 
 def test_summarize_fails_a_refusal_no_fault_explains() -> None:
     row = report.Row("refused")
-    scenarios.summarize(row, *outcome(("a", 202), ("", 503)))
+    common.summarize(row, *outcome(("a", 202), ("", 503)))
     assert row.refused == 1
     assert row.violations == [
         "1 of 2 requests never accepted, unexplained by the fault (final answers {'503': 1})"
@@ -229,7 +229,7 @@ def test_summarize_counts_refusals_the_fault_explains() -> None:
     def explain(request: Request) -> str | None:
         return "503 while sqs was cut" if request.status == 503 else None
 
-    scenarios.summarize(row, *outcome(("a", 202), ("", 503)), explain=explain)
+    common.summarize(row, *outcome(("a", 202), ("", 503)), explain=explain)
     assert row.violations == []
     assert row.refused == 1
     assert row.notes["refused_explained"] == {"503 while sqs was cut": 1}
@@ -268,14 +268,14 @@ def test_holdings_by_message_id() -> None:
 def test_graceful_orphans_are_a_violation() -> None:
     row = report.Row("graceful")
     held = verify.holdings([received("victim", "h1", "m1")], "victim", since=2.0)
-    scenarios._check_orphans(row, held, visibility=8)
+    graceful.check_orphans(row, held, visibility=8)
     assert row.notes["orphaned_at_exit"] == 1
     assert row.violations == [
         "1 of the 1 messages received by the stopping process were neither deleted nor visible "
         "again when it exited: they wait out the visibility timeout (8s)"
     ]
     silent = report.Row("graceful")
-    scenarios._check_orphans(silent, verify.holdings([], "victim", since=2.0), visibility=8)
+    graceful.check_orphans(silent, verify.holdings([], "victim", since=2.0), visibility=8)
     assert silent.violations == [
         "the ledger saw no message received by the stopping process before SIGTERM"
     ]
@@ -301,13 +301,13 @@ def test_ledger_records_messages_received_deleted_and_released() -> None:
     ]
 
 
-def drains(*cpu_ms: float) -> list[scenarios.Drain]:
-    return [scenarios.Drain(report.Row("run"), 100.0, c) for c in cpu_ms]
+def drains(*cpu_ms: float) -> list[poison.Drain]:
+    return [poison.Drain(report.Row("run"), 100.0, c) for c in cpu_ms]
 
 
 def test_poison_that_costs_cpu_per_message_is_a_violation() -> None:
     rows = [report.Row("clean"), report.Row("poison")]
-    scenarios.compare_cost(rows, drains(3.0, 3.1), drains(4.5, 4.6), tolerance=0.15)
+    poison.compare_cost(rows, drains(3.0, 3.1), drains(4.5, 4.6), tolerance=0.15)
     assert rows[1].violations == [
         "CPU per message 4.55 ms with poison is 49% above the clean runs' 3.05 ms "
         "(bound 15%: tolerance 15%, spread between repeats 3%)"
@@ -317,6 +317,6 @@ def test_poison_that_costs_cpu_per_message_is_a_violation() -> None:
 
 def test_poison_cost_within_the_spread_between_repeats_is_no_evidence() -> None:
     rows = [report.Row("clean"), report.Row("poison")]
-    scenarios.compare_cost(rows, drains(2.5, 3.5), drains(3.4, 3.6), tolerance=0.15)
+    poison.compare_cost(rows, drains(2.5, 3.5), drains(3.4, 3.6), tolerance=0.15)
     assert rows[1].violations == []
     assert rows[1].notes["cpu_bound"] == 1.333  # clean runs 2.5 and 3.5: 33% apart

@@ -14,6 +14,7 @@ from aiohttp import web
 from service.aws import AwsClients
 from service.bootstrap import Resources
 from service.ec2 import Imds, identify
+from service.net import bound_port
 from service.settings import Ec2Settings, Settings
 from tests.chain import mailbox, running_chain
 
@@ -71,7 +72,7 @@ async def fake_ec2() -> AsyncIterator[tuple[FakeEc2, str]]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = bound_port(site)
     yield fake, f"http://127.0.0.1:{port}"
     await runner.cleanup()
 

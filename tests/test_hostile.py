@@ -44,7 +44,13 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from service.aws import AwsClients
-from service.bootstrap import ResourceNames, Resources, _queue, _work_attributes, bootstrap
+from service.bootstrap import (
+    ResourceNames,
+    Resources,
+    bootstrap,
+    ensure_queue,
+    work_queue_attributes,
+)
 from service.envelope import Envelope, EnvelopeCipher
 from service.logs import setup_logging
 from service.operations import create_mailbox
@@ -161,8 +167,8 @@ async def fuzz_queue(
     prefix = f"h{os.getpid()}-{uuid.uuid4().hex[:6]}"
     async with open_client("sqs", aws_settings, endpoint_url) as sqs:
         names = ResourceNames(prefix=prefix)
-        dlq = await _queue(sqs, names.dlq, {})
-        url = await _queue(sqs, names.queue, await _work_attributes(sqs, names, dlq))
+        dlq = await ensure_queue(sqs, names.dlq, {})
+        url = await ensure_queue(sqs, names.queue, await work_queue_attributes(sqs, names, dlq))
     return QueueSettings(url=url, dlq_url=dlq)
 
 
@@ -942,7 +948,7 @@ async def plant_poison(chain: Chain, aws: AwsClients, resources: Resources) -> l
 
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from service.envelope import _header_aad
+    from service.envelope import header_aad
 
     cases: list[tuple[Planted, str]] = [
         (Planted("not-json", {"malformed"}), "this is not an envelope"),
@@ -1000,9 +1006,7 @@ async def plant_poison(chain: Chain, aws: AwsClients, resources: Resources) -> l
             str(generated["KeyId"]),
             bytes(generated["CiphertextBlob"]),
             nonce,
-            AESGCM(generated["Plaintext"]).encrypt(
-                nonce, plaintext, _header_aad(1, op, message_id)
-            ),
+            AESGCM(generated["Plaintext"]).encrypt(nonce, plaintext, header_aad(1, op, message_id)),
         )
         cases.append((Planted(kind, reasons), sealed.serialize()))
     for planted, body in cases:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import sys
 import tempfile
 import time
 import uuid
@@ -32,7 +31,7 @@ import aiohttp
 import pytest
 from aiobotocore.session import get_session
 
-from bench.harness import CourierProcess, HarnessError, courier_process
+from courier_testkit.courier import CourierProcess, courier_process
 from courier_testkit.hcl_expressions import (
     Definitions,
     ExpressionError,
@@ -54,12 +53,13 @@ from courier_testkit.iam_policy import (
     unauthorised,
     without_action,
 )
+from courier_testkit.processes import HarnessError
 from service.aws import AwsClients, open_client
 from service.bootstrap import ResourceNames, Resources, bootstrap
 from service.secrets.credstash import CredStash
 from service.settings import AwsSettings, FrozenMap, Settings, load_settings
 from service.stubs import IdmStub, LegacyStub
-from tests.chain import Chain, chain_settings, mailbox, serving_stubs, write_config
+from tests.chain import Chain, chain_settings, mailbox, run_cli, serving_stubs
 from tests.conftest import DEMO_SECRETS
 
 pytestmark = pytest.mark.timeout(180)
@@ -146,22 +146,13 @@ class IamChain:
 
     async def cli(self, *args: str) -> tuple[int, str]:
         """``python -m service --config <chain settings> <args>`` signing as courier's user."""
-        config = write_config(self.chain.settings, self.directory, f"cli-{uuid.uuid4().hex}.toml")
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "service",
-            "--config",
-            str(config),
+        return await run_cli(
+            self.chain.settings,
+            self.directory,
             *args,
-            cwd=Path(__file__).resolve().parent.parent,
             env=_child_env(self.courier_key),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+            timeout=60,
         )
-        output, _ = await asyncio.wait_for(process.communicate(), 60)
-        return int(process.returncode or 0), output.decode(errors="replace")
 
 
 def refused_calls(
@@ -177,7 +168,7 @@ def refused_calls(
 
 
 def _child_env(key: Credentials) -> dict[str, str]:
-    from bench.harness import python_env
+    from courier_testkit.processes import python_env
 
     return python_env(key.env())
 

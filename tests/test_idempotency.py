@@ -1,6 +1,6 @@
 """One Idempotency-Key, one IdM call, one queued message: races, replays and failed sends.
 
-Real moto behind an in-process counting proxy (bench.proxy, the one the benchmarks use), so a
+Real moto behind an in-process counting proxy (courier_testkit.proxy, the one the benchmarks use), so a
 test can see every DynamoDB / SQS operation courier sends and make SQS fail and recover.
 """
 
@@ -21,11 +21,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from bench.proxy import Proxy
+from courier_testkit.proxy import Proxy
 from service.api import openapi
 from service.api.mailboxes import IDEMPOTENCY_NAMESPACE
 from service.aws import AwsClients
 from service.bootstrap import Resources
+from service.net import bound_port
 from service.operations import create_mailbox
 from service.settings import AwsSettings, Settings
 from service.status import RequestState, StatusRecord, StatusStore, now_iso
@@ -61,7 +62,7 @@ def request_id_in(reply: Reply) -> str:
 
 @contextlib.asynccontextmanager
 async def counting_proxy(endpoint: str) -> AsyncIterator[tuple[Proxy, dict[str, str]]]:
-    """bench.proxy in this loop: one listener each for SQS and DynamoDB in front of moto."""
+    """The counting proxy in this loop: one listener each for SQS and DynamoDB in front of moto."""
     proxy = Proxy({"sqs": endpoint, "dynamodb": endpoint})
     runners: list[web.AppRunner] = []
     urls: dict[str, str] = {}
@@ -70,7 +71,7 @@ async def counting_proxy(endpoint: str) -> AsyncIterator[tuple[Proxy, dict[str, 
         try:
             for name in proxy.upstreams:
                 with warnings.catch_warnings():
-                    # bench.proxy routes through a lambda, which aiohttp calls deprecated.
+                    # The proxy routes through a lambda, which aiohttp calls deprecated.
                     warnings.simplefilter("ignore", DeprecationWarning)
                     application = proxy.application(name)
                 runner = web.AppRunner(application, access_log=None)
@@ -78,7 +79,7 @@ async def counting_proxy(endpoint: str) -> AsyncIterator[tuple[Proxy, dict[str, 
                 runners.append(runner)
                 site = web.TCPSite(runner, "127.0.0.1", 0)
                 await site.start()
-                port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+                port = bound_port(site)
                 urls[name] = f"http://127.0.0.1:{port}"
             yield proxy, urls
         finally:

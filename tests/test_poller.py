@@ -1,4 +1,4 @@
-"""The SQS consumer against moto: backoff, poller count, heartbeat, FIFO groups, stop and drain."""
+"""The SQS poller against moto: backoff, poller count, heartbeat, FIFO groups, stop and drain."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_backoff_with_zero_base_is_immediate() -> None:
     assert backoff_seconds(5, 0, 900) == 0
 
 
-# --- a bare consumer on a fresh queue --------------------------------------------------------
+# --- a bare poller on a fresh queue ----------------------------------------------------------
 
 
 def worker_settings(**overrides: Any) -> WorkerSettings:
@@ -76,11 +76,11 @@ async def no_dead_letters(message: Message, verdict: DeadLetter) -> None:
 
 @pytest.fixture
 async def stopping() -> AsyncIterator[list[Poller]]:
-    """Consumers a test starts; stopped at teardown even when the test fails."""
-    consumers: list[Poller] = []
-    yield consumers
-    for consumer in consumers:
-        await consumer.stop(1)
+    """Pollers a test starts; stopped at teardown even when the test fails."""
+    pollers: list[Poller] = []
+    yield pollers
+    for poller in pollers:
+        await poller.stop(1)
 
 
 async def send_batch(aws: AwsClients, queue_url: str, bodies: list[str], **extra: str) -> None:
@@ -100,6 +100,31 @@ def receive_calls() -> float:
     return value or 0.0
 
 
+async def test_a_failing_receive_logs_the_backoff_it_waits_as_a_field(
+    aws: AwsClients, fresh: Resources, stopping: list[Poller], caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = fresh.queue_url.rsplit("/", 1)[0] + "/no-such-queue"
+
+    async def handler(message: Message) -> Outcome:
+        raise AssertionError("nothing can be received from a missing queue")
+
+    poller = Poller(aws.sqs, missing, handler, worker_settings(), no_dead_letters)
+    stopping.append(poller)
+
+    def backoffs() -> list[float]:
+        return [
+            record.fields["backoff_seconds"]  # type: ignore[attr-defined]
+            for record in caplog.records
+            if getattr(record, "fields", {}).get("event") == "receive_failed"
+        ]
+
+    with caplog.at_level("WARNING", logger="courier.poller"):
+        poller.start()
+        await eventually(lambda: len(backoffs()) >= 2, timeout=30)
+    # Exponential from 1 s: the field is what the poller sleeps, not a human message to parse.
+    assert backoffs()[:2] == [1.0, 2.0]
+
+
 @pytest.mark.timeout(180)  # generous waits: moto slows down a lot on a loaded machine
 async def test_idle_queue_settles_to_one_poller(
     aws: AwsClients, fresh: Resources, stopping: list[Poller]
@@ -115,7 +140,7 @@ async def test_idle_queue_settles_to_one_poller(
     # A long visibility timeout: on a loaded machine an ack can land more than the usual 5 s
     # after the receive, and the redelivered copy would be handled twice.
     settings = worker_settings(pollers=4, visibility_timeout_seconds=120)
-    consumer = Poller(aws.sqs, fresh.queue_url, handler, settings, no_dead_letters)
+    poller = Poller(aws.sqs, fresh.queue_url, handler, settings, no_dead_letters)
     peak = 0.0
 
     async def sample() -> None:
@@ -134,8 +159,8 @@ async def test_idle_queue_settles_to_one_poller(
         return most, receive_calls() - before
 
     sampler = asyncio.create_task(sample())
-    consumer.start()
-    stopping.append(consumer)
+    poller.start()
+    stopping.append(poller)
     expected = sorted(f"m{i}" for i in range(30))
     await eventually(lambda: set(handled) == set(expected), 60, "30 messages handled")
     sampler.cancel()
@@ -164,9 +189,9 @@ async def test_retry_hides_the_message_for_at_least_its_delay(
         return Retry(0.3, "not yet") if len(seen) == 1 else Ack()
 
     await send_batch(aws, fresh.queue_url, ["once"])
-    consumer = Poller(aws.sqs, fresh.queue_url, handler, worker_settings(), no_dead_letters)
-    consumer.start()
-    stopping.append(consumer)
+    poller = Poller(aws.sqs, fresh.queue_url, handler, worker_settings(), no_dead_letters)
+    poller.start()
+    stopping.append(poller)
     await eventually(lambda: len(seen) == 2, 8, "the retried message back")
     (first, count1), (second, count2) = seen
     assert (count1, count2) == (1, 2)
@@ -186,11 +211,11 @@ async def test_handler_error_is_retried_not_lost(
         return Ack()
 
     await send_batch(aws, fresh.queue_url, ["boom"])
-    consumer = Poller(
+    poller = Poller(
         aws.sqs, fresh.queue_url, handler, worker_settings(backoff_base_seconds=0), no_dead_letters
     )
-    consumer.start()
-    stopping.append(consumer)
+    poller.start()
+    stopping.append(poller)
     await eventually(lambda: len(counts) == 2, 8, "redelivery after a handler error")
     assert counts == [1, 2]
 
@@ -210,9 +235,9 @@ async def test_fifo_group_released_behind_a_retry_keeps_its_order(
         await aws.sqs.send_message(
             QueueUrl=fresh.fifo_queue_url, MessageBody=body, MessageGroupId="g"
         )
-    consumer = Poller(aws.sqs, fresh.fifo_queue_url, handler, worker_settings(), no_dead_letters)
-    consumer.start()
-    stopping.append(consumer)
+    poller = Poller(aws.sqs, fresh.fifo_queue_url, handler, worker_settings(), no_dead_letters)
+    poller.start()
+    stopping.append(poller)
     await eventually(lambda: handled.count("g-3") == 1, 10, "the whole group")
     assert handled == ["g-1", "g-1", "g-2", "g-3"]
 
@@ -248,16 +273,16 @@ async def test_dead_letter_records_its_state_only_after_the_move_then_deletes(
         events.append("moved")
 
     await send_batch(aws, fresh.queue_url, ["poison"])
-    consumer = Poller(
+    poller = Poller(
         aws.sqs, fresh.queue_url, handler, worker_settings(visibility_timeout_seconds=2), flaky_dlq
     )
-    consumer.start()
-    stopping.append(consumer)
+    poller.start()
+    stopping.append(poller)
     await eventually(lambda: "marked failed" in events, 10, "the second attempt's move")
     # First attempt: the move failed, so nothing was marked and the message stayed.
     assert events == ["move", "move", "moved", "marked failed"]
     assert attempts == [1, 2]
-    await consumer.stop(1)
+    await poller.stop(1)
     assert await _visible_after(aws, fresh.queue_url, 3) == []  # deleted after the move
 
 
@@ -276,13 +301,13 @@ async def test_dead_letter_is_deleted_even_when_recording_its_state_fails(
         moved.append(message.body)
 
     await send_batch(aws, fresh.queue_url, ["poison"])
-    consumer = Poller(
+    poller = Poller(
         aws.sqs, fresh.queue_url, handler, worker_settings(visibility_timeout_seconds=2), dlq
     )
-    consumer.start()
-    stopping.append(consumer)
+    poller.start()
+    stopping.append(poller)
     await eventually(lambda: bool(moved), 10, "the move")
-    await consumer.stop(1)
+    await poller.stop(1)
     # The DLQ copy exists: keeping the message would only dead-letter it a second time.
     assert await _visible_after(aws, fresh.queue_url, 3) == []
     assert moved == ["poison"]

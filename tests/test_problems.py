@@ -14,15 +14,14 @@ import dataclasses
 import json
 import logging
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
 import pytest
 
+from courier_testkit.tokens import mint_token
 from service import daemon
 from service.aws import AwsClients
 from service.bootstrap import Resources
@@ -127,16 +126,8 @@ async def api(shared: Settings) -> AsyncIterator[str]:
 
 
 def token(settings: Settings, subject: str = "tester") -> str:
-    now = int(time.time())
-    claims = {
-        "iss": settings.auth.issuer,
-        "aud": settings.auth.audience,
-        "sub": subject,
-        "scope": "mailbox:create mailbox:read",
-        "iat": now,
-        "exp": now + 600,
-    }
-    return jwt.encode(claims, DEMO_SECRETS["courier.jwt.hs256"], algorithm="HS256")
+    key = DEMO_SECRETS["courier.jwt.hs256"]
+    return mint_token(key, settings.auth, subject=subject, lifetime_seconds=600)
 
 
 # --- a 500 ----------------------------------------------------------------------------------

@@ -38,11 +38,11 @@ from service.envelope import (
     Envelope,
     EnvelopeCipher,
     OpenedEnvelope,
-    _header_aad,
+    header_aad,
 )
 from service.errors import EnvelopeError, SettingsError, TransientError
 from service.operations import create_mailbox
-from service.secrets.credstash import DIGESTS, SealedSecret, _hmac
+from service.secrets.credstash import DIGESTS, SealedSecret, item_hmac
 from service.secrets.errors import SecretIntegrityError, SecretNotFoundError
 from service.settings import EnvelopeSettings, Settings, describe, load_settings
 
@@ -286,7 +286,7 @@ async def test_open_of_any_plaintext_under_a_real_key(
     )
     def check(plaintext: bytes) -> None:
         nonce = os.urandom(12)
-        aad = _header_aad(1, "create-mailbox", "b" * 32)
+        aad = header_aad(1, "create-mailbox", "b" * 32)
         sealed = Envelope(
             "create-mailbox",
             "b" * 32,
@@ -427,7 +427,7 @@ def test_credstash_items_as_dynamodb_returns_them(item: dict[str, Any], data_key
 
 def matching_items(data_key: bytes, ciphertext: bytes, digest: str) -> dict[str, Any]:
     """An item whose HMAC verifies under ``data_key``: opening reaches the AES step."""
-    mac = _hmac(data_key[len(data_key) // 2 :], ciphertext, digest, "probe")
+    mac = item_hmac(data_key[len(data_key) // 2 :], ciphertext, digest, "probe")
     return {
         "name": {"S": "probe"},
         "version": {"S": "1".zfill(19)},
@@ -576,7 +576,7 @@ SECTIONS = {
     "http": ["port", "drain_seconds", "max_body_bytes", "reuse_port"],
     "aws": ["endpoint_url", "read_timeout_seconds", "max_pool_connections"],
     "worker": ["max_in_flight", "pollers", "wait_seconds", "backoff_max_seconds"],
-    "secrets": ["ttl_seconds", "prefetch", "enabled"],
+    "secrets": ["ttl_seconds", "prefetch", "cache_enabled"],
     "log": ["level", "nope"],
 }
 
@@ -635,7 +635,7 @@ def test_settings_from_any_toml_file(text: str) -> None:
 def test_to_toml_round_trips(instance: int, role: str, port: int, empty_config: Path) -> None:
     import dataclasses
 
-    from service.local import to_toml
+    from service.settings import to_toml
 
     base = load_settings(empty_config, {})
     settings = base.replace(

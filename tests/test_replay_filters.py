@@ -64,7 +64,9 @@ async def dead_letter(aws: AwsClients, fresh: Resources, letters: tuple[Letter, 
         failed_at = now - by_id[message.attributes["request_id"]].age
         # Only the clock the move stamps ``failed_at`` with (service.worker.dlq's own ``time``).
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(service.worker.dlq, "time", types.SimpleNamespace(time=lambda at=failed_at: at))
+            patch.setattr(
+                service.worker.dlq, "time", types.SimpleNamespace(time=lambda at=failed_at: at)
+            )
             await dlq.move(message, DeadLetter("target_rejected", "crm", "HTTP 400"))
         await aws.sqs.delete_message(QueueUrl=fresh.queue_url, ReceiptHandle=message.receipt_handle)
 

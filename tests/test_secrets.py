@@ -404,7 +404,7 @@ async def test_disabled_cache_goes_to_the_store_every_time(
 ) -> None:
     await put(name, "uncached")
     queries, decrypts = aws_requests("dynamodb", "Query"), aws_requests("kms", "Decrypt")
-    async with SecretCache(store, SecretSettings(enabled=False)) as cache:
+    async with SecretCache(store, SecretSettings(cache_enabled=False)) as cache:
         for _ in range(5):
             assert await cache.get(name) == "uncached"
         await cache.prefetch([name])

@@ -301,3 +301,39 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [env for _, env, _, _ in describe() if f"`{env}`" not in readme]
     assert missing == [], f"README configuration table lacks {missing}"
+
+
+# --- renamed settings: the new name works, the old one says what it became ------------------
+
+
+def test_the_secret_cache_switch_is_named_for_what_it_does(tmp_path: Path) -> None:
+    assert load().secrets.cache_enabled is True
+    assert load({"COURIER_SECRETS_CACHE_ENABLED": "false"}).secrets.cache_enabled is False
+    from_toml = load(toml="[secrets]\ncache_enabled = false\n", tmp_path=tmp_path)
+    assert from_toml.secrets.cache_enabled is False
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "message"),
+    [
+        (
+            {},
+            "[secrets]\nenabled = false\n",
+            "setting secrets.enabled was renamed to secrets.cache_enabled"
+            " (COURIER_SECRETS_CACHE_ENABLED)",
+        ),
+        (
+            {"COURIER_SECRETS_ENABLED": "false"},
+            None,
+            "setting secrets.enabled (COURIER_SECRETS_ENABLED) was renamed to"
+            " secrets.cache_enabled (COURIER_SECRETS_CACHE_ENABLED)",
+        ),
+    ],
+)
+def test_an_old_setting_name_is_refused_with_its_new_name(
+    tmp_path: Path, env: dict[str, str], toml: str | None, message: str
+) -> None:
+    # Refused, not ignored: an ignored COURIER_SECRETS_ENABLED=false would silently cache again.
+    with pytest.raises(SettingsError) as caught:
+        load(env, toml, tmp_path)
+    assert str(caught.value) == message

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import jwt
 import pytest
 
+from courier_testkit.tokens import mint_token
 from service import daemon
 from service.aws import AwsClients
 from service.settings import Settings
@@ -54,16 +54,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def bearer(settings: Settings) -> dict[str, str]:
-    now = int(time.time())
-    claims = {
-        "iss": settings.auth.issuer,
-        "aud": settings.auth.audience,
-        "sub": "tester",
-        "scope": "mailbox:create mailbox:read",
-        "iat": now,
-        "exp": now + 600,
-    }
-    token = jwt.encode(claims, DEMO_SECRETS["courier.jwt.hs256"], algorithm="HS256")
+    token = mint_token(DEMO_SECRETS["courier.jwt.hs256"], settings.auth, lifetime_seconds=600)
     return {"Authorization": f"Bearer {token}"}
 
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from service.local import to_toml
-from service.settings import Settings
+from service.settings import Settings, to_toml
 from service.systemd import Notifier
 
 

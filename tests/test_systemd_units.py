@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from courier_testkit.ports import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD_SRC = REPO / "systemd"
 UNITS = ("courier@.service", "courier.target", "courier-journal-export.service")
@@ -458,14 +460,6 @@ def test_proc_subset_pid_would_hide_process_metrics(tmp_path: Path) -> None:
         pytest.skip(f"cannot mount proc with subset=pid here: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"  # no process_cpu_seconds, no RSS, no fds
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @needs_libseccomp

@@ -1,7 +1,7 @@
 """Volume acceptance: 5,000 create-mailbox events, three targets answering in 20 ms, none lost.
 
 SQS is fauxqs (moto's SQS slows down as a queue fills). KMS (the data key) is moto's session
-server. The status table is dynalite (npm, Node), started by ``bench.harness.dynalite``, the
+server. The status table is dynalite (npm, Node), started by ``courier_testkit.aws.dynalite``, the
 launcher the benchmarks use too: moto spends ~8 ms of CPU parsing each UpdateItem
 expression and capped this test at 80-120 msg/s (42-64 s on a 2-vCPU machine) even in a
 process of its own; dynalite takes ~1 ms, so courier itself is what is measured. The report
@@ -29,10 +29,17 @@ import pytest
 from aiobotocore.session import get_session
 from prometheus_client.metrics import MetricWrapperBase
 
-from bench.harness import Server, dynalite
+from courier_testkit.aws import dynalite
+from courier_testkit.processes import Server
 from service import daemon, metrics
 from service.aws import AwsClients, client_config
-from service.bootstrap import ResourceNames, Resources, _queue, _table, _work_attributes
+from service.bootstrap import (
+    ResourceNames,
+    Resources,
+    ensure_queue,
+    ensure_table,
+    work_queue_attributes,
+)
 from service.envelope import EnvelopeCipher
 from service.operations import create_mailbox
 from service.settings import (
@@ -89,15 +96,15 @@ async def fauxqs_sqs(fauxqs_endpoint: str, aws_settings: AwsSettings) -> AsyncIt
 async def _queue_pair(sqs: Any, prefix: str) -> QueueSettings:
     """A work queue and its DLQ on fauxqs, with the attributes ``bootstrap`` gives them."""
     names = ResourceNames(prefix=prefix)
-    dlq_url = await _queue(sqs, names.dlq, {"MessageRetentionPeriod": str(14 * 86400)})
-    url = await _queue(sqs, names.queue, await _work_attributes(sqs, names, dlq_url))
+    dlq_url = await ensure_queue(sqs, names.dlq, {"MessageRetentionPeriod": str(14 * 86400)})
+    url = await ensure_queue(sqs, names.queue, await work_queue_attributes(sqs, names, dlq_url))
     return QueueSettings(url=url, dlq_url=dlq_url)
 
 
 async def _status_table(endpoint_url: str, aws: AwsSettings, table: str) -> None:
     async with _raw_client("dynamodb", endpoint_url, aws) as dynamodb:
         # dynalite has no UpdateTimeToLive; expiry plays no part in this test.
-        await _table(dynamodb, table, [("pk", "HASH")])
+        await ensure_table(dynamodb, table, [("pk", "HASH")])
 
 
 async def _sealed_events(aws: AwsClients, key_arn: str, count: int) -> list[tuple[str, str]]:

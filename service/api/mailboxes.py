@@ -44,9 +44,15 @@ from ..logs import bind_context
 from ..operations import create_mailbox
 from ..settings import Settings
 from ..state import ENVELOPE, IDM, PRODUCER, SETTINGS, STATUS, VERIFIER
-from ..status import RequestState, StatusRecord, StatusUnavailableError, now_iso
+from ..status import (
+    RequestState,
+    StatusRecord,
+    StatusRefusedError,
+    StatusUnavailableError,
+    now_iso,
+)
 from .body import read_json
-from .problems import Problem, unavailable
+from .problems import RETRY_AFTER_SECONDS, Problem, unavailable
 
 log = logging.getLogger("courier.api")
 
@@ -276,7 +282,7 @@ async def _send(
         current = await request.app[STATUS].accept(
             record.request_id, record.claim, record.identity_id
         )
-    except StatusUnavailableError:
+    except (StatusUnavailableError, StatusRefusedError):
         # The message is durable, so 202 is true; the claim stays pending until a worker
         # finishes it, or its lease ends and a retry re-sends (the worker drops that copy).
         log.warning("queued, but could not mark the request accepted")
@@ -291,7 +297,7 @@ async def _mark_send_failed(request: web.Request, record: StatusRecord) -> Statu
         return await request.app[STATUS].mark_send_failed(
             record.request_id, record.claim, record.identity_id
         )
-    except StatusUnavailableError:
+    except (StatusUnavailableError, StatusRefusedError):
         log.warning("could not mark the status record send_failed")
         return None
 
@@ -306,15 +312,28 @@ async def _create_identity(request: web.Request, request_id: str, payload: dict[
 
 
 def _idm_problem(exc: IdmError) -> Problem:
+    """What the client sees once the IdM's own retries are spent (see service/errors.py).
+
+    409 when the identity exists (the client's request decides it); 504 / 502 with Retry-After
+    when the IdM timed out or was unavailable (a later retry may succeed); 502 without it when
+    the IdM refused what courier sent (retrying the same request cannot help).
+    """
     if exc.kind == "conflict":
         return Problem(
             409, "identity-exists", "Conflict", "an identity with this username already exists"
         )
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if exc.retryable else {}
     if exc.kind == "timeout":
         return Problem(
-            504, "idm-timeout", "Gateway Timeout", "the identity back-end did not answer in time"
+            504,
+            "idm-timeout",
+            "Gateway Timeout",
+            "the identity back-end did not answer in time",
+            headers=headers,
         )
-    return Problem(502, "idm-failed", "Bad Gateway", f"the identity back-end failed: {exc}")
+    return Problem(
+        502, "idm-failed", "Bad Gateway", f"the identity back-end failed: {exc}", headers=headers
+    )
 
 
 async def _enqueue(request: web.Request, record: StatusRecord, payload: dict[str, Any]) -> None:

@@ -10,7 +10,6 @@ secret, integrity) are never hidden behind a stale value. Values are never logge
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,6 +20,7 @@ from typing import Literal, Protocol
 from .. import metrics
 from ..errors import PermanentError
 from ..settings import SecretSettings
+from ..singleflight import SingleFlight
 from .errors import SecretUnavailableError
 
 log = logging.getLogger("courier.secrets")
@@ -69,7 +69,7 @@ class SecretCache:
         # readiness works in the stateless (benchmark) mode too.
         self._loaded: set[CacheKey] = set()
         # At most one fetch per key at a time, shared by misses and refreshes alike.
-        self._inflight: dict[CacheKey, asyncio.Task[str]] = {}
+        self._fetches: SingleFlight[CacheKey, str] = SingleFlight()
         # Keys whose last fetch failed transiently: while the store is down, an expired value
         # is served at once (within max_stale) and the fetch retried in the background, so
         # requests do not each wait out the AWS client's timeouts and retries.
@@ -85,7 +85,7 @@ class SecretCache:
         ``SecretUnavailableError`` when the store fails and no value is fresh enough to serve.
         """
         key = _cache_key(name, context)
-        if not self._settings.enabled:
+        if not self._settings.cache_enabled:
             return await self._uncached(key)
         entry = self._entries.get(key)
         now = self._clock()
@@ -131,10 +131,7 @@ class SecretCache:
     async def aclose(self) -> None:
         """Cancel in-flight fetches and refuse new ones; cached values stay readable."""
         self._closed = True
-        tasks = list(self._inflight.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._fetches.cancel_all()
 
     async def __aenter__(self) -> SecretCache:
         return self
@@ -174,15 +171,11 @@ class SecretCache:
             raise
 
     def _fetch_task(self, key: CacheKey, trigger: Trigger) -> asyncio.Task[str]:
-        task = self._inflight.get(key)
-        if task is not None:
-            return task
-        if self._closed:
+        if self._closed and not self._fetches.running(key):
             raise SecretUnavailableError(f"secret {key[0]!r}: the secret cache is closed")
-        task = asyncio.create_task(self._fetch(key, trigger), name=f"secret-{trigger}:{key[0]}")
-        self._inflight[key] = task
-        task.add_done_callback(functools.partial(self._fetch_done, key, trigger))
-        return task
+        return self._fetches.start(
+            key, lambda: self._fetch(key, trigger), name=f"secret-{trigger}:{key[0]}"
+        )
 
     async def _fetch(self, key: CacheKey, trigger: Trigger) -> str:
         try:
@@ -191,33 +184,14 @@ class SecretCache:
             metrics.secret_fetches.labels(trigger, "error").inc()
             if not isinstance(exc, PermanentError):
                 self._failing[key] = exc
+            if trigger == "refresh":
+                _refresh_failed(key, exc)
             raise
         metrics.secret_fetches.labels(trigger, "ok").inc()
         self._failing.pop(key, None)
         self._entries[key] = _Entry(value, self._clock() + self._settings.ttl_seconds)
         self._loaded.add(key)
         return value
-
-    def _fetch_done(self, key: CacheKey, trigger: Trigger, task: asyncio.Task[str]) -> None:
-        if self._inflight.get(key) is task:
-            del self._inflight[key]
-        if task.cancelled():
-            return
-        # Reading the exception marks it retrieved: a background refresh nobody awaits must
-        # never reach the loop's "Task exception was never retrieved" handler.
-        exc = task.exception()
-        if exc is not None and trigger == "refresh":
-            log.warning(
-                "background refresh of secret %r failed; keeping the cached value",
-                key[0],
-                extra={
-                    "fields": {
-                        "event": "secret_refresh_failed",
-                        "secret": key[0],
-                        "error": f"{type(exc).__name__}: {exc}",
-                    }
-                },
-            )
 
     def _stale_or_raise(self, key: CacheKey, exc: Exception) -> str:
         entry = self._entries.get(key)
@@ -252,3 +226,18 @@ class SecretCache:
 
 def _cache_key(name: str, context: Mapping[str, str] | None) -> CacheKey:
     return name, tuple(sorted((context or {}).items()))
+
+
+def _refresh_failed(key: CacheKey, exc: Exception) -> None:
+    # Nobody awaits a background refresh: this line is the only trace of its failure.
+    log.warning(
+        "background refresh of secret %r failed; keeping the cached value",
+        key[0],
+        extra={
+            "fields": {
+                "event": "secret_refresh_failed",
+                "secret": key[0],
+                "error": f"{type(exc).__name__}: {exc}",
+            }
+        },
+    )

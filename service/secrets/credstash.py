@@ -26,11 +26,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.hmac import HMAC
 
-from ..errors import is_retryable
+from ..errors import MISCONFIGURED, RETRY, classify
 from ..settings import SecretSettings
 from .errors import (
     SecretError,
     SecretIntegrityError,
+    SecretMisconfiguredError,
     SecretNotFoundError,
     SecretUnavailableError,
 )
@@ -102,7 +103,7 @@ class SealedSecret:
                 f"secret {self.name!r}: data key is {len(data_key)} bytes, CredStash uses 64"
             )
         aes_key, hmac_key = data_key[: len(data_key) // 2], data_key[len(data_key) // 2 :]
-        expected = _hmac(hmac_key, self.ciphertext, self.digest, self.name)
+        expected = item_hmac(hmac_key, self.ciphertext, self.digest, self.name)
         if not hmac_module.compare_digest(expected, self.hmac):
             raise SecretIntegrityError(
                 f"secret {self.name!r} version {self.version.lstrip('0') or '0'}: HMAC mismatch "
@@ -131,10 +132,14 @@ def seal(secret: str, data_key: bytes, digest: str = DEFAULT_DIGEST) -> tuple[by
     aes_key, hmac_key = data_key[:32], data_key[32:]
     encryptor = Cipher(algorithms.AES(aes_key), modes.CTR(LEGACY_NONCE)).encryptor()
     ciphertext = encryptor.update(secret.encode("utf-8")) + encryptor.finalize()
-    return ciphertext, _hmac(hmac_key, ciphertext, digest, "(new)")
+    return ciphertext, item_hmac(hmac_key, ciphertext, digest, "(new)")
 
 
-def _hmac(key: bytes, data: bytes, digest: str, name: str) -> bytes:
+def item_hmac(key: bytes, data: bytes, digest: str, name: str) -> bytes:
+    """The HMAC CredStash stores with an item: ``digest`` over ``data`` under ``key``.
+
+    ``name`` only labels the SecretIntegrityError raised for an unsupported digest.
+    """
     algorithm = DIGESTS.get(digest.upper())
     if algorithm is None:
         raise SecretIntegrityError(f"secret {name!r}: unsupported digest {digest!r}")
@@ -212,6 +217,7 @@ class CredStash:
         response = await self._call(
             self._kms.generate_data_key,
             name,
+            source="kms",
             KeyId=kms_key or self.kms_key_id or "alias/credstash",
             NumberOfBytes=64,
             EncryptionContext=dict(self.context if context is None else context),
@@ -283,7 +289,7 @@ class CredStash:
             code = exc.response.get("Error", {}).get("Code")
             if code == "AccessDeniedException":
                 # On AWS this is also what a context the instance policy does not allow gets.
-                raise SecretError(
+                raise SecretMisconfiguredError(
                     f"secret {sealed.name!r}: KMS denied the decrypt under encryption context "
                     f"{_describe_context(context)}: check secrets.encryption_context against "
                     "the instance role's kms:EncryptionContext conditions"
@@ -294,9 +300,9 @@ class CredStash:
                     f"{_describe_context(context)}: the item was stored with another context "
                     "(secrets.encryption_context), or it is not a CredStash item"
                 ) from None
-            raise _store_error(sealed.name, exc) from exc
+            raise _store_error(sealed.name, exc, "kms") from exc
         except (BotoCoreError, OSError) as exc:
-            raise _store_error(sealed.name, exc) from exc
+            raise _store_error(sealed.name, exc, "kms") from exc
         await self._check_key(sealed.name, str(response.get("KeyId", "")))
         plaintext: bytes = response["Plaintext"]
         return plaintext
@@ -317,19 +323,24 @@ class CredStash:
         # for CredStash needs a re-encryption of every secret anyway).
         async with self._resolving:
             if self._key_arn is None:
-                response = await self._call(self._kms.describe_key, name, KeyId=self.kms_key_id)
+                response = await self._call(
+                    self._kms.describe_key, name, KeyId=self.kms_key_id, source="kms"
+                )
                 self._key_arn = str(response["KeyMetadata"]["Arn"])
             return self._key_arn
 
-    async def _call(self, method: Any, name: str, **kwargs: Any) -> Any:
+    async def _call(
+        self, method: Any, name: str, *, source: str = "dynamodb", **kwargs: Any
+    ) -> Any:
+        """Call DynamoDB (or KMS, ``source="kms"``), raising SecretErrors as ``_store_error`` says."""
         try:
             return await method(**kwargs)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
                 raise SecretError(f"secret {name!r}: that version already exists") from None
-            raise _store_error(name, exc) from exc
+            raise _store_error(name, exc, source) from exc
         except (BotoCoreError, OSError) as exc:
-            raise _store_error(name, exc) from exc
+            raise _store_error(name, exc, source) from exc
 
 
 def _is_key_arn(key_id: str) -> bool:
@@ -341,6 +352,17 @@ def _describe_context(context: Mapping[str, str]) -> str:
     return "{" + ", ".join(f"{k}={v}" for k, v in sorted(context.items())) + "}"
 
 
-def _store_error(name: str, exc: BaseException) -> SecretError:
+def _store_error(name: str, exc: BaseException, source: str) -> SecretError:
+    """What a failed DynamoDB or KMS call raises, as the table in ``service/errors.py`` decides.
+
+    RETRY: the store is down (the cache serves a stale value, a target backs off);
+    MISCONFIGURED: IAM, a missing table or a disabled key (a target is misconfigured);
+    REFUSE: a call courier built wrong, a plain SecretError.
+    """
     detail = f"secret {name!r}: secret store failed ({type(exc).__name__}: {exc})"
-    return SecretUnavailableError(detail) if is_retryable(exc) else SecretError(detail)
+    decision = classify(exc, source)
+    if decision is RETRY:
+        return SecretUnavailableError(detail)
+    if decision is MISCONFIGURED:
+        return SecretMisconfiguredError(detail)
+    return SecretError(detail)

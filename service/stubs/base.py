@@ -1,9 +1,11 @@
 """What every stub shares: configurable latency, failures and outages, and a record of calls.
 
-Behaviour can be changed while the stub runs, in-process (``stub.behaviour.down = True``) or
-over HTTP (``POST /_stub/behaviour`` with a JSON object), so tests that run courier as a
-separate process can inject faults too. ``GET /_stub/stats`` returns the call counts.
-Successful deliveries are counted per ``Idempotency-Key`` (``effects``). A real system that
+Behaviour (latency, failure rate and status, outage, fixed status, capacity) can be changed
+while the stub runs, in-process (``stub.behaviour.down = True``) or over HTTP (``POST
+/_stub/behaviour`` with a JSON object), so tests that run courier as a separate process can
+inject faults too. ``GET /_stub/stats`` returns the call counts. The test kit
+(``courier_testkit.stubs``) builds on these classes through ``control_routes`` and
+``effect``; it does not copy them. Successful deliveries are counted per ``Idempotency-Key`` (``effects``). A real system that
 honours the key applies a repeat once; the stub acknowledges it too, but counts it, so tests
 can tell "applied once" (every key present) from "delivered once" (no key counted twice).
 """
@@ -21,24 +23,38 @@ from typing import Any
 
 from aiohttp import web
 
+from ..net import bound_port
+
 
 @dataclass
-class Behaviour:
-    """How a stub answers; every field may change at run time."""
-
-    latency_seconds: float = 0.0
-    failure_rate: float = 0.0
-    failure_status: int = 503
-    down: bool = False
-    fixed_status: int = 0  # answer every call with this status (0 = behave normally)
+class Knobs:
+    """Fields of a dataclass that may change at run time, by name (a JSON object over HTTP)."""
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply a partial update (unknown names are refused)."""
-        known = {f.name: f.type for f in fields(self)}
+        known = {f.name for f in fields(self)}
         for name, value in changes.items():
             if name not in known:
                 raise ValueError(f"unknown behaviour {name!r}")
             setattr(self, name, value)
+
+
+@dataclass
+class Faults(Knobs):
+    """Latency and failures to inject (a stub's, or the test kit's AWS proxy's per upstream)."""
+
+    latency_seconds: float = 0.0
+    failure_rate: float = 0.0  # this share of calls is answered ``failure_status``
+    failure_status: int = 503
+    down: bool = False  # every call fails (a stub answers 503, the AWS proxy failure_status)
+
+
+@dataclass
+class Behaviour(Faults):
+    """How a stub answers; every field may change at run time."""
+
+    fixed_status: int = 0  # answer every call with this status (0 = behave normally)
+    capacity: int = 0  # calls waiting out their latency at once; more get 503 (0 = no limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,26 +76,45 @@ class StubServer:
     calls: list[Call] = field(default_factory=list)
     effects: Counter[str] = field(default_factory=Counter)
     url: str = ""
+    in_flight: int = field(default=0, repr=False)  # calls inside ``gate``'s latency now
 
     def routes(self, app: web.Application) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def application(self) -> web.Application:
-        """The aiohttp app: the stub's routes plus the ``/_stub`` control routes."""
+        """The aiohttp app: the control routes, then the stub's own (which may catch any path)."""
         app = web.Application()
-        app.router.add_post("/_stub/behaviour", self._set_behaviour)
-        app.router.add_get("/_stub/stats", self._stats)
+        self.control_routes(app)
         self.routes(app)
         return app
+
+    def control_routes(self, app: web.Application) -> None:
+        """``POST /_stub/behaviour`` and ``GET /_stub/stats``; subclasses may add more."""
+        app.router.add_post("/_stub/behaviour", self._set_behaviour)
+        app.router.add_get("/_stub/stats", self._stats)
+
+    def record_call(self, request: web.Request, body: bytes) -> None:
+        """Keep ``request`` in ``calls`` (every request, answered or refused)."""
+        key = request.headers.get("Idempotency-Key", "")
+        self.calls.append(Call(request.path, key, dict(request.headers), body, time.monotonic()))
+
+    def effect(self, key: str, body: bytes) -> None:
+        """Count a successful delivery of ``body`` under its Idempotency-Key."""
+        self.effects[key] += 1
 
     async def gate(self, request: web.Request) -> tuple[bytes, web.Response | None]:
         """Record the call, wait the latency, and return a failure response when one is due."""
         body = await request.read()
-        key = request.headers.get("Idempotency-Key", "")
-        self.calls.append(Call(request.path, key, dict(request.headers), body, time.monotonic()))
+        self.record_call(request, body)
         behaviour = self.behaviour
+        if behaviour.capacity and self.in_flight >= behaviour.capacity:
+            return body, web.json_response({"error": "over capacity"}, status=503)
         if behaviour.latency_seconds:
-            await asyncio.sleep(behaviour.latency_seconds)
+            self.in_flight += 1
+            try:
+                await asyncio.sleep(behaviour.latency_seconds)
+            finally:
+                self.in_flight -= 1
         if behaviour.down:
             return body, web.json_response({"error": "down"}, status=503)
         if behaviour.fixed_status:
@@ -119,10 +154,7 @@ class StubServer:
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
-        server = site._server
-        assert server is not None
-        bound = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-        self.url = f"http://{host}:{bound}"
+        self.url = f"http://{host}:{bound_port(site)}"
         try:
             yield self.url
         finally:

@@ -47,5 +47,5 @@ class IdmStub(StubServer):
         self.identities[username] = identity
         if key:
             self.by_key[key] = identity
-            self.effects[key] += 1
+            self.effect(key, body)
         return web.json_response({"id": identity, "username": username}, status=201)

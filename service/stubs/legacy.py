@@ -27,14 +27,14 @@ class LegacyStub(StubServer):
         app.router.add_post("/{tail:.*}", self._deliver)
 
     async def _deliver(self, request: web.Request) -> web.Response:
-        _, failure = await self.gate(request)
+        body, failure = await self.gate(request)
         if failure is not None:
             return failure
         if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.json_response({"error": "unauthorised"}, status=401)
         key = request.headers.get("Idempotency-Key", "")
         if key:
-            self.effects[key] += 1
+            self.effect(key, body)
         if "xml" in request.content_type:
             return web.Response(text=SOAP_OK, content_type="text/xml")
         return web.json_response({"status": "ok", "system": self.name})

@@ -1,9 +1,18 @@
 """The message pipeline: open the envelope, dispatch on ``op``, deliver to every target at once.
 
-``Pipeline.handle`` turns one message into one outcome; the poller applies it. The single
-classification happens in ``_verdict``: a target that refused permanently dead-letters the
-message, anything transient (a misconfigured target included) retries it with backoff, all
-delivered acknowledges it.
+``Pipeline.handle`` turns one message into one outcome; the poller applies it. What a failure
+means is decided in one place, the table in ``service/errors.py``; this module only routes on
+its answer, in two spots:
+
+- ``handle``: an envelope that can never be opened (``EnvelopeError``: malformed, tampered,
+  or a KMS answer the table calls REFUSE), an unknown op or an invalid payload is
+  dead-lettered; any other failure to open it (KMS unavailable, or refusing courier's own role)
+  and a retryable failure of the status table retry the message with backoff; a refusal of the
+  status table (``StatusRefusedError``: courier's bug) escapes to the poller, which logs
+  ``handler_error`` and retries with backoff: the message is not at fault;
+- ``_verdict``, per target: any target that refused (REFUSE: a 4xx other than 408/425/429)
+  dead-letters the message, anything else (RETRY, or MISCONFIGURED: a target whose secret
+  cannot be read) retries it with backoff, all delivered acknowledges it.
 
 Status writes: one per finished request: ``completed`` before the ack; ``failed`` only once
 the DLQ copy exists (the poller runs it between the move and the delete), so a message is
@@ -28,10 +37,12 @@ from typing import Any
 
 from ..envelope import EnvelopeCipher, OpenedEnvelope
 from ..errors import (
+    REFUSE,
     CircuitOpenError,
     EnvelopeError,
     TargetHttpError,
     TargetMisconfiguredError,
+    classify,
     is_retryable,
 )
 from ..operations import OPERATIONS
@@ -140,7 +151,7 @@ class Pipeline:
         failures: Mapping[str, BaseException],
         delivered_now: int,
     ) -> Outcome:
-        permanent = {name: exc for name, exc in failures.items() if not is_retryable(exc)}
+        permanent = {name: exc for name, exc in failures.items() if classify(exc) is REFUSE}
         if permanent:
             return self._rejected(opened, states, permanent)
         try:
@@ -199,6 +210,7 @@ class Pipeline:
         return Retry(max(delay, cooldown), reasons)
 
     def _transient(self, message: Message, exc: BaseException) -> Retry:
+        """Back to the queue with backoff: courier's own call failed, the message is not at fault."""
         delay = backoff_seconds(
             message.receive_count,
             self._settings.backoff_base_seconds,

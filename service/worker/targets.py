@@ -3,8 +3,11 @@
 Every call carries ``Idempotency-Key: <request id>:<target>`` so a redelivered message is
 applied once by a target that honours it, and only targets not yet delivered are called.
 
-A target whose credential cannot be produced (no such secret, or one that fails its integrity
-check) is misconfigured: ``TargetMisconfiguredError``, transient, so the message waits with
+What a failure means comes from the table in ``service/errors.py``: a status it calls RETRY
+(5xx, 408, 425, 429), a timeout or a connection error is retried here, then with backoff; any
+other 4xx is the target refusing the message (``TargetHttpError``, dead-lettered). A target
+whose credential cannot be produced (no such secret, one that fails its integrity check, or
+one IAM refuses) is misconfigured: ``TargetMisconfiguredError``, so the message waits with
 backoff for an operator instead of being dead-lettered for a call that was never made.
 """
 
@@ -20,10 +23,12 @@ import aiohttp
 
 from .. import metrics
 from ..errors import (
+    RETRY,
     CircuitOpenError,
     TargetHttpError,
     TargetMisconfiguredError,
     TransientError,
+    classify,
     is_retryable,
 )
 from ..secrets.errors import SecretError
@@ -75,7 +80,7 @@ class TargetClient:
             except (CircuitOpenError, TargetMisconfiguredError):
                 raise  # an immediate retry cannot help: the call would not be made either
             except Exception as exc:
-                if not is_retryable(exc) or attempt == self.settings.retries:
+                if classify(exc) is not RETRY or attempt == self.settings.retries:
                     raise
 
     async def _attempt(self, delivery: Delivery) -> None:
@@ -92,6 +97,7 @@ class TargetClient:
             async with self._limit:
                 status = await self._call(delivery, authorization)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # The network or a timeout: RETRY in service/errors.py, whatever the exception.
             self._record(
                 started,
                 "timeout" if isinstance(exc, TimeoutError) else "connection_error",
@@ -104,8 +110,9 @@ class TargetClient:
         if 200 <= status < 300:
             self._record(started, "ok", ok=True)
             return
-        error = TargetHttpError(self.name, status)
-        # A permanent 4xx proves the target is up: it must not trip the breaker.
+        error = TargetHttpError(self.name, status)  # its decision comes from HTTP_STATUSES
+        # A refusal (a 4xx other than 408/425/429) proves the target is up: it must not trip
+        # the breaker.
         self._record(started, f"http_{status // 100}xx", ok=not is_retryable(error))
         raise error
 
@@ -116,7 +123,7 @@ class TargetClient:
         try:
             return f"Bearer {await self._secret(self.settings.secret)}"
         except SecretError as exc:
-            if is_retryable(exc):  # the store is down: an outage, retried like one
+            if classify(exc) is RETRY:  # the store is down: an outage, retried like one
                 raise
             # Missing, tampered, under another key or context, or refused by IAM (on AWS a
             # context the policy does not allow is AccessDenied): configuration, not poison.

@@ -1,9 +1,9 @@
-"""The counting reverse proxy of ``bench.harness.counting_proxy``.
+"""The counting, strict-limits reverse proxy in front of the AWS stand-ins, and its client.
 
-``python -m bench.proxy --upstream sqs=http://127.0.0.1:9324 --upstream kms=...`` listens on
-127.0.0.1 (one kernel-chosen port per upstream), forwards every request unchanged and counts
-it by AWS operation (``X-Amz-Target`` for the JSON protocols, ``Action`` for the query
-protocol). It prints ``proxy listening {"sqs": url, ...}``.
+``python -m courier_testkit.proxy --upstream sqs=http://127.0.0.1:9324 --upstream kms=...``
+listens on 127.0.0.1 (one kernel-chosen port per upstream), forwards every request unchanged
+and counts it by AWS operation (``X-Amz-Target`` for the JSON protocols, ``Action`` for the
+query protocol). It prints ``proxy listening {"sqs": url, ...}``.
 
 It is also the strict layer of bench and chaos (``courier_testkit.strict``): it refuses what
 real AWS refuses and fauxqs, dynalite and moto accept (more than 10 message attributes, an SQS
@@ -27,24 +27,34 @@ Control routes, on every port:
 
 One proxy is the uniform way to count requests of clients in any language (boto3,
 aiobotocore, the AWS SDK for JavaScript) without touching their code.
+
+In a caller: ``counting_proxy(upstreams)`` starts the process and yields a ``CountingProxy``
+(its client); ``counter_delta`` subtracts two ``counts()`` snapshots.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
-import signal
+import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
 import aiohttp
 from aiohttp import web
 
-from courier_testkit.strict import ActionRecorder, inspect, record, record_messages
+from service.stubs.base import Faults
+
+from .ports import LOOPBACK, bound_port
+from .processes import ManagedProcess, managed, python_env, wait_for_stop_signal, wait_http
+from .sampling import ProcessSampler
+from .strict import ActionRecorder, inspect, record, record_messages
 
 HOP_BY_HOP = frozenset(
     {
@@ -63,21 +73,8 @@ HOP_BY_HOP = frozenset(
 ERROR_TYPES = {500: "InternalFailure", 503: "ServiceUnavailable", 400: "ThrottlingException"}
 
 
-@dataclass
-class Behaviour:
-    """Fault injection of one upstream."""
-
-    latency_seconds: float = 0.0
-    failure_rate: float = 0.0
-    failure_status: int = 503
-    down: bool = False
-
-    def update(self, changes: dict[str, Any]) -> None:
-        known = {f.name for f in fields(self)}
-        for name, value in changes.items():
-            if name not in known:
-                raise ValueError(f"unknown behaviour {name!r}")
-            setattr(self, name, value)
+# Fault injection of one upstream (``down``: every request is answered ``failure_status``).
+UpstreamBehaviour = Faults
 
 
 def operation(request: web.Request, body: bytes) -> str:
@@ -93,17 +90,18 @@ def operation(request: web.Request, body: bytes) -> str:
 
 
 class Proxy:
-    """Forwards to ``upstreams`` and counts."""
+    """Forwards to ``upstreams`` and counts (the server side, in the proxy process)."""
 
     def __init__(self, upstreams: dict[str, str], *, lenient: bool = False) -> None:
         self.upstreams = upstreams
         self.enforce = not lenient
         self.recorder = ActionRecorder()
         self.counts: dict[str, Counter[str]] = {name: Counter() for name in upstreams}
-        self.behaviour = {name: Behaviour() for name in upstreams}
+        self.behaviour = {name: UpstreamBehaviour() for name in upstreams}
         self.session: aiohttp.ClientSession | None = None
 
     def application(self, name: str) -> web.Application:
+        """The app of upstream ``name``: control routes, then everything forwarded."""
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_get("/_proxy/stats", self._stats)
         app.router.add_post("/_proxy/reset", self._reset)
@@ -169,7 +167,10 @@ class Proxy:
 
 def _aws_error(status: int) -> web.Response:
     kind = ERROR_TYPES.get(status, "InternalFailure")
-    document = {"__type": f"com.amazonaws.bench#{kind}", "message": "injected by bench.proxy"}
+    document = {
+        "__type": f"com.amazonaws.bench#{kind}",
+        "message": "injected by the counting proxy",
+    }
     return web.Response(
         status=status,
         body=json.dumps(document),
@@ -181,11 +182,8 @@ def _aws_error(status: int) -> web.Response:
 
 
 async def serve(upstreams: dict[str, str], *, lenient: bool = False) -> None:
+    """Serve one port per upstream until SIGTERM or SIGINT (the proxy process's body)."""
     proxy = Proxy(upstreams, lenient=lenient)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
     async with aiohttp.ClientSession(
@@ -200,18 +198,18 @@ async def serve(upstreams: dict[str, str], *, lenient: bool = False) -> None:
         for name in upstreams:
             runner = web.AppRunner(proxy.application(name), access_log=None)
             await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
+            site = web.TCPSite(runner, LOOPBACK, 0)
             await site.start()
-            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            urls[name] = f"http://127.0.0.1:{port}"
+            urls[name] = f"http://{LOOPBACK}:{bound_port(site)}"
             runners.append(runner)
         print("proxy listening " + json.dumps(urls), flush=True)
-        await stop.wait()
+        await wait_for_stop_signal()
         for runner in runners:
             await runner.cleanup()
 
 
 def main() -> None:
+    """``python -m courier_testkit.proxy --upstream NAME=URL ... [--lenient]``."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--upstream", action="append", required=True, metavar="NAME=URL")
     parser.add_argument(
@@ -225,6 +223,82 @@ def main() -> None:
     import uvloop
 
     uvloop.run(serve(upstreams, lenient=args.lenient))
+
+
+# -- the client -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CountingProxy(ProcessSampler):
+    """The proxy process (``counting_proxy``): ``urls[name]`` forwards to upstream ``name``."""
+
+    urls: Mapping[str, str]
+    process: ManagedProcess
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        any_url = next(iter(self.urls.values()))
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+            session.request(method, any_url + path, json=body) as response,
+        ):
+            return await response.json()
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """Requests forwarded so far: {upstream name: {operation: count}}."""
+        result: dict[str, Any] = await self._call("GET", "/_proxy/stats")
+        result.pop("_calls", None)
+        return result
+
+    async def calls(self) -> dict[str, Any]:
+        """AWS calls per access key and the strict layer's refusals (``ActionRecorder.as_json``)."""
+        result: dict[str, Any] = (await self._call("GET", "/_proxy/stats"))["_calls"]
+        return result
+
+    async def reset(self) -> None:
+        """Zero every counter."""
+        await self._call("POST", "/_proxy/reset")
+
+    async def ledger(self, on: bool) -> None:
+        """Start (``on``) or stop the message ledger (``"messages"`` in ``calls()``)."""
+        await self._call("POST", "/_proxy/ledger", {"on": on})
+
+    async def set_behaviour(self, name: str, **changes: Any) -> dict[str, Any]:
+        """Fault injection for one upstream: latency_seconds, failure_rate, failure_status, down."""
+        result: dict[str, Any] = await self._call("POST", f"/_proxy/behaviour/{name}", changes)
+        return result
+
+
+@contextlib.asynccontextmanager
+async def counting_proxy(
+    upstreams: Mapping[str, str], *, lenient: bool = False
+) -> AsyncIterator[CountingProxy]:
+    """One listener on 127.0.0.1 per upstream (name -> URL), all in one process.
+
+    It enforces AWS's limits (``courier_testkit.strict``) unless ``lenient``.
+    """
+    argv = [sys.executable, "-m", "courier_testkit.proxy", *(["--lenient"] if lenient else [])]
+    for name, url in upstreams.items():
+        argv += ["--upstream", f"{name}={url}"]
+    async with managed(argv, name="proxy", env=python_env()) as process:
+        found = await process.wait_for_output(r"proxy listening (\{.*\})")
+        urls = json.loads(found[1])
+        for url in urls.values():
+            await wait_http(url + "/_proxy/stats", process=process)
+        yield CountingProxy(urls, process)
+
+
+def counter_delta(
+    after: Mapping[str, Mapping[str, int]], before: Mapping[str, Mapping[str, int]]
+) -> dict[str, dict[str, int]]:
+    """``after - before`` of two ``CountingProxy.counts()`` snapshots."""
+    return {
+        name: {
+            op: count - before.get(name, {}).get(op, 0)
+            for op, count in ops.items()
+            if count - before.get(name, {}).get(op, 0)
+        }
+        for name, ops in after.items()
+    }
 
 
 if __name__ == "__main__":

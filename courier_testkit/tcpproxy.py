@@ -4,6 +4,7 @@
 "connection refused" (new connections) or a reset (connections in use): what an outage of
 SQS, DynamoDB or KMS looks like from courier's side. ``restore()`` listens again on the same
 port. The proxy forwards bytes unchanged; it runs in the caller's event loop.
+``response_delay`` holds every chunk from the backend that long (a response in flight).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class TcpProxy:
                 self.cuts[-1] = (self.cuts[-1][0], time.monotonic())
 
     async def close(self) -> None:
+        """Stop for good (a cut that is not restored)."""
         await self.cut()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

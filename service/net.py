@@ -1,0 +1,19 @@
+"""Sockets aiohttp does not expose: the port a started site was bound to."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+def bound_port(site: web.TCPSite) -> int:
+    """The port a started ``site`` listens on: the kernel's choice when it was given port 0.
+
+    aiohttp has no public accessor for it: ``site.name`` repeats the port that was asked for
+    (0), and the listening sockets are only on the private asyncio server ``site._server``.
+    Raises RuntimeError if the site has not been started.
+    """
+    server = site._server
+    sockets = getattr(server, "sockets", None)  # asyncio.Server has them; the base type does not
+    if not sockets:
+        raise RuntimeError("the site is not listening: start it first")
+    return int(sockets[0].getsockname()[1])
