@@ -8,7 +8,7 @@ from typing import Any
 import jwt
 
 from service.api.auth import issue_token
-from service.settings import AuthSettings, load_settings
+from service.settings import AuthSettings
 
 DEFAULT_SCOPES = ("mailbox:create", "mailbox:read")
 
@@ -23,12 +23,12 @@ def mint_token(
     **overrides: Any,
 ) -> str:
     """An HS256 token signed with ``key`` for ``auth``'s issuer and audience (default settings'
-    when None), made by ``service.api.auth.issue_token`` (what ``courier token`` prints).
+    when None: courier's defaults, never a config file), made by ``service.api.auth.issue_token`` (what ``courier token`` prints).
 
     ``scopes`` is a list or a space-separated string. ``overrides`` replace claims; a value of
     None removes the claim (a token without ``exp``, say).
     """
-    settings = auth if auth is not None else load_settings(environ={}).auth
+    settings = auth if auth is not None else AuthSettings()
     wanted = scopes.split() if isinstance(scopes, str) else list(scopes)
     token = issue_token(key, settings, subject, wanted, lifetime_seconds)
     if not overrides:

@@ -13,18 +13,23 @@ What each ``Decision`` leads to:
 decision       worker (the message)                         API (the client)
 ============== ============================================ =====================================
 RETRY          back to the queue with exponential backoff   503 + Retry-After
-MISCONFIGURED  back to the queue with backoff, never DLQ    503 + Retry-After
+MISCONFIGURED  back to the queue with backoff; courier does  503 + Retry-After
+               not dead-letter it (see below)
 REFUSE         DLQ at once when the message decides the     a 4xx problem when the client's
                call (its envelope, a target's 4xx);         request decides the call (IdM 409);
                a refusal of courier's own call (status      else 5xx: the IdM refusing what
-               table) is a bug: logged ``handler_error``,   courier sent is 502, a refusal of
-               retried with backoff, never dead-lettered    courier's own AWS call is 500
+               table) is a bug: logged ``handler_error``    courier sent is 502, a refusal of
+               and retried with backoff (see below)         courier's own AWS call is 500
 ============== ============================================ =====================================
 
 MISCONFIGURED is courier's deployment refusing the call (IAM, a disabled key, a queue or table
-that does not exist). It is never the input's fault, so nothing is dead-lettered or refused
-for it, and it is not retried in the same call either: it clears when an operator fixes the
-deployment, and the backed-off retries then go through. ``is_retryable`` is true for it.
+that does not exist, a skewed clock). It is never the input's fault, so courier neither
+dead-letters nor refuses for it, and it is not retried in the same call either: it clears when
+an operator fixes the deployment, and the backed-off retries then go through. ``is_retryable``
+is true for it. What courier keeps retrying (MISCONFIGURED, or a refused status write) is
+still bounded by SQS: after the queue's ``maxReceiveCount`` receives (20 by default, hours with
+the default backoff) SQS's redrive moves the message to the DLQ without a reason attribute, and
+its status record stays where it was.
 
 The IdM is called synchronously, with its own immediate retries for RETRY answers; its
 answers map to 409 (conflict), 502 + Retry-After (unavailable), 504 + Retry-After (timeout) or
@@ -83,14 +88,19 @@ AWS_CODES: Mapping[str, Mapping[str, Decision]] = MappingProxyType(
                 "ServiceUnavailableException": RETRY,
                 "RequestTimeout": RETRY,
                 "RequestTimeoutException": RETRY,
-                # credentials rotate: botocore fetches new ones for the next call
+                # Refreshable credentials (the instance role) are renewed by botocore for the
+                # next call; static ones never are, and the backoff only delays the alarm.
                 "ExpiredToken": RETRY,
                 "ExpiredTokenException": RETRY,
-                # courier's IAM role or credentials
+                # courier's IAM role or credentials, or the host's clock (a signature too old)
                 "AccessDenied": MISCONFIGURED,
                 "AccessDeniedException": MISCONFIGURED,
                 "UnrecognizedClientException": MISCONFIGURED,
                 "InvalidClientTokenId": MISCONFIGURED,
+                "SignatureDoesNotMatch": MISCONFIGURED,
+                "InvalidSignatureException": MISCONFIGURED,
+                "IncompleteSignature": MISCONFIGURED,
+                "RequestExpired": MISCONFIGURED,
                 # the call as built is invalid
                 "ValidationException": REFUSE,
                 "SerializationException": REFUSE,
@@ -112,6 +122,14 @@ AWS_CODES: Mapping[str, Mapping[str, Decision]] = MappingProxyType(
                 "KMS.AccessDeniedException": MISCONFIGURED,
                 "KmsDisabled": MISCONFIGURED,
                 "KMS.DisabledException": MISCONFIGURED,
+                "KmsNotFound": MISCONFIGURED,
+                "KMS.NotFoundException": MISCONFIGURED,
+                "KmsInvalidState": MISCONFIGURED,  # the queue's key is pending deletion
+                "KMS.InvalidStateException": MISCONFIGURED,
+                "KmsInvalidKeyUsage": MISCONFIGURED,
+                "KMS.InvalidKeyUsageException": MISCONFIGURED,
+                "KmsOptInRequired": MISCONFIGURED,
+                "KMS.OptInRequired": MISCONFIGURED,
                 "InvalidMessageContents": REFUSE,
                 "InvalidAttributeValue": REFUSE,
                 "ReceiptHandleIsInvalid": REFUSE,
@@ -138,7 +156,9 @@ AWS_CODES: Mapping[str, Mapping[str, Decision]] = MappingProxyType(
                 "KMSInternalException": RETRY,
                 "DependencyTimeoutException": RETRY,
                 "KeyUnavailableException": RETRY,
-                "LimitExceededException": RETRY,  # KMS's request quota: throttling
+                # A resource quota (keys, aliases, grants), not the request rate (that is
+                # ThrottlingException): it clears when the quota is raised.
+                "LimitExceededException": MISCONFIGURED,
                 "DisabledException": MISCONFIGURED,
                 "KMSInvalidStateException": MISCONFIGURED,  # e.g. pending deletion
                 "NotFoundException": MISCONFIGURED,  # a key or alias courier is configured with

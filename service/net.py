@@ -8,8 +8,10 @@ from aiohttp import web
 def bound_port(site: web.TCPSite) -> int:
     """The port a started ``site`` listens on: the kernel's choice when it was given port 0.
 
-    aiohttp has no public accessor for it: ``site.name`` repeats the port that was asked for
-    (0), and the listening sockets are only on the private asyncio server ``site._server``.
+    ``runner.addresses`` (public) lists the addresses of every site of a runner, in no
+    per-site order, so a runner with two sites (the daemon's API and metrics ports) cannot tell
+    which is which; ``site.name`` repeats the port that was asked for (0). Only the site's own
+    asyncio server (the private ``site._server``) knows.
     Raises RuntimeError if the site has not been started.
     """
     server = site._server

@@ -15,9 +15,8 @@ from typing import Any
 
 import aiohttp
 
-from courier_testkit.courier import CourierProcess
+from courier_testkit.courier import CourierProcess, courier_process
 from courier_testkit.courier import courier_config as write_config
-from courier_testkit.courier import courier_process as kit_courier_process
 from courier_testkit.ports import free_port
 from courier_testkit.processes import REPO
 from courier_testkit.stubs import StubIdm, StubTarget
@@ -284,7 +283,7 @@ async def plant_request(
 
 
 @contextlib.asynccontextmanager
-async def courier_process(
+async def chain_courier(
     settings: Settings, directory: Path, *args: str
 ) -> AsyncIterator[CourierProcess]:
     """Run ``python -m service --config <file> run <args>`` with ``settings`` on free ports.
@@ -297,7 +296,7 @@ async def courier_process(
     configured = settings.replace(
         http=dataclasses.replace(settings.http, port=port, health_port=health_port)
     )
-    async with kit_courier_process(
+    async with courier_process(
         configured,
         name=f"courier-{port}",
         args=args,

@@ -52,8 +52,29 @@ from tests.test_api import assert_problem, running_api
 
 # What each decision leads to (service/errors.py's docstring): the worker's outcome for a
 # message whose own call failed so, and the API's answer for a request whose own call did.
-WORKER = {RETRY: "retry", MISCONFIGURED: "retry", REFUSE: "dead-letter"}
-API = {RETRY: "503", MISCONFIGURED: "503", REFUSE: "4xx"}
+# Retryable decisions come back everywhere; a refusal depends on whose call it was.
+RETRIED = ("retry", "503")
+
+
+def aws_outcome(source: str, code: str, decision: Decision) -> tuple[str, str]:
+    """(worker, API) for an AWS refusal from ``source``, as the adapters route it."""
+    if decision.retryable:
+        return RETRIED
+    if code == "ConditionalCheckFailedException":
+        return ("answer", "answer")  # the status store reads it: a claim lost, a record final
+    if source == "kms":
+        return ("dead-letter", "500")  # Decrypt refusing the envelope: undecryptable
+    # courier's own SQS or status-table call refused: a bug, logged handler_error and retried
+    # with backoff until SQS's redrive (max_receive_count) moves the message; the API says 500.
+    return ("retry (handler_error)", "500")
+
+
+def http_outcome(status: int, decision: Decision) -> tuple[str, str]:
+    """(worker: a target's answer, API: the IdM's answer once its retries are spent)."""
+    if decision.retryable:
+        return ("retry", "502 + Retry-After")
+    return ("dead-letter", "409" if status == 409 else "502")
+
 
 # (source, code) -> (decision, worker, API). Every row of AWS_CODES, and nothing else.
 AWS_ROWS: dict[tuple[str, str], tuple[Decision, str, str]] = {
@@ -77,11 +98,15 @@ AWS_ROWS: dict[tuple[str, str], tuple[Decision, str, str]] = {
     ("any", "AccessDeniedException"): (MISCONFIGURED, "retry", "503"),
     ("any", "UnrecognizedClientException"): (MISCONFIGURED, "retry", "503"),
     ("any", "InvalidClientTokenId"): (MISCONFIGURED, "retry", "503"),
-    ("any", "ValidationException"): (REFUSE, "dead-letter", "4xx"),
-    ("any", "SerializationException"): (REFUSE, "dead-letter", "4xx"),
-    ("any", "MissingParameter"): (REFUSE, "dead-letter", "4xx"),
-    ("any", "InvalidParameterValue"): (REFUSE, "dead-letter", "4xx"),
-    ("any", "InvalidParameterCombination"): (REFUSE, "dead-letter", "4xx"),
+    ("any", "SignatureDoesNotMatch"): (MISCONFIGURED, "retry", "503"),
+    ("any", "InvalidSignatureException"): (MISCONFIGURED, "retry", "503"),
+    ("any", "IncompleteSignature"): (MISCONFIGURED, "retry", "503"),
+    ("any", "RequestExpired"): (MISCONFIGURED, "retry", "503"),
+    ("any", "ValidationException"): (REFUSE, "retry (handler_error)", "500"),
+    ("any", "SerializationException"): (REFUSE, "retry (handler_error)", "500"),
+    ("any", "MissingParameter"): (REFUSE, "retry (handler_error)", "500"),
+    ("any", "InvalidParameterValue"): (REFUSE, "retry (handler_error)", "500"),
+    ("any", "InvalidParameterCombination"): (REFUSE, "retry (handler_error)", "500"),
     ("sqs", "AWS.SimpleQueueService.ServiceUnavailable"): (RETRY, "retry", "503"),
     ("sqs", "KmsThrottled"): (RETRY, "retry", "503"),
     ("sqs", "KMS.ThrottlingException"): (RETRY, "retry", "503"),
@@ -93,34 +118,50 @@ AWS_ROWS: dict[tuple[str, str], tuple[Decision, str, str]] = {
     ("sqs", "KMS.AccessDeniedException"): (MISCONFIGURED, "retry", "503"),
     ("sqs", "KmsDisabled"): (MISCONFIGURED, "retry", "503"),
     ("sqs", "KMS.DisabledException"): (MISCONFIGURED, "retry", "503"),
-    ("sqs", "InvalidMessageContents"): (REFUSE, "dead-letter", "4xx"),
-    ("sqs", "InvalidAttributeValue"): (REFUSE, "dead-letter", "4xx"),
-    ("sqs", "ReceiptHandleIsInvalid"): (REFUSE, "dead-letter", "4xx"),
-    ("sqs", "AWS.SimpleQueueService.BatchEntryIdsNotDistinct"): (REFUSE, "dead-letter", "4xx"),
+    ("sqs", "KmsNotFound"): (MISCONFIGURED, "retry", "503"),
+    ("sqs", "KMS.NotFoundException"): (MISCONFIGURED, "retry", "503"),
+    ("sqs", "KmsInvalidState"): (MISCONFIGURED, "retry", "503"),
+    ("sqs", "KMS.InvalidStateException"): (MISCONFIGURED, "retry", "503"),
+    ("sqs", "KmsInvalidKeyUsage"): (MISCONFIGURED, "retry", "503"),
+    ("sqs", "KMS.InvalidKeyUsageException"): (MISCONFIGURED, "retry", "503"),
+    ("sqs", "KmsOptInRequired"): (MISCONFIGURED, "retry", "503"),
+    ("sqs", "KMS.OptInRequired"): (MISCONFIGURED, "retry", "503"),
+    ("sqs", "InvalidMessageContents"): (REFUSE, "retry (handler_error)", "500"),
+    ("sqs", "InvalidAttributeValue"): (REFUSE, "retry (handler_error)", "500"),
+    ("sqs", "ReceiptHandleIsInvalid"): (REFUSE, "retry (handler_error)", "500"),
+    ("sqs", "AWS.SimpleQueueService.BatchEntryIdsNotDistinct"): (
+        REFUSE,
+        "retry (handler_error)",
+        "500",
+    ),
     ("sqs", "AWS.SimpleQueueService.TooManyEntriesInBatchRequest"): (
         REFUSE,
-        "dead-letter",
-        "4xx",
+        "retry (handler_error)",
+        "500",
     ),
-    ("sqs", "AWS.SimpleQueueService.BatchRequestTooLong"): (REFUSE, "dead-letter", "4xx"),
+    ("sqs", "AWS.SimpleQueueService.BatchRequestTooLong"): (REFUSE, "retry (handler_error)", "500"),
     ("dynamodb", "ProvisionedThroughputExceededException"): (RETRY, "retry", "503"),
     ("dynamodb", "TransactionInProgressException"): (RETRY, "retry", "503"),
     ("dynamodb", "TransactionConflictException"): (RETRY, "retry", "503"),
     ("dynamodb", "LimitExceededException"): (RETRY, "retry", "503"),
     ("dynamodb", "ResourceNotFoundException"): (MISCONFIGURED, "retry", "503"),
-    ("dynamodb", "ConditionalCheckFailedException"): (REFUSE, "dead-letter", "4xx"),
-    ("dynamodb", "ItemCollectionSizeLimitExceededException"): (REFUSE, "dead-letter", "4xx"),
+    ("dynamodb", "ConditionalCheckFailedException"): (REFUSE, "answer", "answer"),
+    ("dynamodb", "ItemCollectionSizeLimitExceededException"): (
+        REFUSE,
+        "retry (handler_error)",
+        "500",
+    ),
     ("kms", "KMSInternalException"): (RETRY, "retry", "503"),
     ("kms", "DependencyTimeoutException"): (RETRY, "retry", "503"),
     ("kms", "KeyUnavailableException"): (RETRY, "retry", "503"),
-    ("kms", "LimitExceededException"): (RETRY, "retry", "503"),
+    ("kms", "LimitExceededException"): (MISCONFIGURED, "retry", "503"),
     ("kms", "DisabledException"): (MISCONFIGURED, "retry", "503"),
     ("kms", "KMSInvalidStateException"): (MISCONFIGURED, "retry", "503"),
     ("kms", "NotFoundException"): (MISCONFIGURED, "retry", "503"),
     ("kms", "InvalidKeyUsageException"): (MISCONFIGURED, "retry", "503"),
     ("kms", "ValidationException"): (MISCONFIGURED, "retry", "503"),
-    ("kms", "InvalidCiphertextException"): (REFUSE, "dead-letter", "4xx"),
-    ("kms", "IncorrectKeyException"): (REFUSE, "dead-letter", "4xx"),
+    ("kms", "InvalidCiphertextException"): (REFUSE, "dead-letter", "500"),
+    ("kms", "IncorrectKeyException"): (REFUSE, "dead-letter", "500"),
 }
 
 # Codes no table names fall back on the HTTP status.
@@ -137,22 +178,22 @@ FALLBACK_ROWS = [
 
 # status -> (decision, worker, API): the IdM's and the targets' answers.
 HTTP_ROWS: dict[int, tuple[Decision, str, str]] = {
-    400: (REFUSE, "dead-letter", "4xx"),
-    401: (REFUSE, "dead-letter", "4xx"),
-    403: (REFUSE, "dead-letter", "4xx"),
-    404: (REFUSE, "dead-letter", "4xx"),
-    408: (RETRY, "retry", "503"),
-    409: (REFUSE, "dead-letter", "4xx"),
-    410: (REFUSE, "dead-letter", "4xx"),
-    413: (REFUSE, "dead-letter", "4xx"),
-    422: (REFUSE, "dead-letter", "4xx"),
-    425: (RETRY, "retry", "503"),
-    429: (RETRY, "retry", "503"),
-    500: (RETRY, "retry", "503"),
-    501: (RETRY, "retry", "503"),
-    502: (RETRY, "retry", "503"),
-    503: (RETRY, "retry", "503"),
-    504: (RETRY, "retry", "503"),
+    400: (REFUSE, "dead-letter", "502"),
+    401: (REFUSE, "dead-letter", "502"),
+    403: (REFUSE, "dead-letter", "502"),
+    404: (REFUSE, "dead-letter", "502"),
+    408: (RETRY, "retry", "502 + Retry-After"),
+    409: (REFUSE, "dead-letter", "409"),
+    410: (REFUSE, "dead-letter", "502"),
+    413: (REFUSE, "dead-letter", "502"),
+    422: (REFUSE, "dead-letter", "502"),
+    425: (RETRY, "retry", "502 + Retry-After"),
+    429: (RETRY, "retry", "502 + Retry-After"),
+    500: (RETRY, "retry", "502 + Retry-After"),
+    501: (RETRY, "retry", "502 + Retry-After"),
+    502: (RETRY, "retry", "502 + Retry-After"),
+    503: (RETRY, "retry", "502 + Retry-After"),
+    504: (RETRY, "retry", "502 + Retry-After"),
 }
 
 # The AWS protocol of each source, as botocore parses its errors.
@@ -250,8 +291,7 @@ async def test_aws_row(stub_aws: tuple[StubAws, dict[str, Any]], source: str, co
 
     assert classify_aws(exc, source) is decision
     assert classify(exc, source) is decision
-    assert (WORKER[decision], API[decision]) == (worker, api)
-    assert decision.retryable is (worker == "retry")
+    assert aws_outcome(source, code, decision) == (worker, api)
     if source == "any":  # a row every service shares holds whatever the service
         for service in ("sqs", "dynamodb", "kms"):
             own = AWS_CODES[service].get(code, decision)
@@ -298,7 +338,7 @@ async def test_http_row(http_stub: str, status: int) -> None:
     assert classify_http(status) is decision
     assert classify(caught.value) is decision
     assert classify(TargetHttpError("crm", status)) is decision
-    assert (WORKER[decision], API[decision]) == (worker, api)
+    assert http_outcome(status, decision) == (worker, api)
 
 
 async def test_network_failures_retry(http_stub: str) -> None:

@@ -31,8 +31,8 @@ from service.worker.outcomes import Message, Outcome
 from service.worker.replay import ReplayFilter, replay
 from tests.chain import (
     Chain,
+    chain_courier,
     chain_settings,
-    courier_process,
     event_payload,
     eventually,
     mailbox,
@@ -258,7 +258,7 @@ async def test_crash_mid_delivery_is_redelivered_after_the_visibility_timeout(
         ).replace(role="worker")
         stubs["billing"].behaviour.latency_seconds = 2
         status = StatusStore(aws.dynamodb, fresh.status_table, 1)
-        async with courier_process(configured, tmp_path) as first:
+        async with chain_courier(configured, tmp_path) as first:
             await first.wait_ready()
             request_id = await plant_request(aws, configured, 35)
             keys = {name: f"{request_id}:{name}" for name in stubs}
@@ -270,7 +270,7 @@ async def test_crash_mid_delivery_is_redelivered_after_the_visibility_timeout(
         record = await status.get(request_id)
         assert record is None or record.state != "completed"
 
-        async with courier_process(configured, tmp_path) as second:
+        async with chain_courier(configured, tmp_path) as second:
             await second.wait_ready()
 
             async def completed() -> bool:

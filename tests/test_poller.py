@@ -21,8 +21,8 @@ from service.worker.outcomes import Ack, DeadLetter, Message, Outcome, Retry, ba
 from service.worker.poller import Poller
 from tests.chain import (
     Chain,
+    chain_courier,
     chain_settings,
-    courier_process,
     eventually,
     mailbox,
     plant_request,
@@ -419,7 +419,7 @@ async def test_sigterm_drains_and_exits_zero_within_the_bound(
             drain_seconds=1,
         ).replace(role="worker")
         stubs["crm"].behaviour.latency_seconds = 3
-        async with courier_process(configured, tmp_path) as courier:
+        async with chain_courier(configured, tmp_path) as courier:
             await courier.wait_ready()
             request_id = await plant_request(aws, configured, 70)
             await eventually(lambda: bool(stubs["crm"].calls), 10, "a call in flight")

@@ -38,8 +38,8 @@ from service.stubs import IdmStub
 from tests.chain import (
     REPO,
     TARGETS,
+    chain_courier,
     chain_settings,
-    courier_process,
     eventually,
     free_port,
     legacy_stubs,
@@ -223,7 +223,7 @@ async def test_keep_alive_clients_sending_through_sigterm_see_no_error(
             http=dataclasses.replace(configured.http, close_grace_seconds=2),
             idm=dataclasses.replace(configured.idm, timeout_seconds=5),
         )
-        async with courier_process(configured, tmp_path) as courier:
+        async with chain_courier(configured, tmp_path) as courier:
             await courier.wait_ready()
             outcomes: list[Outcome] = []
             headers = bearer(configured)

@@ -13,6 +13,8 @@ import uuid
 
 from aiohttp import web
 
+from service.net import bound_port
+
 
 async def create(request: web.Request) -> web.Response:
     await request.read()
@@ -31,7 +33,7 @@ async def serve(port: int) -> None:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    bound = bound_port(site)
     print(f"listening http://127.0.0.1:{bound}", flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

@@ -17,7 +17,7 @@ from .. import metrics
 from ..batching import BatchEntryError, Batcher
 from .outcomes import Ack, DeadLetter, DeadLetterSink, Message, Outcome, Retry
 
-# One logger for the whole poller package: operators filter on "courier.poller".
+# The poller and its parts (receive, dispatch, acknowledge) log as one: "courier.poller".
 log = logging.getLogger("courier.poller")
 
 MAX_VISIBILITY_SECONDS = 43_200

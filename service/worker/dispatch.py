@@ -21,7 +21,7 @@ from ..settings import WorkerSettings
 from .outcomes import Ack, DeadLetter, Handler, Message, Outcome, Release, Retry, backoff_seconds
 from .receive import Capacity
 
-# One logger for the whole poller package: operators filter on "courier.poller".
+# The poller and its parts (receive, dispatch, acknowledge) log as one: "courier.poller".
 log = logging.getLogger("courier.poller")
 
 Apply = Callable[[Message, Outcome], Awaitable[None]]

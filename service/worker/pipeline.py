@@ -9,7 +9,8 @@ its answer, in two spots:
   dead-lettered; any other failure to open it (KMS unavailable, or refusing courier's own role)
   and a retryable failure of the status table retry the message with backoff; a refusal of the
   status table (``StatusRefusedError``: courier's bug) escapes to the poller, which logs
-  ``handler_error`` and retries with backoff: the message is not at fault;
+  ``handler_error`` and retries with backoff: the message is not at fault (SQS's redrive
+  moves it to the DLQ after ``maxReceiveCount`` receives if nobody fixes the cause);
 - ``_verdict``, per target: any target that refused (REFUSE: a 4xx other than 408/425/429)
   dead-letters the message, anything else (RETRY, or MISCONFIGURED: a target whose secret
   cannot be read) retries it with backoff, all delivered acknowledges it.

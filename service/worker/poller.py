@@ -102,6 +102,8 @@ class Poller:
         await self._release(unfinished)
         await self._acknowledger.drain()
         log.info(
+            # The event keeps its name from before the poller was called so: alerts and the
+            # chaos checks match on it.
             "consumer stopped",
             extra={"fields": {"event": "consumer_stopped", "released": len(unfinished)}},
         )

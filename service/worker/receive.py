@@ -15,11 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import metrics
-from ..errors import is_retryable
+from ..errors import classify
 from ..settings import WorkerSettings
 from .outcomes import Message
 
-# One logger for the whole poller package: operators filter on "courier.poller".
+# The poller and its parts (receive, dispatch, acknowledge) log as one: "courier.poller".
 log = logging.getLogger("courier.poller")
 
 POLL_ERROR_BACKOFF_SECONDS = (1.0, 30.0)
@@ -180,7 +180,7 @@ class Receiver:
     async def _poll_failed(self, exc: Exception, errors: int) -> None:
         low, high = POLL_ERROR_BACKOFF_SECONDS
         # A failure retrying cannot fix (a refused request) waits the longest step at once.
-        delay = min(high, low * 2 ** (errors - 1)) if is_retryable(exc) else high
+        delay = min(high, low * 2 ** (errors - 1)) if classify(exc, "sqs").retryable else high
         log.warning(
             "receive failed; backing off %.0fs",
             delay,
