@@ -36,7 +36,7 @@ typecheck: install
 pytest: install
 	$(BIN)/python -m pytest
 
-terraform-check: ## fmt, validate (local provider mirror), terraform test, checkov; builds the HCL parser env
+terraform-check: install ## fmt, validate (local provider mirror), terraform test, checkov, HCL parser env; apply/plan/destroy against moto
 	bash terraform/check.sh
 
 test-provisioning: install ## provision.sh for real in a fresh Debian 12 root (root, debootstrap)

@@ -97,6 +97,8 @@ by the access key id of the SigV4 ``Authorization`` header (``Credential=AKID/..
 
 In the test-suite the session's recorder is the ``aws_calls`` fixture; in bench and chaos ``GET /_proxy/stats`` carries it under
 ``"_calls"`` (``CountingProxy.calls()``).
+
+``terraform_moto``: ``make terraform-check``'s apply/plan/destroy of the Terraform against moto.
 """
 
 from __future__ import annotations

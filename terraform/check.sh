@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Offline checks of the courier Terraform: fmt, init + validate (module and example),
-# `terraform test` against a mocked provider, checkov with zero failures, and the
-# python-hcl2 environment tests/test_terraform.py parses with.
+# `terraform test` against a mocked provider, checkov with zero failures, the
+# python-hcl2 environment tests/test_terraform.py parses with, and a real
+# `terraform apply` / plan / destroy of examples/complete against moto
+# (courier_testkit/terraform_moto.py, ~3-5 minutes).
 #
 # Usage: bash terraform/check.sh          (from anywhere; writes nothing into the repo
 #                                          except the git-ignored .venv-checkov/.venv-hcl2)
 # Env:   TF_PLUGIN_MIRROR=<dir>           plugin dir holding registry.terraform.io/hashicorp/aws
 #        PYTHON=python3.11                interpreter for the two tool virtualenvs
+#        COURIER_PYTHON=<python>          the project's interpreter, with moto and boto3
+#                                         (default .venv/bin/python: `make install`)
 set -euo pipefail
 
 CHECKOV_VERSION=3.3.30
@@ -127,5 +131,22 @@ checkov_counts=$(printf '%s\n' "$checkov_output" |
 step "python-hcl2 $PYTHON_HCL2_VERSION parses every .tf file"
 "$repo/.venv-hcl2/bin/python" "$here/scripts/hcl2json.py" "$here" >/dev/null || die "hcl2json could not parse terraform/"
 
-printf '\nterraform-check: OK - %s; %s; checkov %s; hcl2 parser ok (%ss)\n' \
-  "$fmt_result" "$validate_result" "$checkov_counts" "$((SECONDS - started))"
+# --- 6. terraform apply, plan, destroy of examples/complete against moto ------------------
+if [[ -z "$mirror" ]]; then
+  step "terraform apply against moto"
+  echo "SKIP terraform apply: no provider mirror found (see terraform validate above)"
+  apply_result="apply SKIPPED (no provider mirror)"
+else
+  project_python=${COURIER_PYTHON:-$repo/.venv/bin/python}
+  [[ -x "$project_python" ]] || die "no project interpreter at $project_python: run 'make install'"
+  step "terraform apply + plan + destroy of examples/complete against moto"
+  # Each terraform command has its own timeout inside; this one bounds the whole cycle.
+  (cd "$repo" && timeout --kill-after=30 1500 "$project_python" -m courier_testkit.terraform_moto \
+    --plugin-dir "$mirror") | tee "$work/apply.log" || die "terraform apply against moto failed"
+  apply_result=$(grep -Eo '[0-9]+ created, [0-9]+ known drift attributes, destroyed clean' \
+    "$work/apply.log" | tail -1 || true)
+  apply_result="apply against moto: ${apply_result:-ok}"
+fi
+
+printf '\nterraform-check: OK - %s; %s; checkov %s; hcl2 parser ok; %s (%ss)\n' \
+  "$fmt_result" "$validate_result" "$checkov_counts" "$apply_result" "$((SECONDS - started))"

@@ -15,7 +15,8 @@ provider "aws" {
 module "courier" {
   source = "../../"
 
-  name = var.name
+  name                = var.name
+  deletion_protection = var.deletion_protection
 
   vpc_id                  = var.vpc_id
   alb_subnet_ids          = var.alb_subnet_ids

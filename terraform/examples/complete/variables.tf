@@ -16,6 +16,12 @@ variable "environment" {
   default     = "production"
 }
 
+variable "deletion_protection" {
+  description = "Protect the load balancer and the DynamoDB tables from deletion; set false before terraform destroy."
+  type        = bool
+  default     = true
+}
+
 variable "vpc_id" {
   description = "ID of the existing VPC."
   type        = string

@@ -1,0 +1,231 @@
+"""The parts of courier_testkit/terraform_moto.py that decide pass or fail, checked fast.
+
+The full cycle (apply, plan, destroy against moto; ~3-5 minutes) runs in
+`make terraform-check`, not here. These tests check its judgement: how a second plan's
+changes become (address, attribute) pairs compared with KNOWN_DRIFT, how the apply
+summary is read, and that the moto patch makes SQS return RedriveAllowPolicy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from courier_testkit import terraform_moto
+from courier_testkit.terraform_moto import (
+    KNOWN_DRIFT,
+    CheckFailed,
+    created_count,
+    plan_drift,
+    run_terraform,
+    slowest,
+    state_resources,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def change(
+    address: str, actions: list[str], before: object, after: object, unknown: object
+) -> dict[str, object]:
+    """One entry of a plan's resource_changes."""
+    return {
+        "address": address,
+        "change": {"actions": actions, "before": before, "after": after, "after_unknown": unknown},
+    }
+
+
+def test_plan_drift_names_each_changed_attribute_and_any_other_action() -> None:
+    plan = {
+        "resource_changes": [
+            change("a.kept", ["no-op"], {"x": 1}, {"x": 1}, {}),
+            change("data.d", ["read"], None, {}, {"json": True}),
+            change(
+                "a.updated",
+                ["update"],
+                {"same": 1, "moved": 0, "gone": "x", "later": "1", "nested": [{"v": 1}]},
+                {"same": 1, "moved": 90, "later": None, "nested": [{"v": 1}]},
+                {"later": True, "nested": [{"v": False}]},
+            ),
+            change("a.replaced", ["delete", "create"], {}, {}, {}),
+            change("a.new", ["create"], None, {"x": 1}, {}),
+        ]
+    }
+
+    assert plan_drift(plan) == {
+        ("a.updated", "moved"),
+        ("a.updated", "gone"),
+        ("a.updated", "later"),
+        ("a.replaced", "delete+create"),
+        ("a.new", "create"),
+    }
+
+
+def test_known_drift_holds_only_in_place_attribute_changes_of_the_module() -> None:
+    # A create/delete/replace can never be "known": plan_drift names those by their action.
+    for address, attribute in KNOWN_DRIFT:
+        assert address.startswith("module.courier.aws_")
+        assert attribute not in {"create", "delete", "delete+create", "create+delete"}
+
+
+def test_apply_summary_and_slowest_resources_are_read_from_terraform_output() -> None:
+    output = textwrap.dedent(
+        """\
+        module.courier.aws_kms_key.data: Creation complete after 3s [id=k]
+        module.courier.aws_autoscaling_group.courier: Creation complete after 1m12s [id=courier]
+        module.courier.aws_lb.this: Creation complete after 31s [id=arn]
+
+        Apply complete! Resources: 55 added, 0 changed, 0 destroyed.
+        """
+    )
+
+    assert created_count(output) == 55
+    assert slowest(output, 2) == "aws_autoscaling_group.courier 72 s, aws_lb.this 31 s"
+
+
+def test_state_resources_lists_managed_resources_of_every_module() -> None:
+    state = {
+        "values": {
+            "root_module": {
+                "resources": [{"address": "data.x.y", "mode": "data", "type": "x", "values": {}}],
+                "child_modules": [
+                    {
+                        "resources": [
+                            {
+                                "address": 'module.courier.aws_sqs_queue_policy.tls_only["dlq"]',
+                                "mode": "managed",
+                                "type": "aws_sqs_queue_policy",
+                                "values": {"policy": "{}"},
+                            }
+                        ]
+                    }
+                ],
+            }
+        }
+    }
+
+    found = state_resources(state)
+
+    assert list(found) == ['module.courier.aws_sqs_queue_policy.tls_only["dlq"]']
+    assert (
+        found['module.courier.aws_sqs_queue_policy.tls_only["dlq"]'].type == "aws_sqs_queue_policy"
+    )
+
+
+# Run in a child process: the patch changes moto's Queue class for the whole interpreter,
+# and the rest of the suite's moto servers run in this one.
+REDRIVE_ALLOW_SCRIPT = """
+import json, sys
+from courier_testkit import terraform_moto as tm
+if sys.argv[1] == "patched":
+    tm.patch_moto()
+from service.local import EmbeddedAws
+with EmbeddedAws() as aws:
+    sqs = tm.client(aws.endpoint_url, "sqs")
+    url = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    policy = json.dumps({"redrivePermission": "denyAll"})
+    sqs.set_queue_attributes(QueueUrl=url, Attributes={"RedriveAllowPolicy": policy})
+    first = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    sqs.set_queue_attributes(QueueUrl=url, Attributes={"RedriveAllowPolicy": ""})
+    cleared = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    print(json.dumps([first.get("RedriveAllowPolicy"), "RedriveAllowPolicy" in cleared]))
+"""
+
+
+def redrive_allow_policy_read_back(mode: str) -> list[object]:
+    """[RedriveAllowPolicy returned after setting it, whether it is returned after clearing]."""
+    result = subprocess.run(
+        [sys.executable, "-c", REDRIVE_ALLOW_SCRIPT, mode],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    parsed: list[object] = json.loads(result.stdout.strip().splitlines()[-1])
+    return parsed
+
+
+def test_moto_alone_does_not_return_redrive_allow_policy() -> None:
+    # The gap the patch exists for; when moto fixes it, patch_moto can go.
+    assert redrive_allow_policy_read_back("plain") == [None, False]
+
+
+def test_patched_moto_returns_redrive_allow_policy_until_cleared() -> None:
+    assert redrive_allow_policy_read_back("patched") == ['{"redrivePermission": "denyAll"}', False]
+
+
+# A terraform that hangs like a provider waiter, with a child that ignores SIGINT (as a
+# background job of a shell does), recording both pids.
+HANGING_TERRAFORM = """#!/bin/sh
+sleep 300 &
+echo $$ $! > "$PIDS"
+wait
+"""
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this pid still exists (and is not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_hanging_terraform_command_fails_and_its_process_group_is_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "bin" / "terraform"
+    fake.parent.mkdir()
+    fake.write_text(HANGING_TERRAFORM)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PIDS", str(tmp_path / "pids"))
+    monkeypatch.setattr(terraform_moto, "STOP_GRACE_SECONDS", 1.0)
+
+    with pytest.raises(CheckFailed, match=r"terraform apply did not finish in 1 s \(killed\)"):
+        run_terraform(["apply"], tmp_path, timeout=1.0)
+
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if alive(pid)]
+
+
+def test_sigterm_stops_the_terraform_command_it_interrupts(tmp_path: Path) -> None:
+    # What `timeout` in terraform/check.sh sends when the whole cycle overruns.
+    fake = tmp_path / "bin" / "terraform"
+    fake.parent.mkdir()
+    fake.write_text(HANGING_TERRAFORM)
+    fake.chmod(0o755)
+    pids_file = tmp_path / "pids"
+    script = (
+        "import sys; from pathlib import Path; from courier_testkit import terraform_moto as tm; "
+        "tm.STOP_GRACE_SECONDS = 1.0; tm.exit_on_sigterm(); "
+        "tm.run_terraform(['apply'], Path(sys.argv[1]), timeout=300)"
+    )
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    env["PIDS"] = str(pids_file)
+    runner = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, env=env)
+    deadline = time.monotonic() + 30
+    while not pids_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pids = [int(p) for p in pids_file.read_text().split()]
+
+    runner.terminate()
+    assert runner.wait(timeout=30) == 128 + 15
+
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if alive(pid)]
