@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench import consumers, workload
-from bench.workload import Event
 from courier_testkit.aws import AwsStack
+from courier_testkit.events import Event
 from courier_testkit.proxy import counter_delta
 from courier_testkit.stubs import StubProcess
 from service.settings import Settings

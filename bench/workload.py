@@ -12,27 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from courier_testkit.aws import plain_client
+from courier_testkit.events import Event, send_batch, send_events
+from courier_testkit.events import seal_events as seal
 from service.envelope import EnvelopeCipher
-from service.operations import create_mailbox
 from service.settings import AwsSettings, EnvelopeSettings
-from service.status import now_iso
 
-LOAD_CONCURRENCY = 16
 PACE_TICK_SECONDS = 0.01
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One sealed message: its request id and SQS body."""
-
-    request_id: str
-    body: str
 
 
 def mailbox(index: int) -> dict[str, Any]:
@@ -48,52 +37,14 @@ async def seal_events(aws: AwsSettings, key_arn: str, count: int, tag: str) -> l
     """``count`` events sealed under fresh data keys (KMS once per 10,000, courier's default)."""
     async with plain_client("kms", aws) as kms:
         cipher = EnvelopeCipher(kms, EnvelopeSettings(kms_key_id=key_arn))
-        requested_at = now_iso()
-        events = []
-        for index in range(count):
-            request_id = uuid.uuid4().hex
-            event = create_mailbox.event(
-                mailbox(index), f"idm-{tag}-{index:x}", "bench", requested_at
-            )
-            events.append(
-                Event(request_id, await cipher.seal(create_mailbox.NAME, request_id, event))
-            )
-    return events
+        return await seal(cipher, count, mailbox, tag=tag, subject="bench")
 
 
-def _entry(position: int, event: Event) -> dict[str, Any]:
-    attributes = {
-        "op": create_mailbox.NAME,
-        "request_id": event.request_id,
-        "traceparent": f"00-{event.request_id}-{event.request_id[:16]}-01",
-    }
-    return {
-        "Id": str(position),
-        "MessageBody": event.body,
-        "MessageAttributes": {
-            name: {"DataType": "String", "StringValue": value} for name, value in attributes.items()
-        },
-    }
-
-
-async def _send_batch(sqs: Any, queue_url: str, batch: Sequence[Event]) -> None:
-    entries = [_entry(position, event) for position, event in enumerate(batch)]
-    response = await sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
-    if response.get("Failed"):
-        raise RuntimeError(f"SendMessageBatch refused entries: {response['Failed'][:3]}")
-
-
-async def load(aws: AwsSettings, queue_url: str, events: Sequence[Event]) -> float:
-    """Put ``events`` on the queue (SendMessageBatch in tens, 16 at a time); returns seconds."""
+async def load(aws: AwsSettings, queue_url: str, batch: Sequence[Event]) -> float:
+    """Put ``batch`` on the queue (SendMessageBatch in tens, 16 at a time); returns seconds."""
     started = time.perf_counter()
-    limit = asyncio.Semaphore(LOAD_CONCURRENCY)
     async with plain_client("sqs", aws) as sqs:
-
-        async def send(batch: Sequence[Event]) -> None:
-            async with limit:
-                await _send_batch(sqs, queue_url, batch)
-
-        await asyncio.gather(*(send(events[i : i + 10]) for i in range(0, len(events), 10)))
+        await send_events(sqs, queue_url, batch)
     return time.perf_counter() - started
 
 
@@ -115,7 +66,7 @@ async def paced(
             at = time.monotonic()
             for event in batch:
                 sent[event.request_id] = at
-            await _send_batch(sqs, queue_url, batch)
+            await send_batch(sqs, queue_url, batch)
 
         start = time.monotonic()
         position = 0

@@ -30,6 +30,7 @@ from aiobotocore.session import get_session
 from prometheus_client.metrics import MetricWrapperBase
 
 from courier_testkit.aws import dynalite
+from courier_testkit.events import seal_events, send_events
 from courier_testkit.processes import Server
 from service import daemon, metrics
 from service.aws import AwsClients, client_config
@@ -41,7 +42,6 @@ from service.bootstrap import (
     work_queue_attributes,
 )
 from service.envelope import EnvelopeCipher
-from service.operations import create_mailbox
 from service.settings import (
     AwsSettings,
     EnvelopeSettings,
@@ -52,7 +52,6 @@ from service.settings import (
     WorkerSettings,
 )
 from service.state import AWS
-from service.status import now_iso
 from service.stubs import LegacyStub
 from tests.chain import TARGETS, mailbox
 
@@ -105,47 +104,6 @@ async def _status_table(endpoint_url: str, aws: AwsSettings, table: str) -> None
     async with _raw_client("dynamodb", endpoint_url, aws) as dynamodb:
         # dynalite has no UpdateTimeToLive; expiry plays no part in this test.
         await ensure_table(dynamodb, table, [("pk", "HASH")])
-
-
-async def _sealed_events(aws: AwsClients, key_arn: str, count: int) -> list[tuple[str, str]]:
-    """``count`` (request id, SQS body) pairs, sealed as the API seals them."""
-    cipher = EnvelopeCipher(aws.kms, EnvelopeSettings(kms_key_id=key_arn))
-    requested_at = now_iso()
-    events = []
-    for index in range(count):
-        request_id = uuid.uuid4().hex
-        event = create_mailbox.event(
-            mailbox(index), f"idm-{index:016x}", "volume-test", requested_at
-        )
-        events.append((request_id, await cipher.seal(create_mailbox.NAME, request_id, event)))
-    return events
-
-
-async def _load(sqs: Any, queue_url: str, events: list[tuple[str, str]]) -> None:
-    """SendMessageBatch in tens, ``LOAD_CONCURRENCY`` requests at a time."""
-    limit = asyncio.Semaphore(LOAD_CONCURRENCY)
-
-    async def send(batch: list[tuple[str, str]]) -> None:
-        entries = [
-            {
-                "Id": str(position),
-                "MessageBody": body,
-                "MessageAttributes": {
-                    name: {"DataType": "String", "StringValue": value}
-                    for name, value in (
-                        ("op", create_mailbox.NAME),
-                        ("request_id", request_id),
-                        ("traceparent", f"00-{request_id}-{request_id[:16]}-01"),
-                    )
-                },
-            }
-            for position, (request_id, body) in enumerate(batch)
-        ]
-        async with limit:
-            response = await sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
-        assert not response.get("Failed"), response["Failed"]
-
-    await asyncio.gather(*(send(events[i : i + 10]) for i in range(0, len(events), 10)))
 
 
 async def _depth(sqs: Any, queue_url: str) -> int:
@@ -281,16 +239,17 @@ async def test_5000_messages_to_three_targets_none_lost(
     queues = await _queue_pair(fauxqs_sqs, f"volume-{uuid.uuid4().hex[:8]}")
     await _status_table(status_dynamodb.url, aws_settings, fresh.status_table)
     load_started = time.perf_counter()
-    events = await _sealed_events(aws, fresh.data_key_arn, MESSAGES)
+    cipher = EnvelopeCipher(aws.kms, EnvelopeSettings(kms_key_id=fresh.data_key_arn))
+    events = await seal_events(cipher, MESSAGES, mailbox, tag="volume", subject="volume-test")
     sealed = time.perf_counter()
-    await _load(fauxqs_sqs, queues.url, events)
+    await send_events(fauxqs_sqs, queues.url, events, LOAD_CONCURRENCY)
     loaded = time.perf_counter()
     assert await _depth(fauxqs_sqs, queues.url) == MESSAGES
 
     stubs = {name: LegacyStub(name=name) for name, _ in TARGETS}
     for stub in stubs.values():
         stub.behaviour.latency_seconds = TARGET_LATENCY_SECONDS
-    expected = {name: {f"{request_id}:{name}" for request_id, _ in events} for name in stubs}
+    expected = {name: {f"{event.request_id}:{name}" for event in events} for name in stubs}
 
     def progress() -> str:
         counts = {name: len(stub.effects) for name, stub in stubs.items()}
