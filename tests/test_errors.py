@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -45,9 +47,11 @@ from service.idm import IdmClient, IdmError
 from service.queue import Producer, SendError
 from service.secrets.credstash import CredStash
 from service.secrets.errors import SecretError, SecretMisconfiguredError, SecretUnavailableError
-from service.settings import EnvelopeSettings, IdmSettings, Settings
+from service.settings import EnvelopeSettings, IdmSettings, Settings, WorkerSettings
 from service.status import RequestState, StatusRefusedError, StatusStore, StatusUnavailableError
 from service.stubs import IdmStub
+from service.worker.outcomes import DeadLetter, Message, Retry
+from service.worker.pipeline import Pipeline
 from tests.test_api import assert_problem, running_api
 
 # What each decision leads to (service/errors.py's docstring): the worker's outcome for a
@@ -496,7 +500,7 @@ async def test_api_answers_an_idm_refusal_with_502_and_no_retry_after(
 
 
 async def test_api_answers_503_when_its_queue_does_not_exist(
-    settings: Settings, fresh: Resources, aws: AwsClients
+    settings: Settings, fresh: Resources, aws: AwsClients, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Changed: 500 internal-error, while a missing table or a KMS AccessDenied was 503.
     missing = fresh.queue_url.rsplit("/", 1)[0] + "/no-such-queue"
@@ -513,6 +517,13 @@ async def test_api_answers_503_when_its_queue_does_not_exist(
         assert reply.headers["Retry-After"] == RETRY_AFTER_SECONDS
         (record,) = await api.status_records()
         assert record["state"]["S"] == "send_failed"  # a retry with the key is a fresh attempt
+    # The operator's log says it is a deployment fault, not an outage that will pass.
+    [logged] = [
+        r
+        for r in caplog.records
+        if getattr(r, "fields", {}).get("event") == "dependency_unavailable"
+    ]
+    assert logged.fields["decision"] == "misconfigured"  # type: ignore[attr-defined]
 
 
 # --- CredStash: the store's refusals, by the table ---------------------------------------------
@@ -580,7 +591,10 @@ KEY_ARN = "arn:aws:kms:us-east-1:123456789012:key/11111111-2222-3333-4444-555555
     ],
 )
 async def test_opening_an_envelope_follows_the_kms_row(
-    stub_aws: tuple[StubAws, dict[str, Any]], code: str, decision: Decision
+    stub_aws: tuple[StubAws, dict[str, Any]],
+    code: str,
+    decision: Decision,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     stub, clients = stub_aws
     stub.status, stub.code = 400, code
@@ -594,3 +608,20 @@ async def test_opening_an_envelope_follows_the_kms_row(
     else:
         assert isinstance(caught.value, TransientError)
         assert classify(caught.value) is decision
+
+    # The worker: dead-lettered, or retried with a log line that says which kind of failure.
+    status = StatusStore(clients["dynamodb"], "never-reached", 1)
+    pipeline = Pipeline(cipher, status, [], WorkerSettings())
+    message = Message("m-1", "r-1", body, {"op": "create-mailbox"}, 1, time.time())
+    with caplog.at_level(logging.INFO, logger="courier.pipeline"):
+        outcome = await pipeline.handle(message)
+    if decision is REFUSE:
+        assert isinstance(outcome, DeadLetter)
+        assert outcome.reason == "undecryptable"
+        return
+    assert isinstance(outcome, Retry)
+    [logged] = [
+        r for r in caplog.records if getattr(r, "fields", {}).get("event") == "message_retry"
+    ]
+    assert logged.fields["decision"] == decision.value  # type: ignore[attr-defined]
+    assert logged.levelno == (logging.WARNING if decision is MISCONFIGURED else logging.INFO)

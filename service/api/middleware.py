@@ -84,9 +84,10 @@ async def _problems(request: web.Request, handler: Handler, request_id: str) -> 
             raise
         return from_http_exception(exc).to_response(request_id)
     except TransientError as exc:
-        errors_log.warning(
-            "dependency unavailable: %s", exc, extra={"fields": {"event": "dependency_unavailable"}}
-        )
+        # The decision tells an outage (RETRY: wait) from a deployment fault (MISCONFIGURED:
+        # IAM, a missing queue or table, a disabled key: someone has to act).
+        fields = {"event": "dependency_unavailable", "decision": exc.decision.value}
+        errors_log.warning("dependency unavailable: %s", exc, extra={"fields": fields})
         return unavailable("a service courier depends on is unavailable; retry later").to_response(
             request_id
         )

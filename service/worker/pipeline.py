@@ -38,6 +38,7 @@ from typing import Any
 
 from ..envelope import EnvelopeCipher, OpenedEnvelope
 from ..errors import (
+    MISCONFIGURED,
     REFUSE,
     CircuitOpenError,
     EnvelopeError,
@@ -216,6 +217,20 @@ class Pipeline:
             message.receive_count,
             self._settings.backoff_base_seconds,
             self._settings.backoff_max_seconds,
+        )
+        decision = classify(exc)
+        # A misconfiguration does not clear by itself: say so louder than an outage.
+        level = logging.WARNING if decision is MISCONFIGURED else logging.INFO
+        log.log(
+            level,
+            "courier's own call failed, retrying the message",
+            extra={
+                "fields": {
+                    "event": "message_retry",
+                    "decision": decision.value,
+                    "error": _describe(exc),
+                }
+            },
         )
         return Retry(delay, _describe(exc))
 
