@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from courier_testkit.ports import free_port
+from courier_testkit.ports import free_port, serving
 from service import daemon
 from service.net import bound_port
 from service.settings import Settings, load_settings, to_toml
@@ -124,14 +124,8 @@ async def denying_sqs() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", deny)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 async def test_readyz_never_shows_aws_error_text_or_the_role_arn(

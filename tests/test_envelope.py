@@ -22,6 +22,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from prometheus_client import REGISTRY
 
+from courier_testkit.ports import serving
 from service.aws import AwsClients, client_config
 from service.bootstrap import Resources
 from service.envelope import ENVELOPE_VERSION, Envelope, EnvelopeCipher, OpenedEnvelope
@@ -737,17 +738,10 @@ async def stub_kms(aws: AwsClients) -> AsyncIterator[tuple[StubKms, Any]]:
     stub = StubKms()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", stub.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    settings = AwsSettings(region="us-east-1", endpoint_url=f"http://127.0.0.1:{port}")
-    try:
+    async with serving(app) as url:
+        settings = AwsSettings(region="us-east-1", endpoint_url=url)
         async with kms_client_without_retries(settings) as client:
             yield stub, client
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize(

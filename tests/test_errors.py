@@ -8,6 +8,7 @@ answer (a stub server speaking each service's protocol), every HTTP row on a rea
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,6 +23,7 @@ from aiobotocore.session import get_session
 from aiohttp import web
 from botocore.exceptions import ClientError
 
+from courier_testkit.ports import serving
 from service.api.problems import RETRY_AFTER_SECONDS
 from service.aws import AwsClients
 from service.bootstrap import Resources
@@ -236,29 +238,22 @@ async def stub_aws() -> AsyncIterator[tuple[StubAws, dict[str, Any]]]:
     stub = StubAws()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", stub.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     config = AioConfig(retries={"mode": "standard", "total_max_attempts": 1})
     session = get_session()
-    clients: dict[str, Any] = {}
-    try:
+    async with serving(app) as url, contextlib.AsyncExitStack() as stack:
+        clients: dict[str, Any] = {}
         for service in ("sqs", "dynamodb", "kms"):
-            clients[service] = await session.create_client(
-                service,
-                region_name="us-east-1",
-                endpoint_url=url,
-                aws_access_key_id="testing",
-                aws_secret_access_key="testing",
-                config=config,
-            ).__aenter__()
+            clients[service] = await stack.enter_async_context(
+                session.create_client(
+                    service,
+                    region_name="us-east-1",
+                    endpoint_url=url,
+                    aws_access_key_id="testing",
+                    aws_secret_access_key="testing",
+                    config=config,
+                )
+            )
         yield stub, clients
-    finally:
-        for client in clients.values():
-            await client.__aexit__(None, None, None)
-        await runner.cleanup()
 
 
 async def aws_error(
@@ -321,14 +316,8 @@ async def http_stub() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/{status}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 @pytest.mark.parametrize("status", sorted(HTTP_ROWS))
