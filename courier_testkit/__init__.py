@@ -24,6 +24,10 @@ The API (``from courier_testkit import X``; each name lives in the module named)
 ``CountingProxy``                  (``python -m courier_testkit.proxy``) and its client;
                                    ``counter_delta``
 ``TcpProxy``, ``tcp_proxy()``      (``tcpproxy``) a TCP relay that can be cut and restored
+``haproxy()`` -> ``HAProxy``,      (``haproxy``) HAProxy as the ALB stand-in: configured from a
+``TargetGroup``,                   ``TargetGroup`` (health check, deregistration delay) read from
+``target_group_from_terraform``    terraform/alb.tf; register, drain/deregister, state over its
+                                   runtime API
 ``mint_token``                     (``tokens``) a bearer token made by ``courier token``'s
                                    ``issue_token``, claims overridable
 ``ProcessSampler``                 (``sampling``) pid, CPU seconds and memory of a process (every
@@ -112,6 +116,7 @@ if TYPE_CHECKING:
 
     from .aws import AwsStack, aws_stack, demo_secrets, dynalite, fauxqs, moto_process
     from .courier import CourierProcess, courier_process
+    from .haproxy import HAProxy, TargetGroup, haproxy, target_group_from_terraform
     from .ports import bound_port, free_port
     from .processes import HarnessError, ManagedProcess, managed, python_env, wait_http
     from .proxy import CountingProxy, counter_delta, counting_proxy
@@ -128,6 +133,7 @@ _MODULES = {
     "service.local": "EmbeddedAws",
     ".aws": "AwsStack aws_stack demo_secrets dynalite fauxqs moto_process",
     ".courier": "CourierProcess courier_process",
+    ".haproxy": "HAProxy TargetGroup haproxy target_group_from_terraform",
     ".ports": "bound_port free_port",
     ".processes": "HarnessError ManagedProcess managed python_env wait_http",
     ".proxy": "CountingProxy counter_delta counting_proxy",
@@ -144,12 +150,14 @@ __all__ = [
     "CourierProcess",
     "EffectRecorder",
     "EmbeddedAws",
+    "HAProxy",
     "HarnessError",
     "ManagedProcess",
     "ProcessSampler",
     "StubIdm",
     "StubProcess",
     "StubTarget",
+    "TargetGroup",
     "TcpProxy",
     "aws_stack",
     "bootstrap",
@@ -161,12 +169,14 @@ __all__ = [
     "dynalite",
     "fauxqs",
     "free_port",
+    "haproxy",
     "machine",
     "managed",
     "mint_token",
     "moto_process",
     "python_env",
     "stub_process",
+    "target_group_from_terraform",
     "tcp_proxy",
     "wait_http",
 ]

@@ -75,8 +75,10 @@ class UnevaluableCondition(Exception):
 
 @dataclass
 class TerraformModule:
-    """The data sources, locals and variables of one Terraform module (its top-level .tf files)."""
+    """The resources, data sources, locals and variables of one Terraform module (its top-level
+    .tf files)."""
 
+    resources: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     data: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     locals: dict[str, Any] = field(default_factory=dict)
     variables: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -93,10 +95,11 @@ class TerraformModule:
         for path, parsed in files.items():
             if "/" in path:  # examples/, tests/: other modules
                 continue
-            for entry in parsed.get("data", []):
-                for kind, named in entry.items():
-                    for name, body in named.items():
-                        module.data[(kind, name)] = body
+            for section, blocks in (("resource", module.resources), ("data", module.data)):
+                for entry in parsed.get(section, []):
+                    for kind, named in entry.items():
+                        for name, body in named.items():
+                            blocks[(kind, name)] = body
             for entry in parsed.get("locals", []):
                 module.locals.update(entry)
             for entry in parsed.get("variable", []):
