@@ -34,7 +34,10 @@ The API (``from courier_testkit import X``; each name lives in the module named)
                                    process handle above is one); ``machine()``
 ``ManagedProcess``, ``managed()``  (``processes``) a child in its own process group, always
 ``wait_http()``, ``python_env()``  stopped; ``HarnessError`` when one does not start
-``free_port``, ``bound_port``      (``ports``) a free port; the port a started aiohttp site got
+``free_port``, ``bound_port``,     (``ports``) a free port; the port a started aiohttp site got;
+``serving()``                      an app served in this loop on a free port
+``seal_events``, ``send_events``   (``events``) create-mailbox events sealed and queued as the
+                                   API seals and queues them
 =================================  ==============================================================
 
 Every process the kit starts runs in a process group of its own and is stopped on exit, also
@@ -116,8 +119,9 @@ if TYPE_CHECKING:
 
     from .aws import AwsStack, aws_stack, demo_secrets, dynalite, fauxqs, moto_process
     from .courier import CourierProcess, courier_process
+    from .events import seal_events, send_events
     from .haproxy import HAProxy, TargetGroup, haproxy, target_group_from_terraform
-    from .ports import bound_port, free_port
+    from .ports import bound_port, free_port, serving
     from .processes import HarnessError, ManagedProcess, managed, python_env, wait_http
     from .proxy import CountingProxy, counter_delta, counting_proxy
     from .sampling import ProcessSampler, machine
@@ -134,7 +138,8 @@ _MODULES = {
     ".aws": "AwsStack aws_stack demo_secrets dynalite fauxqs moto_process",
     ".courier": "CourierProcess courier_process",
     ".haproxy": "HAProxy TargetGroup haproxy target_group_from_terraform",
-    ".ports": "bound_port free_port",
+    ".events": "seal_events send_events",
+    ".ports": "bound_port free_port serving",
     ".processes": "HarnessError ManagedProcess managed python_env wait_http",
     ".proxy": "CountingProxy counter_delta counting_proxy",
     ".sampling": "ProcessSampler machine",
@@ -175,6 +180,9 @@ __all__ = [
     "mint_token",
     "moto_process",
     "python_env",
+    "seal_events",
+    "send_events",
+    "serving",
     "stub_process",
     "target_group_from_terraform",
     "tcp_proxy",
