@@ -39,7 +39,7 @@ pytest: install
 terraform-check: install ## fmt, validate (local provider mirror), terraform test, checkov, HCL parser env; apply/plan/destroy against moto
 	bash terraform/check.sh
 
-test-provisioning: install ## provision.sh for real in a fresh Debian 12 root (root, debootstrap)
+test-provisioning: install ## provision.sh for real in a fresh Debian 12 root, then boot it under systemd-nspawn (root, debootstrap, systemd-container)
 	$(BIN)/python -m pytest -m provisioning tests/test_provisioning.py
 
 wheelhouse: install ## dist/wheelhouse: courier + runtime wheels for the AMI

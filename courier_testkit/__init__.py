@@ -106,6 +106,8 @@ In the test-suite the session's recorder is the ``aws_calls`` fixture; in bench 
 ``"_calls"`` (``CountingProxy.calls()``).
 
 ``terraform_moto``: ``make terraform-check``'s apply/plan/destroy of the Terraform against moto.
+``nspawn``: boot a root with systemd as PID 1 (``booted(root)`` -> ``Machine``: run commands
+inside, ``systemctl``, its journal, ``poweroff``), as ``make test-provisioning`` boots the image.
 """
 
 from __future__ import annotations

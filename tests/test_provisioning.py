@@ -12,26 +12,53 @@ build/debootstrap-cache (or $COURIER_DEBOOTSTRAP_CACHE), keyed by suite, mirror 
 package list; delete it to start cold. Every command in the root runs in private mount
 and PID namespaces, so /proc and /dev mounted for it vanish with it and can never be
 left behind under a directory this test deletes.
+
+Then a copy of the provisioned root boots with systemd as PID 1 (systemd-nspawn,
+courier_testkit.nspawn; needs systemd-container), gets what EC2 user data gives an instance
+(terraform/templates rendered with local endpoints: moto and the kit's stubs on the host) and
+is checked as a running machine: one courier per vCPU, READY and /readyz, a request end to
+end, journald and the CloudWatch agent's inputs, the watchdog, a stop and a poweroff under
+load with nothing lost, and the sandbox refusing nothing courier does.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from courier_testkit import nspawn
+from courier_testkit.aws import demo_secrets, moto_process
+from courier_testkit.ports import free_port
+from courier_testkit.stubs import StubProcess, stub_process
+from courier_testkit.tokens import mint_token
+from service.aws import open_clients
+from service.bootstrap import ResourceNames, Resources, bootstrap
+from service.local import use_fake_credentials
+from service.settings import AwsSettings, load_settings
+from tests.test_terraform import _render as render_template
 
 REPO = Path(__file__).resolve().parent.parent
 SUITE = "bookworm"
@@ -392,3 +419,642 @@ def test_log_shipping_configuration(provisioned: Provisioned) -> None:
     ).is_file()
     # logrotate accepts the rotation rule (-d: check only).
     in_root(provisioned.root, "logrotate", "-d", "/etc/logrotate.d/courier-journal-export")
+
+
+# --- the image booted under systemd ---------------------------------------------------------
+# The provisioned root (a copy of it), booted with systemd as PID 1 by systemd-nspawn
+# (courier_testkit.nspawn), given what an EC2 instance gets: the user data rendered from
+# terraform/templates, run as root after boot. AWS is moto on the host, the IdM and the
+# legacy systems are the kit's stubs on the host; the machine shares the host's network.
+#
+# What EC2 has and this does not, so the image is told (in /etc/courier/courier.env, the
+# operator's override file) where to find the stand-ins instead:
+# - AWS endpoints: COURIER_AWS_ENDPOINT_URL is moto on 127.0.0.1 (courier then signs with fake
+#   credentials by itself, service/cli.py);
+# - IMDS: COURIER_EC2_IMDS_URL is a closed port, so ec2.enabled = "on" (the template's) meets
+#   "IMDS unreachable" at once; on a CI runner that is itself an EC2 instance,
+#   169.254.169.254 would be the runner's own;
+# - ports: the machine's ports are the host's, so the API and metrics ports are free ones
+#   (COURIER_HTTP_METRICS_PORT must be set there: the unit's Environment= beats the TOML).
+
+REGION = "us-east-1"
+TARGETS = (("crm", "json", "courier.crm.token"), ("billing", "soap", ""))
+# Deliveries take this long, so that a stop or a poweroff under load finds messages in flight.
+TARGET_LATENCY_SECONDS = 0.3
+READY_TIMEOUT_SECONDS = 90.0
+
+
+@dataclass
+class Image:
+    """The booted image, what it was given, and the stand-ins it talks to."""
+
+    machine: nspawn.Machine
+    api: str  # http://127.0.0.1:<api port>
+    metrics_base: int
+    nproc: int
+    token: str
+    stubs: StubProcess
+    config_path: Path  # the rendered courier.toml, on the host
+    agent_config: dict[str, Any]  # cloudwatch-agent.json.tftpl rendered
+    before_user_data: dict[str, str]  # courier@1 before /etc/courier/courier.toml existed
+    user_data_output: str
+
+    def instances(self) -> list[str]:
+        return [f"courier@{n}.service" for n in range(1, self.nproc + 1)]
+
+
+def free_port_run(count: int) -> int:
+    """A port p such that p + 1 .. p + count are free now (courier@N's metrics ports)."""
+    for _ in range(100):
+        base = free_port()
+        try:
+            with contextlib.ExitStack() as stack:
+                for n in range(1, count + 1):
+                    probe = stack.enter_context(socket.socket())
+                    probe.bind(("0.0.0.0", base + n))
+        except OSError:
+            continue
+        return base
+    raise AssertionError(f"no {count} consecutive free ports")
+
+
+def template_values(
+    resources: Resources, stubs: StubProcess, api_port: int, metrics_base: int
+) -> dict[str, Any]:
+    """terraform/compute.tf's inputs to courier.toml.tftpl, pointing at the local stand-ins."""
+    return {
+        "role": "all",
+        "api_port": api_port,
+        "drain_seconds": 20,
+        "log_level": "INFO",
+        "region": REGION,
+        "queue_url": resources.queue_url,
+        "dlq_url": resources.dlq_url,
+        "status_table": resources.status_table,
+        "secrets_table": resources.secrets_table,
+        "secrets_ttl_seconds": 300,
+        "kms_key_id": resources.data_key_arn,
+        "jwt_issuer": "https://login.example.net/",
+        "jwt_audience": "courier",
+        "jwks_url": "",
+        "jwt_hs256_secret": "courier.jwt.hs256",
+        "idm_url": stubs.urls["idm"],
+        "idm_api_key_secret": "courier.idm.api_key",
+        "max_in_flight": 100,
+        "targets": [
+            {
+                "name": name,
+                "url": f"{stubs.urls[name]}/{name}",
+                "format": fmt,
+                "secret": secret,
+                "timeout_seconds": 5,
+                "concurrency": 32,
+            }
+            for name, fmt, secret in TARGETS
+        ],
+        "metrics_base_port": metrics_base,
+        "asg_name": "courier",
+        "lifecycle_hook_name": "courier-drain",
+        "secrets_encryption_context": {},
+        "secrets_kms_key_id": resources.credstash_key_arn,
+        "accepted_key_ids": [],
+    }
+
+
+def render_user_data(work: Path, values: dict[str, Any]) -> tuple[str, str]:
+    """(user data script, agent configuration) as terraform/compute.tf renders them."""
+    config = render_template("courier.toml.tftpl", values, work)
+    agent = render_template(
+        "cloudwatch-agent.json.tftpl",
+        {"log_group_name": "/courier/courier", "metrics_namespace": "Courier"},
+        work,
+    )
+    user_data = render_template(
+        "user_data.sh.tftpl",
+        {
+            "courier_config": config,
+            "cloudwatch_agent_config": agent,
+            "metrics_base_port": values["metrics_base_port"],
+            "region": REGION,
+        },
+        work,
+    )
+    (work / "courier.toml").write_text(config)
+    return user_data, agent
+
+
+def write_stand_ins(machine: nspawn.Machine, aws_endpoint: str, metrics_base: int) -> None:
+    """/etc/courier/courier.env: where this machine finds what EC2 would give it."""
+    env = machine.path("/etc/courier/courier.env")
+    env.write_text(
+        "# tests/test_provisioning.py: stand-ins for what EC2 gives an instance.\n"
+        f"COURIER_AWS_ENDPOINT_URL={aws_endpoint}\n"
+        f"COURIER_EC2_IMDS_URL=http://127.0.0.1:{free_port()}\n"
+        f"COURIER_HTTP_METRICS_PORT={metrics_base}\n"
+    )
+    machine.run("chown", "root:courier", "/etc/courier/courier.env")
+    machine.run("chmod", "0640", "/etc/courier/courier.env")
+
+
+def wait_all_ready(machine: nspawn.Machine, units: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Every unit active with a ``ready`` STATUS= (READY=1 sent); their properties."""
+
+    def ready() -> dict[str, dict[str, str]] | None:
+        shown = {u: machine.show(u, *UNIT_PROPERTIES) for u in units}
+        if all(
+            s["ActiveState"] == "active" and s["StatusText"].startswith("ready")
+            for s in shown.values()
+        ):
+            return shown
+        return None
+
+    return nspawn.wait_for(ready, timeout=READY_TIMEOUT_SECONDS, what=f"{', '.join(units)} ready")
+
+
+UNIT_PROPERTIES = (
+    "ActiveState",
+    "SubState",
+    "StatusText",
+    "MainPID",
+    "NRestarts",
+    "Result",
+    "ConditionResult",
+    "ExecMainStatus",
+    "TimeoutStopUSec",
+    "WatchdogUSec",
+)
+
+
+@pytest.fixture(scope="module")
+async def image(
+    provisioned: Provisioned, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Image]:
+    reason = nspawn.missing_tools()
+    if reason:
+        pytest.skip(reason)
+    work = tmp_path_factory.mktemp("image")
+    try:
+        async with booted_image(provisioned, work) as built:
+            yield built
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def booted_image(provisioned: Provisioned, work: Path) -> AsyncIterator[Image]:
+    """A copy of the provisioned root, booted, given its user data, every courier@N ready."""
+    root = work / "root"
+    subprocess.run(
+        ["cp", "-a", "--reflink=auto", str(provisioned.root), str(root)], check=True, timeout=300
+    )
+    use_fake_credentials()
+    secrets = {**demo_secrets(), "courier.crm.token": "crm-token"}
+    cgroups_before = nspawn.top_cgroups()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(lambda: assert_no_new_cgroups(cgroups_before))
+        moto = await stack.enter_async_context(moto_process())
+        clients = await stack.enter_async_context(
+            open_clients(AwsSettings(region=REGION, endpoint_url=moto.url))
+        )
+        resources = await bootstrap(clients, ResourceNames(prefix="image"), secrets)
+        stubs = await stack.enter_async_context(
+            stub_process(
+                {name: TARGET_LATENCY_SECONDS for name, _, _ in TARGETS},
+                idm_api_key=secrets["courier.idm.api_key"],
+            )
+        )
+        nproc = len(os.sched_getaffinity(0))
+        api_port, metrics_base = free_port(), free_port_run(nproc)
+        values = template_values(resources, stubs, api_port, metrics_base)
+        user_data, agent = render_user_data(work, values)
+        machine = stack.enter_context(nspawn.booted(root))
+        before = machine.show("courier@1.service", *UNIT_PROPERTIES)
+        write_stand_ins(machine, moto.url, metrics_base)
+        machine.path("/root/user-data.sh").write_text(user_data)
+        ran = machine.run("bash", "/root/user-data.sh", timeout=180)
+        auth = load_settings(work / "courier.toml", environ={}).auth
+        built = Image(
+            machine=machine,
+            api=f"http://127.0.0.1:{api_port}",
+            metrics_base=metrics_base,
+            nproc=int(machine.run("nproc").stdout),
+            token=mint_token(secrets["courier.jwt.hs256"], auth),
+            stubs=stubs,
+            config_path=work / "courier.toml",
+            agent_config=json.loads(agent),
+            before_user_data=before,
+            user_data_output=ran.stdout + ran.stderr,
+        )
+        wait_all_ready(machine, built.instances())
+        yield built
+
+
+def assert_no_new_cgroups(before: set[Path]) -> None:
+    """The boots left no cgroup behind in the host's cgroup roots (nspawn's payload/ ...)."""
+    left = {
+        p
+        for p in nspawn.top_cgroups() - before
+        if p.name.startswith(("payload", "supervisor", "courier-nspawn-"))
+    }
+    assert not left, f"cgroups left behind: {sorted(left)}"
+
+
+# --- talking to the booted image from the host ------------------------------------------------
+
+
+def mailbox(username: str) -> dict[str, str]:
+    return {
+        "username": username,
+        "display_name": username.title(),
+        "plan": "standard",
+        "contact_email": f"{username}@example.com",
+    }
+
+
+async def statuses(image: Image, request_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """GET /v1/requests/{id} of each request: id -> the status document."""
+    headers = {"Authorization": f"Bearer {image.token}"}
+    found: dict[str, dict[str, Any]] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        for request_id in request_ids:
+            async with session.get(f"{image.api}/v1/requests/{request_id}", headers=headers) as r:
+                assert r.status == 200, (request_id, r.status, await r.text())
+                found[request_id] = await r.json()
+    return found
+
+
+async def wait_completed(
+    image: Image, request_ids: Sequence[str], timeout: float = 180
+) -> dict[str, dict[str, Any]]:
+    """Poll until every request is ``completed``; their final documents (fails naming the rest)."""
+    pending, done = set(request_ids), {}
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for request_id, document in (await statuses(image, sorted(pending))).items():
+            if document["status"] == "completed":
+                done[request_id] = document
+                pending.discard(request_id)
+        await asyncio.sleep(1)
+    left = await statuses(image, sorted(pending)) if pending else {}
+    assert not pending, f"{len(pending)} accepted requests not completed: " + json.dumps(
+        {k: v["status"] for k, v in list(left.items())[:10]}
+    )
+    return done
+
+
+@dataclass
+class Load:
+    """What the load generator saw. A client error is any request that got neither 202 nor
+    503 with Retry-After: a 5xx or 4xx, a connection cut after it was established (reset, EOF)
+    or a timeout. A connection refused before anything was sent (ECONNREFUSED: no listener,
+    the last instance gone) is counted apart: the request never reached courier, and a load
+    balancer has already stopped routing to an instance that is not ready."""
+
+    accepted: dict[str, str] = field(default_factory=dict)  # request id -> username
+    retry_later: int = 0  # 503 + Retry-After
+    refused_connect: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.accepted)} accepted, {self.retry_later} 503+Retry-After, "
+            f"{self.refused_connect} connect refused, {len(self.errors)} errors"
+        )
+
+
+async def generate_load(image: Image, stop: asyncio.Event, load: Load, clients: int = 4) -> None:
+    """POST /v1/mailboxes from ``clients`` loops, one new connection per request, until ``stop``."""
+    headers = {"Authorization": f"Bearer {image.token}"}
+    connector = aiohttp.TCPConnector(force_close=True, limit=clients)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+    ) as session:
+
+        async def client(number: int) -> None:
+            sent = 0
+            while not stop.is_set():
+                sent += 1
+                username = f"load-{number}-{sent}-{os.urandom(3).hex()}"
+                await post_one(session, image.api, headers, username, load)
+                await asyncio.sleep(0.02)
+
+        await asyncio.gather(*(client(n) for n in range(clients)))
+
+
+async def post_one(
+    session: aiohttp.ClientSession, api: str, headers: dict[str, str], username: str, load: Load
+) -> None:
+    try:
+        async with session.post(
+            f"{api}/v1/mailboxes", json=mailbox(username), headers=headers
+        ) as r:
+            body = await r.text()
+            if r.status == 202:
+                load.accepted[json.loads(body)["request_id"]] = username
+            elif r.status == 503 and r.headers.get("Retry-After"):
+                load.retry_later += 1
+            else:
+                load.errors.append(f"HTTP {r.status}: {body[:200]}")
+    except aiohttp.ClientConnectorError as exc:
+        if exc.os_error.errno == errno.ECONNREFUSED:
+            load.refused_connect += 1
+            await asyncio.sleep(0.05)
+        else:
+            load.errors.append(f"connect: {exc!r}")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        load.errors.append(repr(exc))
+
+
+async def under_load(
+    image: Image, action: Callable[[], Any], warm_seconds: float = 2.0
+) -> tuple[Load, Any]:
+    """Run ``action`` (blocking, in a thread) while the load generator runs; stop it after."""
+    load, stop = Load(), asyncio.Event()
+    generator = asyncio.create_task(generate_load(image, stop, load))
+    await asyncio.sleep(warm_seconds)
+    assert load.accepted, f"no request accepted before the action: {load.summary()}"
+    try:
+        result = await asyncio.to_thread(action)
+    finally:
+        stop.set()
+        await generator
+    return load, result
+
+
+async def assert_delivered(image: Image, usernames: Iterable[str]) -> None:
+    """Every username reached every target, each by exactly one request (no duplicate effect)."""
+    wanted = set(usernames)
+    for name, _, _ in TARGETS:
+        requests = (await image.stubs.effects(name))["requests"]
+        missing = wanted - set(requests)
+        assert not missing, f"{name} never got {len(missing)} of them: {sorted(missing)[:5]}"
+        twice = {u: ids for u, ids in requests.items() if u in wanted and len(set(ids)) > 1}
+        assert not twice, f"{name} got these from two requests: {twice}"
+
+
+# --- what the booted image does ---------------------------------------------------------------
+
+
+def test_image_boots_and_waits_for_its_settings(image: Image) -> None:
+    """systemd reaches "running" with nothing failed; before user data wrote the settings,
+    courier@N was skipped by its condition, not failed into its start limit."""
+    assert image.machine.state() == "running", image.machine.systemctl("--failed", check=False)
+    before = image.before_user_data
+    assert (before["ActiveState"], before["ConditionResult"], before["Result"]) == (
+        "inactive",
+        "no",
+        "success",
+    ), before
+    assert "courier.target restarted" in image.user_data_output, image.user_data_output
+
+
+def test_one_courier_per_vcpu_and_the_target_active(image: Image) -> None:
+    listed = image.machine.systemctl("list-units", "--all", "--plain", "--no-legend", "courier@*")
+    units = sorted(line.split()[0] for line in listed.splitlines())
+    assert units == sorted(image.instances()), listed
+    assert image.nproc >= 1
+    for unit in units:
+        assert image.machine.show(unit, "ActiveState", "SubState") == {
+            "ActiveState": "active",
+            "SubState": "running",
+        }
+    assert image.machine.show("courier.target", "ActiveState")["ActiveState"] == "active"
+
+
+async def test_every_instance_sent_ready_and_readyz_answers(image: Image) -> None:
+    port = urlsplit(image.api).port
+    for n, unit in enumerate(image.instances(), start=1):
+        shown = image.machine.show(unit, "StatusText", "ActiveState")
+        # STATUS= follows READY=1 (service/daemon.py): the unit's own word that it is ready.
+        assert shown["StatusText"].startswith(f"ready: API on http://0.0.0.0:{port}"), shown
+        metrics = await fetch_metrics(image, n)
+        assert metrics["courier_ready"] == [1.0], (
+            f"{unit}: courier_ready {metrics['courier_ready']}"
+        )
+    # Every instance shares the API port (SO_REUSEPORT): each new connection may reach either.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        for _ in range(10 * image.nproc):
+            async with session.get(f"{image.api}/readyz") as r:
+                assert (r.status, (await r.json())["status"]) == (200, "ready")
+
+
+async def fetch_metrics(image: Image, instance: int) -> dict[str, list[float]]:
+    """courier@N's /metrics (on metrics base + N): sample name -> values."""
+    url = f"http://127.0.0.1:{image.metrics_base + instance}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as r:
+        assert r.status == 200, url
+        text = await r.text()
+    samples: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample.value)
+        declared = {"counter": ["_total"], "histogram": ["_sum", "_count", "_bucket"]}
+        for suffix in declared.get(family.type, [""]):
+            samples.setdefault(family.name + suffix, [])
+    return samples
+
+
+async def test_create_mailbox_through_the_image_completes(image: Image) -> None:
+    username = f"boot-{os.urandom(4).hex()}"
+    headers = {"Authorization": f"Bearer {image.token}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{image.api}/v1/mailboxes", json=mailbox(username), headers=headers) as r,
+    ):
+        assert r.status == 202, await r.text()
+        accepted = await r.json()
+        assert r.headers["Location"] == f"/v1/requests/{accepted['request_id']}"
+    done = await wait_completed(image, [accepted["request_id"]], timeout=60)
+    document = done[accepted["request_id"]]
+    assert document["targets"] == {name: "delivered" for name, _, _ in TARGETS}, document
+    assert document["identity_id"], document  # the IdM stub made the identity
+    await assert_delivered(image, [username])
+
+
+def courier_lines(machine: nspawn.Machine, unit: str = "courier@*") -> list[dict[str, Any]]:
+    """courier's own journal lines (SyslogIdentifier=courier), each parsed as JSON."""
+    text = machine.journal("--unit", unit, "--identifier=courier", "--output=cat")
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines, f"no courier lines in the journal for {unit}"
+    parsed = []
+    for line in lines:
+        entry = json.loads(line)  # a line that is not JSON fails here, quoting it
+        assert {"ts", "level", "logger", "message"} <= entry.keys(), line
+        parsed.append(entry)
+    return parsed
+
+
+def test_journald_holds_courier_json_lines(image: Image) -> None:
+    for unit in image.instances():
+        events = [entry.get("event") for entry in courier_lines(image.machine, unit)]
+        assert "listening" in events, (unit, events)
+        assert "ready" in events, (unit, events)
+    # ec2.enabled is "on" (the template's) and IMDS is absent: said once, and nothing else.
+    first = courier_lines(image.machine, "courier@1.service")
+    assert any(entry.get("event") == "imds_unavailable" for entry in first)
+
+
+async def test_cloudwatch_agent_config_names_what_exists(image: Image) -> None:
+    """Both agent configurations, the AMI's (packer/files, installed by provision.sh) and the
+    one Terraform's user data installs, name log files and metrics the booted image has."""
+    installed = json.loads(
+        image.machine.path("/opt/aws/amazon-cloudwatch-agent/etc/courier-agent.json").read_text()
+    )
+    names: set[str] = set()
+    for n in range(1, image.nproc + 1):
+        names |= set(await fetch_metrics(image, n))
+    for config in (installed, image.agent_config):
+        for item in config["logs"]["logs_collected"]["files"]["collect_list"]:
+            path = image.machine.path(item["file_path"])
+            assert path.is_file(), item["file_path"]
+            assert all(json.loads(line) for line in path.read_text().splitlines()[:50])
+        prometheus = config["logs"]["metrics_collected"]["prometheus"]
+        assert image.machine.path(prometheus["prometheus_config_path"]).is_file()
+        for declaration in prometheus["emf_processor"]["metric_declaration"]:
+            for selector in declaration["metric_selectors"]:
+                assert any(re.search(selector, name) for name in names), (
+                    f"{selector}: no such metric in the image's /metrics"
+                )
+    # The AMI's scrape list covers every instance at the port the unit gives it (9100 + N).
+    scrape = image.machine.path("/opt/aws/amazon-cloudwatch-agent/etc/courier-prometheus.yaml")
+    unit = (REPO / "systemd" / "courier@.service").read_text()
+    unit_base = int(re.findall(r"COURIER_HTTP_METRICS_PORT=(\d+)", unit)[0])
+    for n in range(1, image.nproc + 1):
+        assert f"localhost:{unit_base + n}" in scrape.read_text()
+
+
+# What the sandbox would leave in the journal if it broke something: an EPERM from
+# SystemCallFilter=/SystemCallErrorNumber=, a denied path, a killed process.
+SANDBOX_REFUSALS = re.compile(
+    r"EPERM|Operation not permitted|Permission denied|Read-only file system|PermissionError"
+    r"|seccomp|SIGSYS|status=31/SYS|core-dump|dumped core",
+    re.IGNORECASE,
+)
+
+
+async def test_sandbox_breaks_nothing_courier_does(image: Image) -> None:
+    """Under courier@.service's sandbox, courier listens and connects (the other tests), reads
+    /proc (prometheus_client's process_* metrics), runs uvloop, and nothing is refused."""
+    for n, unit in enumerate(image.instances(), start=1):
+        pid = image.machine.host_pid(int(image.machine.show(unit, "MainPID")["MainPID"]))
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert re.search(r"/uvloop/loop\.cpython-[^/]*\.so", maps), f"{unit}: uvloop not loaded"
+        metrics = await fetch_metrics(image, n)
+        for name in (
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+        ):
+            assert metrics.get(name), f"{unit}: {name} missing (/proc unreadable?)"
+    journal = image.machine.journal("--unit=courier@*", "--output=cat")
+    refused = [line for line in journal.splitlines() if SANDBOX_REFUSALS.search(line)]
+    assert not refused, refused
+
+
+def test_journal_export_runs_and_selects_only_courier_json_lines(image: Image) -> None:
+    """courier-journal-export.service stays up under its sandbox (it restarted every 2 s with
+    ProcSubset=pid: "Failed to get boot id"), and the journal match of its ExecStart selects
+    courier's JSON lines and nothing else (--unit='courier@*.service' also took systemd's
+    "Started courier@1.service" lines, and resolved the glob only once, at its start).
+
+    The file it fills stays empty here: nspawn gives the machine a boot id of its own, while
+    the exporter's sandbox mounts a fresh /proc that shows the kernel's, and journalctl
+    --follow keeps only entries of the boot id it sees. On EC2 both are the kernel's.
+    """
+    machine, export = image.machine, "courier-journal-export.service"
+    shown = machine.show(export, "ActiveState", "SubState", "NRestarts")
+    assert shown == {"ActiveState": "active", "SubState": "running", "NRestarts": "0"}, (
+        shown, machine.journal("--unit", export)[-3000:]
+    )  # fmt: skip
+    assert machine.path("/var/log/courier/courier.log").is_file()
+    unit = (REPO / "systemd" / export).read_text()
+    command = re.findall(r"^ExecStart=/bin/sh -c 'exec (journalctl .*?) >>", unit, re.M)[0]
+    selecting = [arg for arg in command.split()[1:] if arg not in ("--follow",)]
+    selecting = [arg for arg in selecting if not arg.startswith("--cursor-file")]
+    lines = machine.run("journalctl", "--no-pager", *selecting).stdout.splitlines()
+    events = {json.loads(line).get("event") for line in lines if line.strip()}
+    assert {"listening", "ready", "http_request"} <= events, events
+
+
+async def test_watchdog_kills_a_blocked_instance_and_restarts_it(image: Image) -> None:
+    """SIGSTOP freezes courier@1's event loop, so its WATCHDOG=1 pings stop: systemd kills it
+    with its WatchdogSignal once WatchdogSec (30 s) has passed without one, and
+    Restart=on-failure brings it back, ready (about 31 s in all here)."""
+    machine, unit = image.machine, "courier@1.service"
+    before = machine.show(unit, "MainPID", "NRestarts", "WatchdogUSec")
+    assert before["WatchdogUSec"] == "30s", before
+    os.kill(machine.host_pid(int(before["MainPID"])), signal.SIGSTOP)
+
+    def restarted() -> dict[str, str] | None:
+        now = machine.show(unit, *UNIT_PROPERTIES)
+        fresh = now["MainPID"] not in ("0", before["MainPID"])
+        return now if fresh and now["StatusText"].startswith("ready") else None
+
+    after = await asyncio.to_thread(
+        nspawn.wait_for, restarted, timeout=150, what=f"{unit} restarted after its watchdog", poll=1
+    )
+    assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1, after
+    log = machine.journal("--unit", unit, "--output=cat")
+    assert "Watchdog timeout" in log, log[-2000:]
+    assert f"{unit}: Failed with result 'watchdog'" in log, log[-2000:]
+    async with aiohttp.ClientSession() as session, session.get(f"{image.api}/readyz") as r:
+        assert r.status == 200
+
+
+def instances_down(
+    machine: nspawn.Machine, units: Sequence[str]
+) -> dict[str, dict[str, str]] | None:
+    shown = {u: machine.show(u, *UNIT_PROPERTIES) for u in units}
+    return (
+        shown if all(s["ActiveState"] in ("inactive", "failed") for s in shown.values()) else None
+    )
+
+
+async def test_stop_under_load_drains_in_time_and_loses_nothing(image: Image) -> None:
+    """`systemctl stop courier.target` while clients keep posting: every instance exits by
+    itself (Result=success, status 0) within TimeoutStopSec, clients only ever get 202 or
+    503 + Retry-After, and every accepted request completes once courier.target is started
+    again."""
+    machine, units = image.machine, image.instances()
+    timeout_stop = machine.show(units[0], "TimeoutStopUSec")["TimeoutStopUSec"]
+    assert timeout_stop == "30s"
+
+    def stop() -> float:
+        started = time.monotonic()
+        machine.systemctl("stop", "courier.target", timeout=120)
+        nspawn.wait_for(lambda: instances_down(machine, units), timeout=120, what="instances down")
+        return time.monotonic() - started
+
+    load, took = await under_load(image, stop)
+    print(f"stop under load: {took:.1f}s; {load.summary()}")
+    assert took < 30, f"stop took {took:.1f}s, beyond TimeoutStopSec"
+    assert load.errors == [], load.errors[:10]
+    down = instances_down(machine, units) or {}
+    for unit, shown in down.items():
+        assert (shown["ActiveState"], shown["Result"], shown["ExecMainStatus"]) == (
+            "inactive",
+            "success",
+            "0",
+        ), (unit, shown)
+    # Both halves finished inside http.drain_seconds: neither drain was cut short.
+    cut = {"worker_drain_cut_short", "http_drain_cut_short"}
+    assert not [e for e in courier_lines(machine) if e.get("event") in cut]
+
+    machine.systemctl("start", "courier.target", timeout=120)
+    await asyncio.to_thread(wait_all_ready, machine, units)
+    await wait_completed(image, list(load.accepted))
+    await assert_delivered(image, load.accepted.values())
+
+
+async def test_poweroff_under_load_loses_nothing(image: Image) -> None:
+    """`systemctl poweroff` while clients keep posting: nspawn exits 0, and after the next boot
+    every request the image accepted completes. Last: it powers the fixture's machine off."""
+    load, status = await under_load(image, image.machine.poweroff)
+    print(f"poweroff under load: {load.summary()}")
+    assert status == 0, image.machine.console()[-3000:]
+    assert load.errors == [], load.errors[:10]
+    with nspawn.booted(image.machine.root) as again:
+        image.machine = again
+        await asyncio.to_thread(wait_all_ready, again, image.instances())
+        await wait_completed(image, list(load.accepted))
+        await assert_delivered(image, load.accepted.values())
