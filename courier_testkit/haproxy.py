@@ -410,11 +410,34 @@ async def haproxy(
     binary = haproxy_binary()
     if binary is None:
         raise HarnessError("haproxy is not installed (Debian: apt-get install haproxy)")
-    directory = Path(directory or tempfile.mkdtemp(prefix=f"{name}-"))
+    with contextlib.ExitStack() as cleanup:
+        if directory is None:  # removed afterwards; a directory given is the caller's to keep
+            directory = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=f"{name}-")))
+        async with _running(
+            binary,
+            target_group,
+            servers=servers or {},
+            port=port,
+            directory=directory,
+            name=name,
+        ) as handle:
+            yield handle
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    binary: str,
+    target_group: TargetGroup,
+    *,
+    servers: Mapping[str, str],
+    port: int,
+    directory: Path,
+    name: str,
+) -> AsyncIterator[HAProxy]:
     port = port or free_port()
     admin_socket = directory / "admin.sock"
     config_path = directory / "haproxy.cfg"
-    config_path.write_text(render_config(target_group, port, admin_socket, servers or {}))
+    config_path.write_text(render_config(target_group, port, admin_socket, servers))
     process = ManagedProcess(
         [binary, "-db", "-f", str(config_path)], name=name, directory=directory
     )

@@ -75,36 +75,47 @@ SERVICES = (
 EXPECTED_CREATED = 55
 
 _M = "module.courier."
-# (resource address, top-level attribute) of every change the plan after apply shows
-# ("12 to change"), each because moto reads back something other than what it was sent.
+# (resource address, top-level attribute, "changed" or "unknown") of every change the plan
+# after apply shows ("12 to change"), each because moto reads back something other than
+# what it was sent. "unknown" (a value known only at apply) is accepted only where it is
+# listed so; a listed attribute whose new value is known and different fails. (A document
+# that is unknown as a whole, like the policies below, cannot be compared here at all.)
 # Anything else in that plan is a drift of courier's own and fails the check.
-KNOWN_DRIFT: frozenset[tuple[str, str]] = frozenset(
+KNOWN_DRIFT: frozenset[tuple[str, str, str]] = frozenset(
     {
         # moto reads back: no warm-up (0), a null capacity reservation preference ("" sent),
         # policies disabled, an empty predictive scaling block, rotation period 0, an extra
         # "launch-template" tag specification, the redrive JSON re-serialised (whitespace),
         # and no description on rules that reference a security group.
-        (_M + "aws_autoscaling_group.courier", "default_instance_warmup"),
-        (_M + "aws_autoscaling_group.courier", "capacity_reservation_specification"),
-        (_M + "aws_autoscaling_policy.queue_backlog", "enabled"),
-        (_M + "aws_autoscaling_policy.queue_backlog", "predictive_scaling_configuration"),
-        (_M + "aws_autoscaling_policy.request_count", "enabled"),
-        (_M + "aws_autoscaling_policy.request_count", "predictive_scaling_configuration"),
-        (_M + "aws_kms_key.credstash[0]", "rotation_period_in_days"),
-        (_M + "aws_kms_key.data", "rotation_period_in_days"),
-        (_M + "aws_launch_template.courier", "tag_specifications"),
-        (_M + "aws_sqs_queue.work", "redrive_policy"),
-        (_M + "aws_vpc_security_group_egress_rule.alb_to_instances", "description"),
-        (_M + "aws_vpc_security_group_ingress_rule.instance_from_alb", "description"),
+        (_M + "aws_autoscaling_group.courier", "default_instance_warmup", "changed"),
+        (_M + "aws_autoscaling_group.courier", "capacity_reservation_specification", "changed"),
+        (_M + "aws_autoscaling_policy.queue_backlog", "enabled", "changed"),
+        (
+            _M + "aws_autoscaling_policy.queue_backlog",
+            "predictive_scaling_configuration",
+            "changed",
+        ),
+        (_M + "aws_autoscaling_policy.request_count", "enabled", "changed"),
+        (
+            _M + "aws_autoscaling_policy.request_count",
+            "predictive_scaling_configuration",
+            "changed",
+        ),
+        (_M + "aws_kms_key.credstash[0]", "rotation_period_in_days", "changed"),
+        (_M + "aws_kms_key.data", "rotation_period_in_days", "changed"),
+        (_M + "aws_launch_template.courier", "tag_specifications", "changed"),
+        (_M + "aws_sqs_queue.work", "redrive_policy", "changed"),
+        (_M + "aws_vpc_security_group_egress_rule.alb_to_instances", "description", "changed"),
+        (_M + "aws_vpc_security_group_ingress_rule.instance_from_alb", "description", "changed"),
         # Knock-on, unknown until apply: the tag specification change makes a new launch
         # template version, which the group pins; the policy documents naming the keys and
         # queues above are read again at apply time.
-        (_M + "aws_launch_template.courier", "default_version"),
-        (_M + "aws_launch_template.courier", "latest_version"),
-        (_M + "aws_autoscaling_group.courier", "launch_template"),
-        (_M + "aws_iam_role_policy.instance", "policy"),
-        (_M + 'aws_sqs_queue_policy.tls_only["dlq"]', "policy"),
-        (_M + 'aws_sqs_queue_policy.tls_only["work"]', "policy"),
+        (_M + "aws_launch_template.courier", "default_version", "unknown"),
+        (_M + "aws_launch_template.courier", "latest_version", "unknown"),
+        (_M + "aws_autoscaling_group.courier", "launch_template", "unknown"),
+        (_M + "aws_iam_role_policy.instance", "policy", "unknown"),
+        (_M + 'aws_sqs_queue_policy.tls_only["dlq"]', "policy", "unknown"),
+        (_M + 'aws_sqs_queue_policy.tls_only["work"]', "policy", "unknown"),
     }
 )
 
@@ -389,27 +400,30 @@ def has_unknown(marks: Any) -> bool:
     return marks is True
 
 
-def plan_drift(plan: Mapping[str, Any]) -> set[tuple[str, str]]:
-    """(address, attribute) of every change a saved plan would make.
+def plan_drift(plan: Mapping[str, Any]) -> set[tuple[str, str, str]]:
+    """(address, attribute, kind) of every change a saved plan would make.
 
-    Updates name each top-level attribute that differs; any other action (create, delete,
-    replace) names the action instead, so it can never match ``KNOWN_DRIFT``.
+    Updates name each top-level attribute that differs, as "unknown" when its new value is
+    known only at apply, else "changed"; any other action (create, delete, replace) names
+    the action instead, so it can never match ``KNOWN_DRIFT``.
     """
-    drift: set[tuple[str, str]] = set()
+    drift: set[tuple[str, str, str]] = set()
     for change in plan.get("resource_changes", []):
         actions = change["change"]["actions"]
         if actions in (["no-op"], ["read"]):
             continue
         address = change["address"]
         if actions != ["update"]:
-            drift.add((address, "+".join(actions)))
+            drift.add((address, "+".join(actions), "action"))
             continue
         before = change["change"].get("before") or {}
         after = change["change"].get("after") or {}
         unknown = change["change"].get("after_unknown") or {}
         for key in sorted(set(before) | set(after)):
-            if before.get(key) != after.get(key) or has_unknown(unknown.get(key)):
-                drift.add((address, key))
+            if has_unknown(unknown.get(key)):
+                drift.add((address, key, "unknown"))
+            elif before.get(key) != after.get(key):
+                drift.add((address, key, "changed"))
     return drift
 
 
@@ -440,14 +454,15 @@ def by_type(resources: Mapping[str, Resource], kind: str) -> list[dict[str, Any]
     return [r.values for r in resources.values() if r.type == kind]
 
 
-def verify_deployment(endpoint: str, resources: Mapping[str, Resource]) -> None:
-    """Check with boto3 that what exists in moto is what the module intended."""
+def verify_deployment(endpoint: str, resources: Mapping[str, Resource], topic_arn: str) -> None:
+    """Check with boto3 that what exists in moto is what the module intended; ``topic_arn`` is
+    the SNS topic given as the ``alarm_sns_topic_arn`` input."""
     checks = Checks()
     check_autoscaling(endpoint, resources, checks)
     check_queues(endpoint, resources, checks)
     check_tables(endpoint, resources, checks)
     check_keys(endpoint, resources, checks)
-    check_observability(endpoint, resources, checks)
+    check_observability(endpoint, resources, topic_arn, checks)
     checks.raise_if_failed("deployment differs from the module's intent")
 
 
@@ -563,8 +578,11 @@ def check_keys(endpoint: str, resources: Mapping[str, Resource], checks: Checks)
         )
 
 
-def check_observability(endpoint: str, resources: Mapping[str, Resource], checks: Checks) -> None:
-    """Every alarm and the dashboard exist; the alarms notify the SNS topic."""
+def check_observability(
+    endpoint: str, resources: Mapping[str, Resource], topic_arn: str, checks: Checks
+) -> None:
+    """Every alarm and the dashboard exist; every alarm notifies the input SNS topic (and
+    exactly what the state says it does)."""
     cloudwatch = client(endpoint, "cloudwatch")
     wanted = {a["alarm_name"]: a for a in by_type(resources, "aws_cloudwatch_metric_alarm")}
     found = cloudwatch.describe_alarms(AlarmNames=sorted(wanted))["MetricAlarms"]
@@ -573,8 +591,8 @@ def check_observability(endpoint: str, resources: Mapping[str, Resource], checks
     for alarm in found:
         actions = set(wanted[alarm["AlarmName"]]["alarm_actions"])
         checks.expect(
-            bool(actions) and set(alarm.get("AlarmActions", [])) == actions,
-            f"alarm {alarm['AlarmName']} notifies {alarm.get('AlarmActions')}, not {actions}",
+            topic_arn in actions and set(alarm.get("AlarmActions", [])) == actions,
+            f"alarm {alarm['AlarmName']} notifies {alarm.get('AlarmActions')}, not {topic_arn}",
         )
     for dashboard in by_type(resources, "aws_cloudwatch_dashboard"):
         name = dashboard["dashboard_name"]
@@ -659,7 +677,8 @@ class Cycle:
         self.example = work / EXAMPLE
         self.resources: dict[str, Resource] = {}
         self.created = 0
-        self.drift: set[tuple[str, str]] = set()
+        self.drift: set[tuple[str, str, str]] = set()
+        self.topic_arn = ""  # the alarm topic created as an input
 
     def run(self) -> None:
         """Every step in order; raises CheckFailed if any failed.
@@ -694,6 +713,7 @@ class Cycle:
     def inputs(self) -> str:
         """Create the inputs in moto and the workspace that uses them."""
         made = create_inputs(self.endpoint)
+        self.topic_arn = made.alarm_sns_topic_arn
         prepare_workspace(self.work, self.endpoint, made)
         return (
             f"moto at {self.endpoint}; {made.vpc_id}, 4 subnets, certificate, topic, {made.ami_id}"
@@ -730,7 +750,7 @@ class Cycle:
                 f"  listed but not seen (remove from KNOWN_DRIFT): {sorted(gone)}"
             )
         summary = re.search(r"Plan: .*", output)
-        changed = len({address for address, _ in self.drift})
+        changed = len({address for address, _, _ in self.drift})
         return (
             f"{summary.group(0) if summary else 'No changes.'} "
             f"{len(self.drift)} attributes on {changed} resources, all known moto read-backs"
@@ -738,7 +758,7 @@ class Cycle:
 
     def verify(self) -> str:
         """boto3: what exists is what the module intended."""
-        verify_deployment(self.endpoint, self.resources)
+        verify_deployment(self.endpoint, self.resources, self.topic_arn)
         return (
             "ASG on the launch template with hook and target group; redrive; "
             "TTL/PITR/SSE; key rotation; alarms; dashboard"

@@ -40,7 +40,14 @@ from chaos.report import Row
 from chaos.rig import TARGETS, Rig
 from chaos.scenarios.common import Scenario, metric, run_id, summarize
 from courier_testkit.courier import CourierProcess
-from courier_testkit.haproxy import HAProxy, TargetGroup, haproxy, target_group_from_terraform
+from courier_testkit.haproxy import (
+    BACKEND,
+    FRONTEND,
+    HAProxy,
+    TargetGroup,
+    haproxy,
+    target_group_from_terraform,
+)
 from courier_testkit.hcl_expressions import Scope, evaluate_expression
 from courier_testkit.iam_policy import load_module
 from courier_testkit.ports import LOOPBACK, free_port
@@ -48,6 +55,8 @@ from fleet.load import SteadyLoad
 from fleet.report import Outcome, Round
 from service import daemon
 from service.settings import Settings
+
+LB_ERROR_COUNTERS = (f"{FRONTEND}.hrsp_5xx", f"{BACKEND}.econ", f"{BACKEND}.eresp")
 
 
 @dataclass(frozen=True)
@@ -195,6 +204,10 @@ class RollingReplacement(Scenario):
         not_completed = sorted(i for i in self.ids if self.states.get(i) != "completed")
         row.check(not not_completed, f"{len(not_completed)} accepted requests not completed")
         row.check(len(self.rounds) == self.scale.rounds, f"{len(self.rounds)} rounds ran")
+        # HAProxy's own count agrees: no 5xx to a client, no failed connection or answer
+        # from a target (an attempt the client saw fail would show here too).
+        seen = {name: self.counters.get(name, 0) for name in LB_ERROR_COUNTERS}
+        row.check(not any(seen.values()), f"HAProxy counted errors: {seen}")
         idle = sorted(name for name, total in self.served.items() if total == 0)
         row.check(bool(self.served) and not idle, f"instances never in service: {idle}")
         stop_bound = daemon.stop_bound_seconds(self.settings)

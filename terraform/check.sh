@@ -3,10 +3,11 @@
 # `terraform test` against a mocked provider, checkov with zero failures, the
 # python-hcl2 environment tests/test_terraform.py parses with, and a real
 # `terraform apply` / plan / destroy of examples/complete against moto
-# (courier_testkit/terraform_moto.py, ~3-5 minutes).
+# (courier_testkit/terraform_moto.py, 3 to 4 minutes).
 #
 # Usage: bash terraform/check.sh          (from anywhere; writes nothing into the repo
 #                                          except the git-ignored .venv-checkov/.venv-hcl2)
+#        bash terraform/check.sh --hcl-env only create .venv-hcl2 (`make hcl-env`)
 # Env:   TF_PLUGIN_MIRROR=<dir>           plugin dir holding registry.terraform.io/hashicorp/aws
 #        PYTHON=python3.11                interpreter for the two tool virtualenvs
 #        COURIER_PYTHON=<python>          the project's interpreter, with moto and boto3
@@ -32,6 +33,31 @@ die() {
   printf 'FAIL: %b\n' "$*" >&2
   exit 1
 }
+
+ensure_venv() { # dir, distribution, version
+  local dir=$1 name=$2 version=$3 installed=""
+  if [[ -x "$dir/bin/python" ]]; then
+    installed=$("$dir/bin/python" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' \
+      "$name" 2>/dev/null || true)
+  fi
+  if [[ "$installed" != "$version" ]]; then
+    step "creating $(basename "$dir") with $name==$version"
+    "$python" -m venv "$dir"
+    # The machine's pip configuration may list local indexes that lack most packages; pip
+    # then warns once per package and location. Drop that noise, keep everything else.
+    { "$dir/bin/python" -m pip install --quiet --disable-pip-version-check "$name==$version" 2>&1; } |
+      { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+  fi
+  # Never committed, whatever the repository's .gitignore says.
+  printf '*\n' >"$dir/.gitignore"
+}
+
+# `check.sh --hcl-env`: only the python-hcl2 environment (what the test-suite and `make fleet`
+# parse the .tf files with), without terraform.
+if [[ "${1:-}" == "--hcl-env" ]]; then
+  ensure_venv "$repo/.venv-hcl2" python-hcl2 "$PYTHON_HCL2_VERSION"
+  exit 0
+fi
 
 command -v terraform >/dev/null || die "terraform is not installed (need >= 1.5)"
 
@@ -90,24 +116,6 @@ else
 fi
 
 # --- 3. tool virtualenvs (their own: checkov ships a fork of hcl2) ------------------------
-ensure_venv() { # dir, distribution, version
-  local dir=$1 name=$2 version=$3 installed=""
-  if [[ -x "$dir/bin/python" ]]; then
-    installed=$("$dir/bin/python" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' \
-      "$name" 2>/dev/null || true)
-  fi
-  if [[ "$installed" != "$version" ]]; then
-    step "creating $(basename "$dir") with $name==$version"
-    "$python" -m venv "$dir"
-    # The machine's pip configuration may list local indexes that lack most packages; pip
-    # then warns once per package and location. Drop that noise, keep everything else.
-    { "$dir/bin/python" -m pip install --quiet --disable-pip-version-check "$name==$version" 2>&1; } |
-      { grep -v 'is ignored: it is neither a file nor a directory' || true; }
-  fi
-  # Never committed, whatever the repository's .gitignore says.
-  printf '*\n' >"$dir/.gitignore"
-}
-
 ensure_venv "$repo/.venv-checkov" checkov "$CHECKOV_VERSION"
 ensure_venv "$repo/.venv-hcl2" python-hcl2 "$PYTHON_HCL2_VERSION"
 
