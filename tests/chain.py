@@ -177,6 +177,15 @@ def chain_settings(
     )
 
 
+def worker_only_settings(
+    settings: Settings, stubs: Mapping[str, LegacyStub], **chain: Any
+) -> Settings:
+    """``chain_settings`` for a ``role = worker`` courier delivering to ``stubs``; its IdM URL
+    is a closed port, since the worker role never calls the IdM."""
+    urls = {name: stub.url for name, stub in stubs.items()}
+    return chain_settings(settings, "http://127.0.0.1:9", urls, **chain).replace(role="worker")
+
+
 def legacy_stubs() -> dict[str, LegacyStub]:
     """One stub per target of ``TARGETS``."""
     return {name: StubTarget(name=name) for name, _ in TARGETS}

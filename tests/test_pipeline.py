@@ -32,7 +32,6 @@ from service.worker.replay import ReplayFilter, replay
 from tests.chain import (
     Chain,
     chain_courier,
-    chain_settings,
     event_payload,
     eventually,
     mailbox,
@@ -40,6 +39,7 @@ from tests.chain import (
     plant_request,
     running_chain,
     serving_stubs,
+    worker_only_settings,
 )
 
 
@@ -248,14 +248,12 @@ async def test_crash_mid_delivery_is_redelivered_after_the_visibility_timeout(
     settings: Settings, fresh: Resources, aws: AwsClients, tmp_path: Path
 ) -> None:
     async with serving_stubs() as stubs:
-        urls = {name: stub.url for name, stub in stubs.items()}
-        configured = chain_settings(
+        configured = worker_only_settings(
             settings,
-            "http://127.0.0.1:9",  # no IdM: the worker role never calls it
-            urls,
+            stubs,
             target_overrides={"billing": {"timeout_seconds": 10}},
             visibility_timeout_seconds=5,
-        ).replace(role="worker")
+        )
         stubs["billing"].behaviour.latency_seconds = 2
         status = StatusStore(aws.dynamodb, fresh.status_table, 1)
         async with chain_courier(configured, tmp_path) as first:

@@ -22,12 +22,12 @@ from service.worker.poller import Poller
 from tests.chain import (
     Chain,
     chain_courier,
-    chain_settings,
     eventually,
     mailbox,
     plant_request,
     running_chain,
     serving_stubs,
+    worker_only_settings,
 )
 
 # --- backoff ---------------------------------------------------------------------------------
@@ -410,14 +410,12 @@ async def test_sigterm_drains_and_exits_zero_within_the_bound(
     settings: Settings, fresh: Resources, aws: AwsClients, tmp_path: Path
 ) -> None:
     async with serving_stubs() as stubs:
-        urls = {name: stub.url for name, stub in stubs.items()}
-        configured = chain_settings(
+        configured = worker_only_settings(
             settings,
-            "http://127.0.0.1:9",  # no IdM: the worker role never calls it
-            urls,
+            stubs,
             target_overrides={"crm": {"timeout_seconds": 10}},
             drain_seconds=1,
-        ).replace(role="worker")
+        )
         stubs["crm"].behaviour.latency_seconds = 3
         async with chain_courier(configured, tmp_path) as courier:
             await courier.wait_ready()
