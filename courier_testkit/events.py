@@ -42,7 +42,15 @@ async def seal_events(
     events = []
     for index in range(count):
         request_id = uuid.uuid4().hex
-        event = create_mailbox.event(payload(index), f"idm-{tag}-{index:x}", subject, requested_at)
+        identity_id = f"idm-{tag}-{index:x}"
+        event = create_mailbox.event(payload(index), identity_id, subject, requested_at)
+        # What the API carries for the worker's final write (service/status.py).
+        event["record"] = {
+            "created_at": requested_at,
+            "body_hash": "",
+            "subject": subject,
+            "identity_id": identity_id,
+        }
         events.append(Event(request_id, await cipher.seal(create_mailbox.NAME, request_id, event)))
     return events
 

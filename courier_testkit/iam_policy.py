@@ -457,7 +457,14 @@ DYNAMODB_TRANSACT = {
     "Delete": "DeleteItem",
     "Get": "GetItem",
 }
-DYNAMODB_BATCH_WRITE = {"PutRequest": ("PutItem", "Item"), "DeleteRequest": ("DeleteItem", "Key")}
+# The batch operations are IAM actions of their own (Service Authorization Reference, "Actions,
+# resources, and condition keys for Amazon DynamoDB": BatchWriteItem -> dynamodb:BatchWriteItem,
+# BatchGetItem -> dynamodb:BatchGetItem), unlike SQS's batches; each item is still a request
+# (its table and, for dynamodb:LeadingKeys, its key).
+DYNAMODB_BATCH_WRITE = {
+    "PutRequest": ("BatchWriteItem", "Item"),
+    "DeleteRequest": ("BatchWriteItem", "Key"),
+}
 MOTO_KEY_ID_BYTES = 36  # moto's ciphertext blob starts with the key id (a UUID)
 
 
@@ -554,7 +561,7 @@ def _dynamodb_requests(call: RecordedCall, account: AwsAccount) -> list[AccessRe
         ]
     if call.operation == "BatchGetItem":
         return [
-            _dynamodb_item_request("GetItem", {"TableName": table, "Key": key}, call, account)
+            _dynamodb_item_request("BatchGetItem", {"TableName": table, "Key": key}, call, account)
             for table, spec in params.get("RequestItems", {}).items()
             for key in spec.get("Keys", [])
         ]

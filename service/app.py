@@ -22,6 +22,7 @@ from .api import health_routes, mailboxes, openapi
 from .api.auth import Jwks, TokenVerifier
 from .api.middleware import ACCESS_LOG_KEY, observe
 from .aws import AwsClients, open_client, open_clients
+from .dynamo import open_dynamodb
 from .ec2 import Imds, LifecycleWatcher, identify
 from .envelope import EnvelopeCipher
 from .errors import SettingsError
@@ -195,9 +196,12 @@ async def _prefetch_until_loaded(cache: SecretCache, names: tuple[str, ...]) -> 
 async def _data_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     clients = app[AWS]
-    app[STATUS] = StatusStore(clients.dynamodb, settings.status.table, settings.status.ttl_days)
-    app[ENVELOPE] = EnvelopeCipher(clients.kms, settings.envelope)
-    yield
+    async with open_dynamodb(settings.aws) as dynamodb:
+        status = StatusStore(dynamodb, settings.status.table, settings.status.ttl_days)
+        app[STATUS] = status
+        app[ENVELOPE] = EnvelopeCipher(clients.kms, settings.envelope)
+        yield
+        await status.drain()
 
 
 async def _producer_context(app: web.Application) -> AsyncIterator[None]:

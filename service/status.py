@@ -21,11 +21,16 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeGuard
 
+import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
 
+from .batch_writes import PutBatcher, UnprocessedError
 from .errors import CourierError, PermanentError, TransientError, classify
 
 TTL_ATTRIBUTE = "expires_at"
+# What a status-table call raises when it fails: DynamoDB answered an error (ClientError), or
+# the transport failed (botocore's, aiohttp's, or a timeout: TimeoutError is an OSError).
+FAILURES = (ClientError, BotoCoreError, aiohttp.ClientError, OSError)
 
 
 class RequestState(StrEnum):
@@ -155,6 +160,44 @@ def _from_item(item: Mapping[str, Any]) -> StatusRecord:
     )
 
 
+# What a worker's whole-record ``completed`` write must keep of the API's record. The API seals
+# these into the event (member ``record``: ``carried_fields``), so the worker writes the final
+# record without reading it first (``completed_record``). None of them is personal data beyond
+# the token subject, which the record holds anyway.
+CARRIED_FIELDS = ("created_at", "body_hash", "subject", "identity_id")
+
+
+def carried_fields(record: StatusRecord) -> dict[str, str]:
+    """The fields of ``record`` the API seals into the event, for the worker's final write."""
+    return {name: getattr(record, name) for name in CARRIED_FIELDS}
+
+
+def completed_record(
+    request_id: str, op: str, targets: Mapping[str, str], carried: object
+) -> StatusRecord | None:
+    """The final record of a request whose event carried ``carried``; None when it did not.
+
+    An event sealed before the API carried the fields (or by anything else) has none: its
+    completion is written field by field instead (``StatusStore.update``).
+    """
+    if not isinstance(carried, Mapping) or not all(
+        isinstance(carried.get(name), str) for name in CARRIED_FIELDS
+    ):
+        return None
+    now = now_iso()
+    return StatusRecord(
+        request_id=request_id,
+        op=op,
+        state=RequestState.COMPLETED,
+        created_at=carried["created_at"] or now,
+        updated_at=now,
+        body_hash=carried["body_hash"],
+        subject=carried["subject"],
+        identity_id=carried["identity_id"],
+        targets=dict(targets),
+    )
+
+
 def _key(request_id: str) -> dict[str, Any]:
     return {"pk": {"S": f"req#{request_id}"}}
 
@@ -166,10 +209,43 @@ class StatusStore:
     ``service/errors.py`` classifies its error code; failed conditions are answers, read here.
     """
 
-    def __init__(self, dynamodb: Any, table: str, ttl_days: int) -> None:
+    def __init__(
+        self, dynamodb: Any, table: str, ttl_days: int, *, linger_seconds: float = 0.002
+    ) -> None:
         self._dynamodb = dynamodb
         self.table = table
         self._ttl_seconds = ttl_days * 86400
+        self._puts = PutBatcher(dynamodb, table, "pk", linger_seconds)
+
+    async def create(self, record: StatusRecord) -> None:
+        """Write the first record of a request nobody else can know yet (a random id).
+
+        Unconditional, so it shares a BatchWriteItem with concurrent writes
+        (``service/batch_writes.py``); raises once the write failed.
+        """
+        await self._put(record)
+
+    async def complete(self, record: StatusRecord) -> None:
+        """Write a request's final ``completed`` record whole, batched with concurrent writes.
+
+        No condition is needed: ``completed`` is final and every copy of the request writes
+        the same record, so writing it twice changes nothing a reader sees but ``updated_at``;
+        every other write stays conditional on the record not being completed. The expiry
+        restarts from now.
+        """
+        await self._put(record)
+
+    async def drain(self) -> None:
+        """Finish the batched writes still waiting or in flight (at shutdown)."""
+        await self._puts.drain()
+
+    async def _put(self, record: StatusRecord) -> None:
+        try:
+            await self._puts.put(_to_item(record, int(time.time()) + self._ttl_seconds))
+        except UnprocessedError as exc:
+            raise StatusUnavailableError(f"status table unavailable: {exc}") from exc
+        except FAILURES as exc:
+            raise _status_error(exc) from exc
 
     async def claim(self, record: StatusRecord) -> StatusRecord | None:
         """Write ``record`` unless one exists: None when written, else the existing record.
@@ -183,7 +259,7 @@ class StatusStore:
                 ConditionExpression="attribute_not_exists(pk)",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
-        except (ClientError, BotoCoreError, OSError) as exc:
+        except FAILURES as exc:
             return await self._current(record.request_id, exc)
         return None
 
@@ -235,7 +311,7 @@ class StatusStore:
                 ReturnValues="ALL_NEW",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
-        except (ClientError, BotoCoreError, OSError) as exc:
+        except FAILURES as exc:
             return await self._current(seen.request_id, exc), False
         return _from_item(response["Attributes"]), True
 
@@ -281,7 +357,7 @@ class StatusStore:
                 ExpressionAttributeValues=values,
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
-        except (ClientError, BotoCoreError, OSError) as exc:
+        except FAILURES as exc:
             return await self._current(request_id, exc)
         return None
 
@@ -340,7 +416,7 @@ class StatusStore:
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
             )
-        except (ClientError, BotoCoreError, OSError) as exc:
+        except FAILURES as exc:
             if _condition_failed(exc):
                 raise RequestCompletedError(f"request {request_id} is already completed") from None
             raise _status_error(exc) from exc
@@ -348,7 +424,7 @@ class StatusStore:
     async def _call(self, method: Any, **kwargs: Any) -> Any:
         try:
             return await method(**kwargs)
-        except (ClientError, BotoCoreError, OSError) as exc:
+        except FAILURES as exc:
             raise _status_error(exc) from exc
 
 

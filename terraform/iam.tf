@@ -73,10 +73,12 @@ data "aws_iam_policy_document" "instance" {
     resources = [aws_sqs_queue.work.arn, aws_sqs_queue.dlq.arn]
   }
 
-  # No DeleteItem: a status record is never deleted, it expires (TTL).
+  # No DeleteItem: a status record is never deleted, it expires (TTL). BatchWriteItem carries
+  # the unconditional whole-record puts (completions, unkeyed requests) of many requests at once.
   statement {
     sid = "StatusTable"
     actions = [
+      "dynamodb:BatchWriteItem",
       "dynamodb:GetItem",
       "dynamodb:PutItem",
       "dynamodb:UpdateItem",

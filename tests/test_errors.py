@@ -13,7 +13,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -27,6 +27,7 @@ from courier_testkit.ports import serving
 from service.api.problems import RETRY_AFTER_SECONDS
 from service.aws import AwsClients
 from service.bootstrap import Resources
+from service.dynamo import DynamoDB, open_dynamodb
 from service.envelope import Envelope, EnvelopeCipher
 from service.errors import (
     AWS_CODES,
@@ -49,7 +50,7 @@ from service.idm import IdmClient, IdmError
 from service.queue import Producer, SendError
 from service.secrets.credstash import CredStash
 from service.secrets.errors import SecretError, SecretMisconfiguredError, SecretUnavailableError
-from service.settings import EnvelopeSettings, IdmSettings, Settings, WorkerSettings
+from service.settings import AwsSettings, EnvelopeSettings, IdmSettings, Settings, WorkerSettings
 from service.status import RequestState, StatusRefusedError, StatusStore, StatusUnavailableError
 from service.stubs import IdmStub
 from service.worker.outcomes import DeadLetter, Message, Retry
@@ -238,6 +239,34 @@ async def aws_error(
     return caught.value
 
 
+@pytest.fixture(scope="module")
+async def hot_dynamodb(
+    stub_aws: tuple[StubAws, dict[str, Any]], monkeypatch_module: pytest.MonkeyPatch
+) -> AsyncIterator[DynamoDB]:
+    """The hot path's DynamoDB client (aiodynamo) pointed at the same stub."""
+    endpoint = str(stub_aws[1]["dynamodb"].meta.endpoint_url)
+    monkeypatch_module.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch_module.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    async with open_dynamodb(AwsSettings(endpoint_url=endpoint)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+async def hot_error(
+    stub_aws: tuple[StubAws, dict[str, Any]], client: DynamoDB, status: int, code: str
+) -> ClientError:
+    """The ClientError the hot path's client raises for the same answer."""
+    stub_aws[0].status, stub_aws[0].code = status, code
+    with pytest.raises(ClientError) as caught:
+        await client.get_item(TableName="t", Key={"pk": {"S": "k"}})
+    return caught.value
+
+
 def test_every_row_of_the_aws_table_is_pinned() -> None:
     table = {(source, code) for source, codes in AWS_CODES.items() for code in codes}
     assert table == set(AWS_ROWS)
@@ -262,6 +291,18 @@ async def test_aws_row(stub_aws: tuple[StubAws, dict[str, Any]], source: str, co
             assert classify_aws(exc, service) is own
 
 
+@pytest.mark.parametrize(
+    "code", sorted({c for (source, c) in AWS_ROWS if source in ("any", "dynamodb")})
+)
+async def test_the_hot_dynamodb_client_raises_what_botocore_raises(
+    stub_aws: tuple[StubAws, dict[str, Any]], hot_dynamodb: DynamoDB, code: str
+) -> None:
+    botocore_error = await aws_error(stub_aws, "dynamodb", 400, code)
+    hot = await hot_error(stub_aws, hot_dynamodb, 400, code)
+    assert hot.response["Error"]["Code"] == botocore_error.response["Error"]["Code"] == code
+    assert classify(hot, "dynamodb") is classify(botocore_error, "dynamodb")
+
+
 @pytest.mark.parametrize(("status", "decision"), FALLBACK_ROWS)
 async def test_aws_code_no_table_names_goes_by_status(
     stub_aws: tuple[StubAws, dict[str, Any]], status: int, decision: Decision
@@ -270,6 +311,17 @@ async def test_aws_code_no_table_names_goes_by_status(
         exc = await aws_error(stub_aws, service, status, "SomethingNewException")
         assert classify_aws(exc, service) is decision
         assert is_retryable(exc) is decision.retryable
+
+
+@pytest.mark.parametrize(("status", "decision"), FALLBACK_ROWS)
+async def test_the_hot_dynamodb_client_falls_back_on_the_status_too(
+    stub_aws: tuple[StubAws, dict[str, Any]],
+    hot_dynamodb: DynamoDB,
+    status: int,
+    decision: Decision,
+) -> None:
+    exc = await hot_error(stub_aws, hot_dynamodb, status, "SomethingNewException")
+    assert classify(exc, "dynamodb") is decision
 
 
 @pytest.fixture(scope="module")

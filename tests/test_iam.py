@@ -78,7 +78,7 @@ NEEDED_ACTIONS = {
     "sqs:DeleteMessage",
     "sqs:GetQueueAttributes",
     "dynamodb:Query",
-    "dynamodb:PutItem",
+    "dynamodb:BatchWriteItem",
     "dynamodb:UpdateItem",
     "kms:GenerateDataKey",
     "kms:Decrypt",
@@ -435,6 +435,7 @@ async def test_every_call_of_the_run_is_granted_and_courier_needs_what_it_is_gra
     [
         ("sqs:DeleteMessage", ":sqs:"),
         ("dynamodb:UpdateItem", ":table/courier-iam-status"),
+        ("dynamodb:BatchWriteItem", ":table/courier-iam-status"),
         ("kms:GenerateDataKey", ":key/"),
         ("dynamodb:Query", ":table/credential-store"),
     ],

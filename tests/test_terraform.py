@@ -580,6 +580,7 @@ def test_instance_role_has_exactly_the_access_courier_needs(tf: Module) -> None:
     }
     # No DeleteItem, no Query, no transactions: courier never calls them on the status table.
     assert set(statements["StatusTable"]["actions"]) == {
+        "dynamodb:BatchWriteItem",
         "dynamodb:GetItem",
         "dynamodb:PutItem",
         "dynamodb:UpdateItem",

@@ -8,7 +8,8 @@ Order of a create, and why:
    taken over once its lease ends, a failed attempt (``send_failed``) at once;
 3. call the IdM with ``Idempotency-Key: <request id>`` (safe to repeat) — skipped when an
    earlier attempt of this request already recorded the identity;
-4. without a key, write the record (accepted) now: its id is random, nobody can race it;
+4. without a key, write the record (accepted) now: its id is random, nobody can race it, so
+   the write needs no condition and shares a BatchWriteItem with concurrent requests;
 5. seal and send to SQS. When SQS refuses (or times out, which may still have queued it) the
    record becomes ``send_failed`` and the client gets 503: nothing is deleted, a retry with
    the same key is a fresh attempt of the same request, and the re-sent message carries
@@ -19,7 +20,8 @@ Order of a create, and why:
    now, when the message is durable.
 A replay answers from the record and never sends again.
 
-DynamoDB calls per create: 1 without a key (put); 2 with a key (claim put + accepted update);
+DynamoDB calls per create: a share of a BatchWriteItem without a key; 2 with a key (claim put +
+accepted update);
 1 for a replay of a known key (the failed claim returns the record).
 """
 
@@ -49,6 +51,7 @@ from ..status import (
     StatusRecord,
     StatusRefusedError,
     StatusUnavailableError,
+    carried_fields,
     now_iso,
 )
 from .body import read_json
@@ -158,8 +161,7 @@ async def _create_unkeyed(
     """Without a key the id is random: no claim, the record is written once, as accepted."""
     identity_id = await _create_identity(request, record.request_id, payload)
     record = dataclasses.replace(record, identity_id=identity_id)
-    if await request.app[STATUS].claim(record) is not None:
-        raise RuntimeError(f"random request id {record.request_id} already has a record")
+    await request.app[STATUS].create(record)
     return await _send(request, record, payload)
 
 
@@ -338,6 +340,7 @@ def _idm_problem(exc: IdmError) -> Problem:
 
 async def _enqueue(request: web.Request, record: StatusRecord, payload: dict[str, Any]) -> None:
     event = create_mailbox.event(payload, record.identity_id, record.subject, record.created_at)
+    event["record"] = carried_fields(record)  # for the worker's final write
     body = await request.app[ENVELOPE].seal(create_mailbox.NAME, record.request_id, event)
     attributes = {
         "op": create_mailbox.NAME,

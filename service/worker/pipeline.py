@@ -15,7 +15,9 @@ its answer, in two spots:
   dead-letters the message, anything else (RETRY, or MISCONFIGURED: a target whose secret
   cannot be read) retries it with backoff, all delivered acknowledges it.
 
-Status writes: one per finished request: ``completed`` before the ack; ``failed`` only once
+Status writes: one per finished request: ``completed`` before the ack (the whole record, from
+the fields the API sealed into the event, sharing a BatchWriteItem with the other messages
+finishing at the same time); ``failed`` only once
 the DLQ copy exists (the poller runs it between the move and the delete), so a message is
 never dropped as finished while its only copy could still be lost. Per-target progress is
 written only when an attempt ends with some targets delivered and others pending, so a
@@ -49,7 +51,7 @@ from ..errors import (
 )
 from ..operations import OPERATIONS
 from ..settings import WorkerSettings
-from ..status import RequestCompletedError, RequestState, StatusStore
+from ..status import RequestCompletedError, RequestState, StatusStore, completed_record
 from .outcomes import Ack, DeadLetter, Message, Outcome, Retry, backoff_seconds
 from .targets import Delivery, TargetClient
 
@@ -164,13 +166,21 @@ class Pipeline:
                         opened.id, state=RequestState.PROCESSING, targets=states, op=opened.op
                     )
                 return self._retry(message, failures)
-            await self._status.update(
-                opened.id, state=RequestState.COMPLETED, targets=states, op=opened.op
-            )
+            await self._complete(opened, states)
         except RequestCompletedError:
             # Another copy finished the request while this one ran: nothing is left to do.
             return Ack("duplicate")
         return Ack("completed")
+
+    async def _complete(self, opened: OpenedEnvelope, states: Mapping[str, str]) -> None:
+        """``completed``: the whole record in a shared batch when the event carries its fields."""
+        record = completed_record(opened.id, opened.op, states, opened.payload.get("record"))
+        if record is not None:
+            await self._status.complete(record)
+        else:
+            await self._status.update(
+                opened.id, state=RequestState.COMPLETED, targets=states, op=opened.op
+            )
 
     def _rejected(
         self,

@@ -1,0 +1,126 @@
+"""Coalesce whole-item puts into DynamoDB's BatchWriteItem (up to 25 puts per request).
+
+The status table takes one write per finished message and one per unkeyed API request. Each
+was its own PutItem / UpdateItem; ``PutBatcher.put`` takes one item and resolves when the
+BatchWriteItem it rode in has written it, so concurrent writers share requests while each
+still waits for its own item to be durable (the worker acknowledges a message only then).
+
+BatchWriteItem has no conditions, so only writes that need none go this way: a worker's
+``completed`` record (final, and equal whichever copy writes it) and an unkeyed request's first
+record (its id is random). Items DynamoDB leaves unprocessed (throttling) are sent again with
+backoff; an item still unwritten after ``max_attempts`` fails its caller with the last error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Mapping
+from typing import Any
+
+MAX_BATCH = 25  # BatchWriteItem's limit on puts and deletes per request
+
+Item = dict[str, Any]
+
+
+class UnprocessedError(Exception):
+    """DynamoDB kept leaving the item unprocessed (throttled): try again later."""
+
+
+class PutBatcher:
+    """Groups puts to ``table`` submitted within ``linger_seconds`` into BatchWriteItem calls."""
+
+    def __init__(
+        self,
+        dynamodb: Any,
+        table: str,
+        key: str,
+        linger_seconds: float = 0.002,
+        max_attempts: int = 4,
+    ) -> None:
+        self._dynamodb = dynamodb
+        self._table = table
+        self._key = key
+        self._linger = linger_seconds
+        self._max_attempts = max_attempts
+        # Keyed by the item's key: two puts of one item in one batch are refused by DynamoDB,
+        # so the later one replaces the earlier and both callers wait for the one write.
+        self._pending: dict[str, tuple[Item, list[asyncio.Future[None]]]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    async def put(self, item: Mapping[str, Any]) -> None:
+        """Write ``item`` (DynamoDB wire format) in the next batch; raises if it was not written."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        key = repr(item[self._key])
+        _, waiting = self._pending.get(key, (None, []))
+        self._pending[key] = (dict(item), [*waiting, future])
+        if len(self._pending) >= MAX_BATCH:
+            self._flush_now()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._linger, self._flush_now)
+        await future
+
+    async def drain(self) -> None:
+        """Send everything pending and wait for every batch in flight (for shutdown)."""
+        while self._pending or self._in_flight:
+            self._flush_now()
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    def _flush_now(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._pending:
+            keys = list(self._pending)[:MAX_BATCH]
+            batch = {key: self._pending.pop(key) for key in keys}
+            task = asyncio.create_task(self._send(batch), name="status-batch-write")
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _send(self, batch: dict[str, tuple[Item, list[asyncio.Future[None]]]]) -> None:
+        remaining = {key: item for key, (item, _) in batch.items()}
+        try:
+            for attempt in range(self._max_attempts):
+                if attempt:
+                    await asyncio.sleep(random.uniform(0, 0.05 * 2**attempt))
+                remaining = await self._write(remaining)
+                if not remaining:
+                    break
+        except asyncio.CancelledError:
+            _settle(batch, asyncio.CancelledError())
+            raise
+        except Exception as exc:  # the request failed: every item still unwritten fails with it
+            _settle({key: batch[key] for key in remaining}, exc)
+        else:
+            _settle(
+                {key: batch[key] for key in remaining},
+                UnprocessedError(f"BatchWriteItem left the item unprocessed {self._max_attempts}x"),
+            )
+        _settle(batch, None)
+
+    async def _write(self, items: dict[str, Item]) -> dict[str, Item]:
+        """One BatchWriteItem; returns the items DynamoDB left unprocessed, by key."""
+        response = await self._dynamodb.batch_write_item(
+            RequestItems={self._table: [{"PutRequest": {"Item": item}} for item in items.values()]}
+        )
+        unprocessed = response.get("UnprocessedItems", {}).get(self._table, [])
+        return {
+            repr(r["PutRequest"]["Item"][self._key]): r["PutRequest"]["Item"] for r in unprocessed
+        }
+
+
+def _settle(
+    batch: Mapping[str, tuple[Item, list[asyncio.Future[None]]]], error: BaseException | None
+) -> None:
+    """Resolve every caller in ``batch`` not yet resolved: with ``error``, or as written."""
+    for _, futures in batch.values():
+        for future in futures:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            elif isinstance(error, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(error)
