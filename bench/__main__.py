@@ -1,11 +1,14 @@
 """``python -m bench [--quick]``: run every comparison, write the JSON report and the plots.
 
-Quick mode (``make bench-quick``, under 3 minutes): one run of each consumer with targets at
+Quick mode (``make bench-quick``, about 3 minutes): one run of each consumer with targets at
 20 ms, short windows, 30 s idle. Full mode (``make bench``, about 20 minutes): three
 interleaved repetitions at 20 ms and at 100 ms, 10 minutes idle.
+After the measured runs a profiling pass (``bench.profiling``; ``--no-profile`` skips it)
+records courier's worker and API with py-spy on fresh processes: flame graphs and a 'where the
+CPU goes' table scaled to the measured CPU per message and per request.
 Reports go to ``bench/results/<timestamp>-<mode>.json`` (git-ignored); ``--publish`` (the
-default in full mode) also writes ``bench/results-latest.json``, ``bench/plots/*.png`` and
-``bench/README-section.md``.
+default in full mode) also writes ``bench/results-latest.json``, ``bench/plots/*.png``,
+``bench/plots/flame-*.svg`` (with their collapsed stacks) and ``bench/README-section.md``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -27,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import api, consumers, cost, plots, report, workers, workload
+from bench import api, consumers, cost, plots, profiling, report, workers, workload
 from courier_testkit.aws import aws_stack, demo_secrets, node_binary
 from courier_testkit.processes import REPO
 from courier_testkit.sampling import machine
@@ -55,10 +59,11 @@ class Mode:
     cold_starts: int
     idle_seconds: float
     ttl_seconds: float
+    profile_seconds: float  # each py-spy recording of the profiling pass; 0: no profiling
 
 
-QUICK = Mode("quick", 1, (0.02,), 3000, 6, 3, 4, 1, 1, (0.5,), 2, 30, 8)
-FULL = Mode("full", 3, (0.02, 0.1), 10000, 12, 6, 10, 2, 3, (0.25, 0.5, 0.75), 5, 600, 20)
+QUICK = Mode("quick", 1, (0.02,), 3000, 6, 3, 4, 1, 1, (0.5,), 2, 30, 8, 6)
+FULL = Mode("full", 3, (0.02, 0.1), 10000, 12, 6, 10, 2, 3, (0.25, 0.5, 0.75), 5, 600, 20, 15)
 
 
 def log(message: str) -> None:
@@ -177,6 +182,7 @@ async def api_phase(bench: api.ApiBench, mode: Mode) -> dict[str, Any]:
         keys = ("rps", "p50_ms", "p99_ms", "server_cpu_s_per_1000", "sqs_requests_per_request",
                 "kms_calls_per_1000", "peak_rss_mb", "secret_fetches")  # fmt: skip
         summary[variant] = {key: _stat([float(r[key]) for r in chosen]) for key in keys}
+        summary[variant]["wrk_timeouts"] = _stat([float(r["errors"]["timeouts"]) for r in chosen])
         summary[variant]["hung"] = len(hung)
     saturation = summary["courier"]["rps"]["median"]
     fixed = await api.fixed_rates(bench, "courier", saturation, mode.fractions)
@@ -207,6 +213,43 @@ async def api_phase(bench: api.ApiBench, mode: Mode) -> dict[str, Any]:
     }
 
 
+async def profile_phase(
+    bench: workers.WorkerBench, api_bench: api.ApiBench, mode: Mode, out_dir: Path
+) -> dict[str, Any]:
+    """py-spy on fresh courier processes, after every measured run (``bench.profiling``)."""
+    if mode.profile_seconds <= 0:
+        return {"skipped": "--no-profile"}
+    if not profiling.py_spy().exists():
+        return {"skipped": f"py-spy is not installed at {profiling.py_spy()}"}
+    raw_dir = out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-profile"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    found = {
+        "worker": await profiling.worker(bench, mode.profile_seconds, raw_dir),
+        "api": await profiling.api_server(api_bench, mode.profile_seconds, raw_dir),
+    }
+    for name, p in found.items():
+        log(
+            f"profile {name}: {p['samples']} samples in {p['seconds']:.0f} s, CPU share "
+            f"{p['cpu_share']:.2f} (py-spy saw {p['sampled_cpu_share']:.2f}), "
+            f"{p['cpu_ms_per_unit_profiled']:.2f} ms per {p['unit']} while profiled"
+        )
+    return found
+
+
+def _scale_profile(result: dict[str, Any]) -> None:
+    """Split the main run's measured CPU per message / request by the profiles' samples."""
+    profile = result.get("profile", {})
+    courier = result["workers"]["summary"].get("20", {}).get("courier", {})
+    sat = result["api"]["saturation"]["summary"].get("courier", {})
+    sources = {
+        "worker": (courier.get("cpu_s_per_1000"), "worker run 'courier, 1 process', 3 targets at 20 ms"),
+        "api": (sat.get("server_cpu_s_per_1000"), "API saturation run 'courier', 64 connections"),
+    }  # fmt: skip
+    for name, (stat, source) in sources.items():
+        if name in profile and stat:
+            profiling.scale(profile[name], float(stat["median"]), f"median of the {source}")
+
+
 async def run(mode: Mode, out_dir: Path) -> dict[str, Any]:
     started = time.monotonic()
     started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -234,6 +277,7 @@ async def run(mode: Mode, out_dir: Path) -> dict[str, Any]:
             )
             worker_results = await worker_phase(bench, mode)
             api_results = await api_phase(api_bench, mode)
+            profile = await profile_phase(bench, api_bench, mode, out_dir)
             log(f"waiting for the idle probe ({mode.idle_seconds:.0f} s idle)")
             api_results["idle"] = await idle.finish()
             log(
@@ -260,7 +304,9 @@ async def run(mode: Mode, out_dir: Path) -> dict[str, Any]:
         },
         "workers": worker_results,
         "api": api_results,
+        "profile": profile,
     }
+    _scale_profile(result)
     result["goals"] = report.goals(result)
     result["cost"] = cost.compare(cost.from_report_data(result, cost.Workload()), cost.Prices())
     return result
@@ -270,9 +316,9 @@ def write_outputs(result: dict[str, Any], out_dir: Path, publish: bool) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = out_dir / f"{stamp}-{result['mode']}.json"
-    path.write_text(json.dumps(result, indent=1, default=str))
     plot_dir = HERE / "plots" if publish else out_dir / f"{stamp}-plots"
-    made = plots.render_all(result, plot_dir)
+    made = [*profiling.publish(result, plot_dir), *plots.render_all(result, plot_dir)]
+    path.write_text(json.dumps(result, indent=1, default=str))
     if publish:
         (HERE / "results-latest.json").write_text(
             json.dumps(_summary_only(result), indent=1, default=str)
@@ -305,6 +351,8 @@ def readme_section(result: dict[str, Any]) -> str:
             report.worker_table(result),
             report.api_table(result),
             "",
+            report.cpu_table(result),
+            "",
             "**Goals**",
             "",
             report.goals_table(result["goals"]),
@@ -312,8 +360,10 @@ def readme_section(result: dict[str, Any]) -> str:
             "**Cost** (`python -m bench.cost --report bench/results-latest.json --daily-messages N`): "
             + cost.render(result["cost"]).replace("\n", "; "),
             "",
-            "Reproduce: `make bench` (full, ~20 min) or `make bench-quick` (< 3 min). Plots: "
-            "`bench/plots/`; the numbers: `bench/results-latest.json`.",
+            "Reproduce: `make bench` (full, ~20 min) or `make bench-quick` (~3 min; "
+            "`python -m bench --quick --no-profile` skips the profiling pass). Plots and flame "
+            "graphs (with their collapsed stacks): `bench/plots/`; the numbers: "
+            "`bench/results-latest.json`.",
             "",
         ]
     )
@@ -326,6 +376,9 @@ def main() -> None:
     parser.add_argument("--publish", action=argparse.BooleanOptionalAction, default=None,
                         help="write results-latest.json, plots/ and README-section.md (default: full mode only)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="the py-spy profiling pass after the measured runs (flame graphs, "
+                        "'where the CPU goes'); --no-profile skips it")  # fmt: skip
     parser.add_argument(
         "--render", type=Path, help="only re-render plots and the README section from a report"
     )
@@ -336,6 +389,8 @@ def main() -> None:
         return
     api.require_wrk()
     mode = QUICK if args.quick else FULL
+    if not args.profile:
+        mode = dataclasses.replace(mode, profile_seconds=0)
     publish = (not args.quick) if args.publish is None else args.publish
     log(f"bench {mode.name}: {machine()}")
 
@@ -353,6 +408,8 @@ def main() -> None:
     print()
     print(report.worker_table(result))
     print(report.api_table(result))
+    print()
+    print(report.cpu_table(result))
     print()
     print(report.goals_table(result["goals"]))
     print()

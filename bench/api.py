@@ -56,6 +56,9 @@ VARIANT_ENV: dict[str, dict[str, str]] = {
     },
 }
 VARIANTS = ("courier", "courier-nobatch", "stateless", "bare")
+QUIET_POLL_SECONDS = 0.25
+QUIET_POLLS = 2  # the served count unchanged this many polls in a row: nothing in flight
+QUIET_TIMEOUT_SECONDS = 30.0
 LABELS = {
     "stateless-1": "courier API, stateless, 1 connection",
     "courier": "courier API, full path",
@@ -190,35 +193,86 @@ async def server(bench: ApiBench, variant: str) -> AsyncIterator[tuple[str, Any]
         await bench.stack.delete_queues(bench.stack.queue_url(settings.queue.url, direct=True))
 
 
-async def _counters(bench: ApiBench, handle: Any) -> dict[str, Any]:
+async def served(url: str, handle: Any) -> tuple[float, float]:
+    """(POST /v1/mailboxes answered 2xx, courier_secret_fetches_total) as the server counts them.
+
+    Counted by the server, not by the load generator: wrk stops with up to ``connections``
+    requests in flight, which the server still finishes (their CPU is in the window, so they
+    must be in the count too). courier counts in ``courier_http_requests_total``; the bare
+    peer answers ``GET /_served``.
+    """
+    if not isinstance(handle, CourierProcess):
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+            session.get(url + "/_served") as response,
+        ):
+            return float((await response.json())["served"]), 0.0
+    requests = fetches = 0.0
+    for (name, labels), value in (await handle.metrics()).items():
+        label = dict(labels)
+        if name == "courier_secret_fetches_total":
+            fetches += value
+        elif (
+            name == "courier_http_requests_total"
+            and label.get("method") == "POST"
+            and label.get("route") == "/v1/mailboxes"
+            and label.get("status", "").startswith("2")
+        ):
+            requests += value
+    return requests, fetches
+
+
+async def quiet(url: str, handle: Any, timeout: float = QUIET_TIMEOUT_SECONDS) -> float:  # noqa: ASYNC109
+    """Wait until the server has finished what it was given (its count stops moving).
+
+    Taken before a window opens and after it closes, so the CPU between two snapshots is the
+    CPU of the requests counted between them, whatever the load generator abandoned.
+    Returns how long it took (``timeout`` if the count never settled).
+    """
+    started = time.monotonic()
+    last = (await served(url, handle))[0]
+    steady = 0
+    while time.monotonic() - started < timeout:
+        await asyncio.sleep(QUIET_POLL_SECONDS)
+        now = (await served(url, handle))[0]
+        steady = steady + 1 if now == last else 0
+        if steady >= QUIET_POLLS:
+            break
+        last = now
+    return time.monotonic() - started
+
+
+async def _counters(bench: ApiBench, handle: Any, url: str) -> dict[str, Any]:
     proxy = bench.stack.proxy
-    fetches = 0.0
-    if isinstance(handle, CourierProcess):
-        for (name, _), value in (await handle.metrics()).items():
-            if name == "courier_secret_fetches_total":
-                fetches += value
+    requests, fetches = await served(url, handle)
     servers = {**bench.stack.servers(), "stubs": bench.stubs}
     return {
         "at": time.monotonic(),
         "cpu": handle.cpu_seconds(),
         "proxy": await proxy.counts() if proxy else {},
+        "served": requests,
         "secret_fetches": fetches,
         "servers_cpu": {name: s.cpu_seconds() for name, s in servers.items()},
     }
 
 
-def _per_request(
-    before: Mapping[str, Any], after: Mapping[str, Any], requests: int
-) -> dict[str, Any]:
+def _per_request(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-request costs between two quiet snapshots, per request the server answered.
+
+    The same formula for every variant, courier and the bare peer: CPU of the server process
+    (user + system, /proc) over the window / requests it answered 2xx in the window.
+    """
     window = max(1e-6, after["at"] - before["at"])
     delta = counter_delta(after["proxy"], before["proxy"])
     sqs, kms = delta.get("sqs", {}), delta.get("kms", {})
-    requests = max(1, requests)
+    requests = max(1.0, after["served"] - before["served"])
     return {
+        "served": after["served"] - before["served"],
         "server_cpu_s_per_1000": (after["cpu"] - before["cpu"]) * 1000 / requests,
         "server_cpu_share": (after["cpu"] - before["cpu"]) / window,
         "sqs_requests": sqs,
         "sqs_requests_per_request": sum(sqs.values()) / requests,
+        "kms_requests": kms,
         "kms_calls_per_1000": sum(kms.values()) * 1000 / requests,
         "secret_fetches": after["secret_fetches"] - before["secret_fetches"],
         "servers_cpu_share": {
@@ -254,11 +308,13 @@ async def saturation(
         await wrk(url, bench.warmup_seconds, connections, token)
         if not await _alive(url):
             return await _hung(variant, connections, handle)
-        before = await _counters(bench, handle)
+        await quiet(url, handle)
+        before = await _counters(bench, handle, url)
         result = await wrk(url, bench.seconds, connections, token)
         if not await _alive(url):
             return await _hung(variant, connections, handle)
-        after = await _counters(bench, handle)
+        drained_s = await quiet(url, handle)
+        after = await _counters(bench, handle, url)
         peak = handle.memory()["peak_rss"]
     await bench.stubs.reset(["idm"])
     return {
@@ -271,7 +327,9 @@ async def saturation(
             k: result[k] for k in ("status_errors", "connect_errors", "read_errors", "timeouts")
         },
         "peak_rss_mb": peak / 2**20,
-        **_per_request(before, after, result["requests"] - result["status_errors"]),
+        "wrk_completed": result["requests"] - result["status_errors"],
+        "drained_after_load_s": drained_s,
+        **_per_request(before, after),
     }
 
 
@@ -310,11 +368,13 @@ async def fixed_rates(
         await wrk(url, bench.warmup_seconds, 8, token)
         for fraction in fractions:
             rate = max(1.0, fraction * saturation_rps)
-            before = await _counters(bench, handle)
+            await quiet(url, handle)
+            before = await _counters(bench, handle, url)
             result = await open_loop(url, rate, bench.seconds, token)
-            after = await _counters(bench, handle)
+            await quiet(url, handle)
+            after = await _counters(bench, handle, url)
             result.update(variant=variant, fraction=fraction)
-            result.update(_per_request(before, after, int(result["ok"])))
+            result.update(_per_request(before, after))
             results.append(result)
             await bench.stubs.reset(["idm"])
     return results
@@ -335,9 +395,9 @@ async def secret_reads(bench: ApiBench, rate: float, seconds: float) -> dict[str
     settings = await bench.settings()
     names = 2  # the API's secrets: the JWT key and the IdM API key
     async with courier_process(settings, env=env, name="courier-ttl") as courier:
-        before = await _counters(bench, courier)
+        before = await _counters(bench, courier, courier.url)
         load = await open_loop(courier.url, rate, seconds, token)
-        after = await _counters(bench, courier)
+        after = await _counters(bench, courier, courier.url)
     await bench.stubs.reset(["idm"])
     await bench.stack.delete_queues(bench.stack.queue_url(settings.queue.url, direct=True))
     reads = after["secret_fetches"] - before["secret_fetches"]

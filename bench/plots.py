@@ -62,7 +62,7 @@ def worker_costs(report: Mapping[str, Any], out: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
     metrics = (
         ("sqs_requests_per_message", "SQS requests per message"),
-        ("cpu_s_per_1000", "consumer CPU s per 1,000 messages"),
+        ("cpu_s_per_1000", "consumer CPU ms per message"),
         ("peak_rss_mb", "peak RSS per process, MB"),
     )
     for ax, (key, title) in zip(axes, metrics, strict=True):

@@ -7,7 +7,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from bench.api import LABELS as API_LABELS
+from bench.attribution import COMPONENTS
 from bench.consumers import KINDS, LABELS
+
+# Issue 15's starting point, measured by `make bench` on this machine before its changes.
+API_START_RPS = 371.0
 
 
 def _m(stat: Mapping[str, float] | None) -> float:
@@ -27,7 +31,7 @@ def _spread(stat: Mapping[str, float], digits: int = 0) -> str:
 
 
 def goals(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Each goal of issue 7 with the measured value, met or not, and the measured reason."""
+    """Each goal (issues 7 and 15) with the measured value, met or not, and the measured reason."""
     w20 = report["workers"]["summary"].get("20", {})
     api = report["api"]
     sat = api["saturation"]["summary"]
@@ -44,10 +48,18 @@ def goals(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     )
     c2 = _m(w20.get("courier-2p", {}).get("msgs_per_s"))
     add(
-        "courier >= 2x sqs-consumer msg/s (3 targets at 20 ms, 1 process each)",
+        "courier >= 2.5x sqs-consumer msg/s (3 targets at 20 ms, 1 process each)",
         c / sc,
-        c / sc >= 2,
+        c / sc >= 2.5,
         f"{c:.0f} vs {sc:.0f} msg/s; 2 processes: {c2:.0f} ({c2 / sc:.1f}x)",
+    )
+    cpu_msg = _m(courier.get("cpu_s_per_1000"))
+    cpu_sc = _m(w20.get("sqs-consumer", {}).get("cpu_s_per_1000"))
+    add(
+        "worker <= 1.0 ms CPU per message (courier's own process)",
+        cpu_msg,
+        cpu_msg <= 1.0,
+        f"{cpu_msg:.2f} ms; bbc/sqs-consumer {cpu_sc:.2f} ms; issue 15 started at 2.43 ms",
     )
     add("courier >= 20x naive msg/s", c / n, c / n >= 20, f"{c:.0f} vs {n:.1f} msg/s")
     cpu_c, cpu_ceiling = (
@@ -94,6 +106,29 @@ def goals(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         f"{_m(sat.get('courier', {}).get('server_cpu_s_per_1000')):.2f} vs "
         f"{_m(sat.get('bare', {}).get('server_cpu_s_per_1000')):.3f} s per 1,000 requests",
     )
+    cpu_req = _m(sat.get("courier", {}).get("server_cpu_s_per_1000"))
+    add(
+        "API <= 0.8 ms CPU per request (courier's own process)",
+        cpu_req,
+        cpu_req <= 0.8,
+        f"{cpu_req:.2f} ms at saturation; issue 15 started at 2.04 ms",
+    )
+    add(
+        f"API saturation >= 2.5x issue 15's start ({API_START_RPS:.0f} req/s, same machine)",
+        full / API_START_RPS,
+        full >= 2.5 * API_START_RPS,
+        f"{full:.0f} req/s at 64 connections",
+    )
+    stateless = sat.get("stateless", {})
+    s_rps, s_hung = _m(stateless.get("rps")), stateless.get("hung", 0)
+    s_timeouts = _m(stateless.get("wrk_timeouts"))
+    add(
+        "stateless mode runs at 64 connections (no hang, no timeouts) and is reported",
+        s_rps,
+        not s_hung and s_rps == s_rps and not s_timeouts > 0,  # NaN timeouts: not recorded
+        f"{s_rps:.1f} req/s, p50 {_m(stateless.get('p50_ms')):.0f} ms, p99 "
+        f"{_m(stateless.get('p99_ms')):.0f} ms, {s_hung} hung runs, {s_timeouts:.0f} wrk timeouts",
+    )
     half = [r for r in api.get("fixed_rates", []) if abs(r["fraction"] - 0.5) < 1e-6]
     if half:
         p50 = sorted(r["p50_ms"] for r in half)[len(half) // 2]
@@ -115,9 +150,9 @@ def goals(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     idle = api.get("idle", {})
     ratio = idle.get("ratio", float("nan"))
     add(
-        "first request after idle within 1.5x steady p50",
+        "first request after idle within 1.2x steady p50",
         ratio,
-        ratio <= 1.5,
+        ratio <= 1.2,
         f"{idle.get('first_after_idle_ms', float('nan')):.1f} ms after {idle.get('idle_seconds', 0):.0f} s idle "
         f"vs steady p50 {idle.get('steady_p50_ms', float('nan')):.1f} ms",
     )
@@ -133,7 +168,7 @@ def worker_table(report: Mapping[str, Any]) -> str:
             f"**Worker, 3 targets at {latency} ms** (median of {max(s['msgs_per_s']['n'] for s in summary.values())} "
             "runs, min-max in brackets)",
             "",
-            "| consumer | msg/s | p50 / p99 ms (at 50% load) | SQS req/msg | KMS /1k msg | CPU s /1k msg | peak RSS MB |",
+            "| consumer | CPU ms/msg | msg/s | p50 / p99 ms (at 50% load) | SQS req/msg | KMS /1k msg | peak RSS MB |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for kind in KINDS:
@@ -141,11 +176,17 @@ def worker_table(report: Mapping[str, Any]) -> str:
                 continue
             s = summary[kind]
             lines.append(
-                f"| {LABELS[kind]} | {_spread(s['msgs_per_s'])} | {_fmt(_m(s['p50_ms']), 1)} / "
-                f"{_fmt(_m(s['p99_ms']), 1)} | {_fmt(_m(s['sqs_requests_per_message']), 3)} | "
-                f"{_fmt(_m(s['kms_calls_per_1000']), 2)} | {_fmt(_m(s['cpu_s_per_1000']), 2)} | "
-                f"{_fmt(_m(s['peak_rss_mb']))} |"
+                f"| {LABELS[kind]} | {_spread(s['cpu_s_per_1000'], 2)} | {_spread(s['msgs_per_s'])} | "
+                f"{_fmt(_m(s['p50_ms']), 1)} / {_fmt(_m(s['p99_ms']), 1)} | "
+                f"{_fmt(_m(s['sqs_requests_per_message']), 3)} | "
+                f"{_fmt(_m(s['kms_calls_per_1000']), 2)} | {_fmt(_m(s['peak_rss_mb']))} |"
             )
+        lines += [
+            "",
+            "CPU ms/msg, the headline: user + system CPU of the consumer's own process(es) "
+            "during the drain / messages completed in it, the same formula for every consumer "
+            "(the emulators and stubs share the cores, so wall-clock msg/s is beside it).",
+        ]
         lines.append("")
     return "\n".join(lines)
 
@@ -155,8 +196,8 @@ def api_table(report: Mapping[str, Any]) -> str:
     lines = [
         "**API, POST /v1/mailboxes at saturation** (wrk, 1 thread, 64 connections; IdM stub 20 ms)",
         "",
-        "| server | requests/s | p50 / p99 ms | CPU s /1k req | SQS req/req | KMS /1k req |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| server | CPU ms/req | requests/s | p50 / p99 ms | SQS req/req | KMS /1k req | wrk timeouts |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for variant in ("bare", "courier", "courier-nobatch", "stateless", "stateless-1"):
         if variant not in summary:
@@ -164,14 +205,22 @@ def api_table(report: Mapping[str, Any]) -> str:
         s = summary[variant]
         if "rps" not in s:
             lines.append(
-                f"| {API_LABELS[variant]} | hung (event loop blocked; see the report's py-spy dump) | | | | |"
+                f"| {API_LABELS[variant]} | hung (no answer to /healthz; see the report's py-spy dump) | | | | | |"
             )
             continue
         lines.append(
-            f"| {API_LABELS[variant]} | {_spread(s['rps'])} | {_fmt(_m(s['p50_ms']), 1)} / {_fmt(_m(s['p99_ms']), 1)} | "
-            f"{_fmt(_m(s['server_cpu_s_per_1000']), 2)} | {_fmt(_m(s['sqs_requests_per_request']), 3)} | "
-            f"{_fmt(_m(s['kms_calls_per_1000']), 1)} |"
+            f"| {API_LABELS[variant]} | {_spread(s['server_cpu_s_per_1000'], 2)} | {_spread(s['rps'])} | "
+            f"{_fmt(_m(s['p50_ms']), 1)} / {_fmt(_m(s['p99_ms']), 1)} | "
+            f"{_fmt(_m(s['sqs_requests_per_request']), 3)} | {_fmt(_m(s['kms_calls_per_1000']), 1)} | "
+            f"{_fmt(_m(s.get('wrk_timeouts')))} |"
         )
+    lines += [
+        "",
+        "CPU ms/req: CPU of the server process between two quiet points (nothing in flight) / "
+        "requests it answered 2xx in between, counted by the server (courier's "
+        "`courier_http_requests_total`, the bare peer's `/_served`): the same formula for every "
+        "variant, and requests wrk abandons in flight at its end are counted with their CPU.",
+    ]
     rates = report["api"].get("fixed_rates", [])
     if rates:
         lines += [
@@ -208,4 +257,44 @@ def goals_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {row['goal']} | {_fmt(row['measured'], 2)} | {'yes' if row['met'] else '**no**'} | {row['detail']} |"
         )
+    return "\n".join(lines)
+
+
+def cpu_table(report: Mapping[str, Any]) -> str:
+    """'Where the CPU goes': the profiles' shares of the measured CPU per message and request."""
+    profile = report.get("profile") or {}
+    worker, api = profile.get("worker", {}), profile.get("api", {})
+    if not worker.get("breakdown") and not api.get("breakdown"):
+        why = profile.get("skipped") or worker.get("py_spy") or "no profile in this report"
+        return f"'Where the CPU goes': not profiled ({why})."
+    rows: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for name, part in (("worker", worker), ("api", api)):
+        for row in part.get("breakdown", []):
+            rows.setdefault(row["component"], {})[name] = row
+
+    def cell(row: Mapping[str, Any] | None) -> str:
+        return f"{row['ms']:.3f} ({row['share']:.0%})" if row else ""
+
+    lines = [
+        "**Where the CPU goes** (py-spy, "
+        f"{worker.get('rate_hz', api.get('rate_hz', ''))} Hz, on fresh processes after the measured runs; "
+        "shares of the measured CPU; flame graphs: `bench/plots/flame-worker.svg`, `flame-api.svg`)",
+        "",
+        "| component | worker ms/msg | API ms/req |",
+        "|---|---:|---:|",
+    ]
+    for component in COMPONENTS:
+        by = rows.get(component)
+        if not by:
+            continue
+        lines.append(f"| {component} | {cell(by.get('worker'))} | {cell(by.get('api'))} |")
+    total_w, total_a = worker.get("measured_ms_per_unit"), api.get("measured_ms_per_unit")
+    lines += [
+        f"| **total (measured)** | **{_fmt(total_w, 3)}** | **{_fmt(total_a, 3)}** |",
+        "",
+        f"Samples: worker {worker.get('samples', 0)}, API {api.get('samples', 0)}. A sample belongs "
+        "to the component courier called into (botocore under the status store is DynamoDB; "
+        "botocore's own JSON, hashing and HTTP stay with the AWS call); native code (AES-GCM, "
+        "hashlib, uvloop) counts to the Python frame that called it. Rule: `bench/attribution.py`.",
+    ]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """The framework ceiling: an aiohttp handler that reads the body and answers 202, nothing else.
 
-Same server setup as courier's API (aiohttp on uvloop, no access log). Prints
+Same server setup as courier's API (aiohttp on uvloop, no access log); ``GET /_served`` is
+how many it answered. Prints
 ``listening http://127.0.0.1:<port>``; stops on SIGTERM.
 """
 
@@ -15,9 +16,12 @@ from aiohttp import web
 
 from service.net import bound_port
 
+SERVED = web.AppKey("served", list)
+
 
 async def create(request: web.Request) -> web.Response:
     await request.read()
+    request.app[SERVED][0] += 1
     request_id = uuid.uuid4().hex
     return web.json_response(
         {"request_id": request_id, "status": "accepted"},
@@ -26,9 +30,16 @@ async def create(request: web.Request) -> web.Response:
     )
 
 
+async def served(request: web.Request) -> web.Response:
+    """How many POSTs were answered: the bench counts requests at the server for every variant."""
+    return web.json_response({"served": request.app[SERVED][0]})
+
+
 async def serve(port: int) -> None:
     app = web.Application()
+    app[SERVED] = [0]
     app.router.add_post("/v1/mailboxes", create)
+    app.router.add_get("/_served", served)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
