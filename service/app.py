@@ -33,9 +33,11 @@ from .queue import Producer
 from .secrets.cache import SecretCache
 from .secrets.credstash import CredStash
 from .settings import Settings, WorkerSettings
+from .sqs import open_lean_sqs
 from .state import (
     AWS,
     ENVELOPE,
+    HOT_SQS,
     HTTP,
     IDM,
     POLLER,
@@ -133,8 +135,12 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _aws_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    async with open_clients(settings.aws) as clients:
+    async with (
+        open_clients(settings.aws) as clients,
+        open_lean_sqs(settings.aws, clients.sqs.meta.endpoint_url) as hot_sqs,
+    ):
         app[AWS] = clients
+        app[HOT_SQS] = hot_sqs
         app[READINESS].add_probe("aws", _aws_probe(clients, settings))
         yield
 
@@ -207,7 +213,7 @@ async def _data_context(app: web.Application) -> AsyncIterator[None]:
 async def _producer_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     producer = Producer(
-        app[AWS].sqs,
+        app[HOT_SQS],
         settings.queue.url,
         batching=settings.queue.batch_sends,
         linger_seconds=settings.queue.send_linger_seconds,
@@ -244,11 +250,11 @@ async def _api_context(app: web.Application) -> AsyncIterator[None]:
 
 async def _worker_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    sqs = app[AWS].sqs
     targets = [TargetClient(target, app[HTTP], app[SECRETS].get) for target in settings.targets]
     pipeline = Pipeline(app[ENVELOPE], app[STATUS], targets, settings.worker)
-    dlq = DeadLetterQueue(sqs, settings.queue.dlq_url, settings.queue.url)
-    poller = Poller(sqs, settings.queue.url, pipeline.handle, settings.worker, dlq.move)
+    # Receives and acks per message batch go the lean way; DLQ moves are rare, aiobotocore's.
+    dlq = DeadLetterQueue(app[AWS].sqs, settings.queue.dlq_url, settings.queue.url)
+    poller = Poller(app[HOT_SQS], settings.queue.url, pipeline.handle, settings.worker, dlq.move)
     app[POLLER] = poller
     poller.start()
     yield

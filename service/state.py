@@ -13,12 +13,14 @@ from .idm import IdmClient
 from .queue import Producer
 from .secrets.cache import SecretCache
 from .settings import Settings
+from .sqs import LeanSqs
 from .status import StatusStore
 from .worker.poller import Poller
 
 SETTINGS = web.AppKey("settings", Settings)
 READINESS = web.AppKey("readiness", Readiness)
 AWS = web.AppKey("aws", AwsClients)
+HOT_SQS = web.AppKey("hot_sqs", LeanSqs)  # the worker's receives and acks, the API's sends
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 SECRETS = web.AppKey("secrets", SecretCache)
 STATUS = web.AppKey("status", StatusStore)

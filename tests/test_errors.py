@@ -51,6 +51,7 @@ from service.queue import Producer, SendError
 from service.secrets.credstash import CredStash
 from service.secrets.errors import SecretError, SecretMisconfiguredError, SecretUnavailableError
 from service.settings import AwsSettings, EnvelopeSettings, IdmSettings, Settings, WorkerSettings
+from service.sqs import LeanSqs, open_lean_sqs
 from service.status import RequestState, StatusRefusedError, StatusStore, StatusUnavailableError
 from service.stubs import IdmStub
 from service.worker.outcomes import DeadLetter, Message, Retry
@@ -311,6 +312,42 @@ async def test_aws_code_no_table_names_goes_by_status(
         exc = await aws_error(stub_aws, service, status, "SomethingNewException")
         assert classify_aws(exc, service) is decision
         assert is_retryable(exc) is decision.retryable
+
+
+@pytest.fixture(scope="module")
+async def hot_sqs(
+    stub_aws: tuple[StubAws, dict[str, Any]], monkeypatch_module: pytest.MonkeyPatch
+) -> AsyncIterator[LeanSqs]:
+    """The hot path's SQS client pointed at the same stub."""
+    monkeypatch_module.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch_module.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    endpoint = str(stub_aws[1]["sqs"].meta.endpoint_url)
+    async with open_lean_sqs(AwsSettings(endpoint_url=endpoint), endpoint) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    "code", sorted({c for (source, c) in AWS_ROWS if source in ("any", "sqs")})
+)
+async def test_the_hot_sqs_client_raises_what_botocore_raises(
+    stub_aws: tuple[StubAws, dict[str, Any]], hot_sqs: LeanSqs, code: str
+) -> None:
+    botocore_error = await aws_error(stub_aws, "sqs", 400, code)
+    with pytest.raises(ClientError) as caught:
+        await hot_sqs.send_message(QueueUrl="http://q/1/work", MessageBody="m")
+    hot = caught.value
+    assert hot.response["Error"]["Code"] == botocore_error.response["Error"]["Code"]
+    assert classify(hot, "sqs") is classify(botocore_error, "sqs")
+
+
+@pytest.mark.parametrize(("status", "decision"), FALLBACK_ROWS)
+async def test_the_hot_sqs_client_falls_back_on_the_status_too(
+    stub_aws: tuple[StubAws, dict[str, Any]], hot_sqs: LeanSqs, status: int, decision: Decision
+) -> None:
+    stub_aws[0].status, stub_aws[0].code = status, "SomethingNewException"
+    with pytest.raises(ClientError) as caught:
+        await hot_sqs.delete_message_batch(QueueUrl="http://q/1/work", Entries=[])
+    assert classify(caught.value, "sqs") is decision
 
 
 @pytest.mark.parametrize(("status", "decision"), FALLBACK_ROWS)
