@@ -39,6 +39,7 @@ class Batcher:
         self._pending: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._sizes = metrics.sqs_batch_size.labels(name)
 
     async def submit(self, entry: Mapping[str, Any]) -> dict[str, Any]:
         """Send ``entry`` (without ``Id``) in the next batch; returns its ``Successful`` item."""
@@ -70,7 +71,7 @@ class Batcher:
         self, batch: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]
     ) -> None:
         entries = [{**entry, "Id": str(index)} for index, (entry, _) in enumerate(batch)]
-        metrics.sqs_batch_size.labels(self._name).observe(len(entries))
+        self._sizes.observe(len(entries))
         try:
             response = await self._call(entries)
         except asyncio.CancelledError:

@@ -23,6 +23,7 @@ from .settings import IdmSettings
 log = logging.getLogger("courier.idm")
 
 RETRY_DELAY_SECONDS = 0.05
+_calls = metrics.LabelCache(metrics.idm_calls)
 
 
 class IdmError(CourierError):
@@ -56,6 +57,8 @@ class IdmClient:
         self._settings = settings
         self._api_key = api_key
         self._url = settings.url.rstrip("/") + "/identities"
+        # Built once, not per call: the same for every attempt.
+        self._timeout = aiohttp.ClientTimeout(total=settings.timeout_seconds)
 
     async def create_identity(self, request_id: str, identity: Mapping[str, Any]) -> str:
         """Create the identity; returns its IdM id or raises IdmError."""
@@ -67,13 +70,13 @@ class IdmClient:
             try:
                 identity_id = await self._attempt(request_id, identity)
             except IdmError as exc:
-                metrics.idm_calls.labels(exc.kind).inc()
+                _calls(exc.kind).inc()
                 metrics.idm_latency.observe(time.perf_counter() - started)
                 if not exc.retryable:
                     raise
                 last = exc
                 continue
-            metrics.idm_calls.labels("ok").inc()
+            _calls("ok").inc()
             metrics.idm_latency.observe(time.perf_counter() - started)
             return identity_id
         assert last is not None
@@ -81,10 +84,9 @@ class IdmClient:
 
     async def _attempt(self, request_id: str, identity: Mapping[str, Any]) -> str:
         headers = {"X-Api-Key": await self._api_key(), "Idempotency-Key": request_id}
-        timeout = aiohttp.ClientTimeout(total=self._settings.timeout_seconds)
         try:
             async with self._session.post(
-                self._url, json=identity, headers=headers, timeout=timeout
+                self._url, json=identity, headers=headers, timeout=self._timeout
             ) as response:
                 document = await response.json(content_type=None) if response.status < 300 else None
                 status = response.status

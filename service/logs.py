@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import json
 import logging
 import sys
 import time
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 _EMPTY: Mapping[str, Any] = types.MappingProxyType({})
@@ -25,14 +26,23 @@ _context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
 _static: dict[str, Any] = {}
 
 
-@contextlib.contextmanager
-def log_context(**fields: Any) -> Iterator[None]:
+class _LogContext:
+    # A plain context manager: a generator-based one costs about 2 µs more per message.
+    __slots__ = ("_fields", "_token")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self._fields = fields
+
+    def __enter__(self) -> None:
+        self._token = _context.set({**_context.get(), **self._fields})
+
+    def __exit__(self, *_: object) -> None:
+        _context.reset(self._token)
+
+
+def log_context(**fields: Any) -> contextlib.AbstractContextManager[None]:
     """Add ``fields`` to every log line emitted inside the block (and tasks it starts)."""
-    token = _context.set({**_context.get(), **fields})
-    try:
-        yield
-    finally:
-        _context.reset(token)
+    return _LogContext(fields)
 
 
 def bind_context(**fields: Any) -> None:
@@ -63,12 +73,21 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             entry["error"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return _encode(entry)
+
+
+# One encoder for every line: ``json.dumps`` with options builds a new one per call.
+_encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
 
 
 def _iso(created: float) -> str:
-    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-    return f"{seconds}.{int(created % 1 * 1000):03d}Z"
+    return f"{_whole_second(int(created))}.{int(created % 1 * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _whole_second(seconds: int) -> str:
+    # strftime once per second, not once per line.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 class _RedactRefusedRequests(logging.Filter):
@@ -96,6 +115,9 @@ def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # JsonFormatter writes none of the thread, process or multiprocessing names; not looking
+    # them up saves about 6 µs a line (the logging HOWTO's "Optimization" switches).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _RedactRefusedRequests) for f in server_log.filters):
         server_log.addFilter(_RedactRefusedRequests())

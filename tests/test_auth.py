@@ -29,6 +29,7 @@ from service.api.auth import (
     Jwks,
     Principal,
     TokenVerifier,
+    VerifiedTokens,
 )
 from service.errors import SettingsError, TransientError
 from service.settings import AuthSettings, load_settings
@@ -770,3 +771,106 @@ def test_jwks_max_age_is_a_validated_setting() -> None:
         load_settings(None, environ={"COURIER_AUTH_JWKS_MAX_AGE_SECONDS": "0"})
     loaded = load_settings(None, environ={"COURIER_AUTH_JWKS_MAX_AGE_SECONDS": "120"})
     assert loaded.auth.jwks_max_age_seconds == 120.0
+
+
+# --- verified tokens remembered (VerifiedTokens) -----------------------------------------------
+
+
+class CountingKey:
+    """The HS256 key getter, counting calls and switchable to another secret (a rotation)."""
+
+    def __init__(self) -> None:
+        self.secret = HS256_SECRET
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        return self.secret
+
+
+def _decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    decoded: list[str] = []
+    original = jwt.decode
+
+    def counting(token: str, *args: Any, **kwargs: Any) -> Any:
+        decoded.append(token)
+        return original(token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting)
+    return decoded
+
+
+async def test_a_token_seen_before_is_not_decoded_again_but_its_scope_is_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decoded = _decodes(monkeypatch)
+    verifier = TokenVerifier(auth_settings(), _hs256_key, None)
+    token = hs256(scope="mailbox:read")
+    first = await verifier.verify(f"Bearer {token}", "mailbox:read")
+    second = await verifier.verify(f"Bearer {token}", "mailbox:read")
+    assert first == second
+    assert decoded == [token]
+    error = await rejected(verifier, f"Bearer {token}", "mailbox:create")
+    assert error.status == 403
+    assert error.reason == "insufficient_scope"
+
+
+async def test_a_remembered_token_is_refused_once_it_expires() -> None:
+    # No leeway, so the token expires within the test.
+    verifier = TokenVerifier(
+        AuthSettings(issuer=ISSUER, audience=AUDIENCE, leeway_seconds=0), _hs256_key, None
+    )
+    token = f"Bearer {hs256(exp=int(time.time()) + 1)}"
+    await verifier.verify(token, "mailbox:create")
+    deadline = time.time() + 10
+    while True:  # PyJWT and the memory both read the wall clock: wait for the expiry
+        try:
+            await verifier.verify(token, "mailbox:create")
+        except AuthError as error:
+            assert_401(error, "expired", "the token has expired")
+            break
+        assert time.time() < deadline
+        await asyncio.sleep(0.2)
+
+
+async def test_a_remembered_token_is_verified_again_after_the_key_rotates() -> None:
+    key = CountingKey()
+    verifier = TokenVerifier(auth_settings(), key, None)
+    token = f"Bearer {hs256()}"
+    await verifier.verify(token, "mailbox:create")
+    await verifier.verify(token, "mailbox:create")
+    assert key.calls == 2  # the key is still asked for on every request
+    key.secret = "another-secret-after-rotation-0123456789"
+    assert_401(
+        await rejected(verifier, token), "bad_signature", "the token signature does not verify"
+    )
+
+
+async def test_a_token_not_yet_valid_is_never_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded = _decodes(monkeypatch)
+    verifier = TokenVerifier(auth_settings(), _hs256_key, None)
+    token = hs256(nbf=int(time.time()) + 120)
+    for _ in range(2):
+        error = await rejected(verifier, f"Bearer {token}")
+        assert error.reason == "not_yet_valid"
+    assert decoded == [token, token]
+
+
+def test_the_memory_is_bounded_and_honours_the_validity_window() -> None:
+    now = [1000.0]
+    memory = VerifiedTokens(size=2, clock=lambda: now[0])
+    principal = Principal("s", frozenset(), {"exp": 1100, "nbf": 990, "iat": 995})
+    for token in ("a", "b", "c"):
+        memory.remember(token, {"alg": "HS256"}, b"k", principal, leeway=5)
+    assert memory.header("a") is None  # the oldest was forgotten
+    assert memory.principal("b", b"k") is principal
+    assert memory.principal("b", b"other") is None  # another key: verify in full
+    now[0] = 990.0  # the later of nbf and iat, less the leeway: PyJWT accepts from here on
+    assert memory.principal("b", b"k") is principal
+    now[0] = 989.9
+    assert memory.principal("b", b"k") is None
+    now[0] = 1104.9
+    assert memory.principal("c", b"k") is principal
+    now[0] = 1105.0  # exp plus the leeway: PyJWT refuses from here on
+    assert memory.principal("c", b"k") is None
+    assert memory.header("c") is None

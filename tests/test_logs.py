@@ -7,7 +7,7 @@ import io
 import json
 import logging
 
-from service.logs import log_context, set_process_fields, setup_logging
+from service.logs import JsonFormatter, log_context, set_process_fields, setup_logging
 
 
 def lines(stream: io.StringIO) -> list[dict[str, object]]:
@@ -61,3 +61,18 @@ def test_exception_is_summarised() -> None:
     entry = lines(stream)[0]
     assert entry["error"] == "ValueError: boom"
     assert "Traceback" in str(entry["traceback"])
+
+
+def test_timestamps_are_utc_milliseconds_across_second_boundaries() -> None:
+    formatter = JsonFormatter()
+    stamps = []
+    for created in (1_700_000_000.9994, 1_700_000_001.0004, 1_700_000_000.5, 1_700_003_600.25):
+        record = logging.LogRecord("courier.test", logging.INFO, __file__, 1, "m", (), None)
+        record.created = created
+        stamps.append(json.loads(formatter.format(record))["ts"])
+    assert stamps == [
+        "2023-11-14T22:13:20.999Z",
+        "2023-11-14T22:13:21.000Z",
+        "2023-11-14T22:13:20.500Z",
+        "2023-11-14T23:13:20.250Z",
+    ]

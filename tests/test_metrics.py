@@ -6,9 +6,11 @@ import re
 from dataclasses import dataclass
 
 import pytest
+from prometheus_client import Counter
 
 from service.aws import AwsClients
 from service.bootstrap import Resources
+from service.metrics import LabelCache
 from service.settings import Settings
 from tests.chain import REPO, mailbox, running_chain
 
@@ -162,3 +164,14 @@ def test_every_family_labelled_in_readme_is_labelled_in_code() -> None:
         labels = frozenset(getattr(collector, "_labelnames", ()))
         assert exposed in listed, exposed
         assert labels == listed[exposed].labels, (exposed, labels, listed[exposed].labels)
+
+
+def test_label_cache_returns_the_labelled_child_and_stays_bounded() -> None:
+    counter = Counter("courier_test_label_cache_total", "test", ["a"], registry=None)
+    children = LabelCache(counter, limit=2)
+    assert children("x") is counter.labels("x")
+    assert children("x") is children("x")
+    for value in ("y", "z", "w"):  # past the limit: still the right child, not remembered
+        children(value).inc()
+    assert counter.labels("w")._value.get() == 1
+    assert len(children._children) == 2

@@ -12,6 +12,7 @@ import asyncio
 import datetime
 import email.utils
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ REALM = 'Bearer realm="courier"'
 MIN_LIFETIME_SECONDS = 1.0
 # After a failed fetch of an expired set, the pause before the next attempt.
 FAILED_FETCH_RETRY_SECONDS = 5.0
+# Tokens remembered as verified (see ``VerifiedTokens``); the oldest is forgotten past this.
+VERIFIED_TOKENS = 1024
 
 
 class AuthError(Problem):
@@ -241,6 +244,76 @@ def _parse_jwks(document: Any) -> dict[str, jwt.PyJWK]:
     return keys
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    header: Mapping[str, Any]
+    key: Any  # the key its signature verified with
+    principal: Principal
+    valid_from: float  # Unix time: nbf/iat less the leeway
+    valid_until: float  # Unix time: exp plus the leeway (exclusive)
+
+
+class VerifiedTokens:
+    """Tokens whose signature and claims verified, by their exact text, for at most ``size``.
+
+    Verifying a token again gives the same answer as long as the key it verified with is the
+    same and the time is inside its validity window: the signature, issuer, audience and
+    subject cannot change. So a hit skips PyJWT (about 0.1 ms per request) but is checked for
+    both: the caller passes the key the token's header selects *now* (a rotated secret or a
+    refetched JWKS fails the check and verifies in full), and the time is compared with the
+    window exactly as PyJWT would (``exp``, ``nbf`` and ``iat`` with the leeway). Only tokens
+    that verified are stored, so the size bounds legitimate callers, not an attacker's noise.
+    """
+
+    def __init__(self, size: int = VERIFIED_TOKENS, clock: Callable[[], float] = time.time) -> None:
+        self._size = size
+        self._clock = clock
+        self._entries: dict[str, _Verified] = {}
+
+    def header(self, token: str) -> Mapping[str, Any] | None:
+        """The header of ``token`` if it is remembered (to select its key now)."""
+        entry = self._entries.get(token)
+        return entry.header if entry is not None else None
+
+    def principal(self, token: str, key: Any) -> Principal | None:
+        """The remembered principal, if ``token`` verified with ``key`` and is valid now."""
+        entry = self._entries.get(token)
+        if entry is None or not _same_key(entry.key, key):
+            return None
+        if entry.valid_from <= self._clock() < entry.valid_until:
+            return entry.principal
+        del self._entries[token]  # expired (or the clock moved back): verify in full
+        return None
+
+    def remember(
+        self,
+        token: str,
+        header: Mapping[str, Any],
+        key: Any,
+        principal: Principal,
+        leeway: float,
+    ) -> None:
+        """Store a token that just verified with ``key``."""
+        claims = principal.claims
+        valid_from = max(
+            (int(claims[name]) for name in ("nbf", "iat") if claims.get(name) is not None),
+            default=-math.inf,
+        )
+        entry = _Verified(header, key, principal, valid_from - leeway, int(claims["exp"]) + leeway)
+        self._entries.pop(token, None)
+        if len(self._entries) >= self._size:
+            del self._entries[next(iter(self._entries))]
+        self._entries[token] = entry
+
+
+def _same_key(remembered: Any, current: Any) -> bool:
+    # An HS256 key is bytes (compared by value); a JWKS key is the set's PyJWK object, new on
+    # every fetch, so any refetch verifies in full once.
+    if isinstance(remembered, bytes):
+        return isinstance(current, bytes) and remembered == current
+    return remembered is current
+
+
 class TokenVerifier:
     """Verifies bearer tokens against the configured keys, claims and scopes."""
 
@@ -249,23 +322,35 @@ class TokenVerifier:
         settings: AuthSettings,
         hs256_key: Callable[[], Awaitable[str]] | None,
         jwks: Jwks | None,
+        verified: VerifiedTokens | None = None,
     ) -> None:
         self._settings = settings
         self._hs256_key = hs256_key
         self._jwks = jwks
+        self._verified = verified if verified is not None else VerifiedTokens()
 
     async def verify(self, authorization: str | None, scope: str) -> Principal:
         """The caller behind an ``Authorization`` header, or AuthError (401/403)."""
         token = _bearer_token(authorization)
-        header = _header(token)
-        key = await self._key_for(header)
-        claims = self._decode(token, key, header["alg"])
-        principal = _principal(claims)
+        principal = await self._remembered(token)
+        if principal is None:
+            header = _header(token)
+            key = await self._key_for(header)
+            claims = self._decode(token, key, header["alg"])
+            principal = _principal(claims)
+            self._verified.remember(token, header, key, principal, self._settings.leeway_seconds)
         if scope not in principal.scopes:
             raise AuthError(
                 "insufficient_scope", f"the token lacks the scope {scope!r}", scope=scope
             )
         return principal
+
+    async def _remembered(self, token: str) -> Principal | None:
+        header = self._verified.header(token)
+        if header is None:
+            return None
+        # The key the header selects now: a rotated secret or a refetched JWKS misses.
+        return self._verified.principal(token, await self._key_for(header))
 
     async def _key_for(self, header: Mapping[str, Any]) -> Any:
         alg = header.get("alg")

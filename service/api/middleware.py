@@ -30,6 +30,10 @@ REQUEST_ID_KEY = web.RequestKey("request_id", str)
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+_requests = metrics.LabelCache(metrics.http_requests)
+_latency = metrics.LabelCache(metrics.http_latency)
+
+
 def request_id_of(request: web.Request) -> str:
     """The correlation id of ``request`` (from X-Request-Id, or generated)."""
     return request.get(REQUEST_ID_KEY) or ""
@@ -52,8 +56,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     response.headers[REQUEST_ID_HEADER] = request_id
     elapsed = time.perf_counter() - started
     route = _route_name(request)
-    metrics.http_requests.labels(route, request.method, str(response.status)).inc()
-    metrics.http_latency.labels(route, request.method).observe(elapsed)
+    _requests(route, request.method, str(response.status)).inc()
+    _latency(route, request.method).observe(elapsed)
     if request.app.get(ACCESS_LOG_KEY, True):
         log.info(
             "%s %s %s",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from xml.sax.saxutils import escape
 
+import fastjsonschema
 from jsonschema import Draft202012Validator, FormatChecker
 
 NAME = "create-mailbox"
@@ -65,8 +66,42 @@ DEFAULT_QUOTA_MB = {"basic": 1024, "standard": 10240, "premium": 51200}
 _validator = Draft202012Validator(REQUEST_SCHEMA, format_checker=FormatChecker())
 
 
+def _compiled(schema: dict[str, Any]) -> Callable[[Any], Any]:
+    """A compiled validator (fastjsonschema: about 15x cheaper than jsonschema on valid input)
+    for the common case; jsonschema stays the authority that words every error.
+
+    It must never pass what jsonschema refuses (it may refuse more: a caller then asks
+    jsonschema, whose verdict stands). Its ``format: email`` is jsonschema's own check ("@" in
+    the string); its patterns use Python's ``re`` with ``$`` as ``\\Z`` (stricter: no trailing
+    newline); ``use_default=False`` so it never writes defaults into the payload.
+    """
+    return fastjsonschema.compile(
+        schema,
+        formats={"email": lambda value: "@" in value},
+        use_default=False,
+        detailed_exceptions=False,
+    )
+
+
+def _passes(validate: Callable[[Any], Any], document: Any) -> bool:
+    try:
+        validate(document)
+    except Exception:  # refused, or anything unexpected: jsonschema decides
+        return False
+    return True
+
+
+_request_fast = _compiled(REQUEST_SCHEMA)
+
+
 def validation_errors(payload: Any) -> list[dict[str, str]]:
     """Every schema violation of ``payload`` as ``{"pointer", "message"}``, in document order."""
+    if _passes(_request_fast, payload):
+        return []
+    return _request_errors(payload)
+
+
+def _request_errors(payload: Any) -> list[dict[str, str]]:
     errors = sorted(_validator.iter_errors(payload), key=lambda e: list(map(str, e.path)))
     return [
         {
@@ -132,16 +167,27 @@ EVENT_SCHEMA: dict[str, Any] = {
     },
 }
 _event_validator = Draft202012Validator(EVENT_SCHEMA, format_checker=FormatChecker())
+_event_fast = _compiled(EVENT_SCHEMA)
 
 
 def event_errors(event_payload: Any) -> list[str]:
     """Why a decrypted event cannot be delivered (empty when it can)."""
+    if _passes(_event_fast, event_payload):
+        return []
+    return _event_problems(event_payload)
+
+
+def _event_problems(event_payload: Any) -> list[str]:
     # Where and which rule, never the message: jsonschema quotes the offending (personal) value,
     # and this text ends up in DLQ attributes.
     return [
         f"/{'/'.join(map(str, error.absolute_path))}: fails {error.validator!r}"
         for error in _event_validator.iter_errors(event_payload)
     ]
+
+
+# One encoder, as ``json.dumps(..., separators=(",", ":"))`` would build one per call.
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def render(
@@ -156,7 +202,7 @@ def render(
         "mailbox": event_payload["mailbox"],
         "requestedAt": event_payload["requested_at"],
     }
-    return json.dumps(document, separators=(",", ":")).encode(), "application/json"
+    return _compact_json(document).encode(), "application/json"
 
 
 def _soap(request_id: str, event_payload: Mapping[str, Any]) -> bytes:

@@ -21,6 +21,7 @@ from .outcomes import Ack, DeadLetter, DeadLetterSink, Message, Outcome, Retry
 log = logging.getLogger("courier.poller")
 
 MAX_VISIBILITY_SECONDS = 43_200
+_processed = metrics.LabelCache(metrics.messages_processed)
 
 
 class Acknowledger:
@@ -57,21 +58,21 @@ class Acknowledger:
         handle = {"ReceiptHandle": message.receipt_handle}
         if isinstance(outcome, Ack):
             await self._deletes.submit(handle)
-            metrics.messages_processed.labels(outcome.outcome).inc()
+            _processed(outcome.outcome).inc()
         elif isinstance(outcome, DeadLetter):
             # A failed move raises: the message stays and comes back, nothing recorded.
             await self.dead_letter(message, outcome)
             await _after_move(message, outcome)
             await self._deletes.submit(handle)
-            metrics.messages_processed.labels("dead_lettered").inc()
+            _processed("dead_lettered").inc()
         elif isinstance(outcome, Retry):
             # Rounded up: SQS counts whole seconds, and rounding 0.4 s down would retry at once.
             delay = min(MAX_VISIBILITY_SECONDS, max(0, math.ceil(outcome.delay_seconds)))
             await self._visibility.submit({**handle, "VisibilityTimeout": delay})
-            metrics.messages_processed.labels("retried").inc()
+            _processed("retried").inc()
         else:
             await self._visibility.submit({**handle, "VisibilityTimeout": 0})
-            metrics.messages_processed.labels("released").inc()
+            _processed("released").inc()
 
     async def _delete_batch(self, entries: list[dict[str, Any]]) -> Mapping[str, Any]:
         response: Mapping[str, Any] = await self._sqs.delete_message_batch(

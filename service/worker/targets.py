@@ -62,6 +62,10 @@ class TargetClient:
         self._session = session
         self._secret = secret
         self._limit = asyncio.Semaphore(settings.concurrency)
+        # Built once, not per call: the same for every call to this target.
+        self._timeout = aiohttp.ClientTimeout(total=settings.timeout_seconds)
+        self._calls = metrics.LabelCache(metrics.target_calls)
+        self._latency = metrics.target_latency.labels(settings.name)
         self.breaker = CircuitBreaker(
             settings.name, settings.breaker_failures, settings.breaker_cooldown_seconds
         )
@@ -85,7 +89,7 @@ class TargetClient:
 
     async def _attempt(self, delivery: Delivery) -> None:
         if not self.breaker.allow():
-            metrics.target_calls.labels(self.name, "circuit_open").inc()
+            self._calls(self.name, "circuit_open").inc()
             raise CircuitOpenError(self.name, self.breaker.retry_after())
         try:
             authorization = await self._authorization()
@@ -128,7 +132,7 @@ class TargetClient:
             # Missing, tampered, under another key or context, or refused by IAM (on AWS a
             # context the policy does not allow is AccessDenied): configuration, not poison.
             reason = getattr(exc, "reason", "secret_refused")
-            metrics.target_calls.labels(self.name, "misconfigured").inc()
+            self._calls(self.name, "misconfigured").inc()
             log.warning(
                 "target %s is misconfigured: its secret cannot be read",
                 self.name,
@@ -154,20 +158,19 @@ class TargetClient:
             headers["traceparent"] = delivery.traceparent
         if authorization:
             headers["Authorization"] = authorization
-        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_seconds)
         async with self._session.request(
             self.settings.method,
             self.settings.url,
             data=delivery.body,
             headers=headers,
-            timeout=timeout,
+            timeout=self._timeout,
         ) as response:
             await response.read()  # drain so the connection returns to the pool
             return response.status
 
     def _record(self, started: float, outcome: str, *, ok: bool) -> None:
-        metrics.target_calls.labels(self.name, outcome).inc()
-        metrics.target_latency.labels(self.name).observe(time.perf_counter() - started)
+        self._calls(self.name, outcome).inc()
+        self._latency.observe(time.perf_counter() - started)
         if ok:
             self.breaker.record_success()
         else:
