@@ -207,6 +207,7 @@ async def _data_context(app: web.Application) -> AsyncIterator[None]:
         app[STATUS] = status
         app[ENVELOPE] = EnvelopeCipher(clients.kms, settings.envelope)
         yield
+        await app[ENVELOPE].aclose()
         await status.drain()
 
 

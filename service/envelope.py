@@ -15,7 +15,8 @@ bills and throttles per call, and one call per message would cap throughput at t
 KMS quota. The sealing side reuses a data key for a bounded number of messages and seconds,
 the opening side caches decrypted data keys by their KMS ciphertext, and both coalesce
 concurrent KMS calls into one. Every KMS call carries the encryption context
-``{"purpose": "courier-envelope"}``.
+``{"purpose": "courier-envelope"}``. The sealing data key is renewed on a timer shortly before
+it expires, so a seal after a long idle does not wait for GenerateDataKey.
 
 Key rotation: sealing always uses ``envelope.kms_key_id``; opening accepts data keys under it
 and under ``envelope.accepted_key_ids`` (the previous keys), so messages already in the queue
@@ -24,10 +25,14 @@ when the key changes are still delivered. An envelope naming any other key is re
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
 import os
+import random
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -72,6 +77,17 @@ _compact_ascii = json.JSONEncoder(separators=(",", ":"))
 _compact_utf8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 _CacheKey = tuple[str, bytes]  # (KMS key ARN, encrypted data key)
+
+log = logging.getLogger("courier.envelope")
+
+# The sealing key is renewed this share of its lifetime before it expires (at most
+# RENEW_AHEAD_MAX_SECONDS): at the defaults, one GenerateDataKey every 270 s while idle.
+RENEW_AHEAD_FRACTION = 0.1
+RENEW_AHEAD_MAX_SECONDS = 30.0
+# A failed renewal is retried from RETRY_FIRST_SECONDS, doubling up to RETRY_MAX_SECONDS (each
+# capped by the key's lifetime), with jitter; the current key keeps sealing until it expires.
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 30.0
 
 
 def header_aad(version: int, op: str, message_id: str) -> bytes:
@@ -165,6 +181,12 @@ class EnvelopeCipher:
 
     ``kms_client`` is an aiobotocore KMS client; ``clock`` is monotonic seconds (injectable for
     tests). One instance per process: its data key and its decrypt cache are what save KMS calls.
+
+    Once it has sealed, the cipher renews its data key on a timer before the key's age runs
+    out, even when nothing is sealed: an idle process pays one GenerateDataKey per key lifetime
+    (``data_key_max_age_seconds``) so that the first request after the idle does not. Call
+    ``aclose`` after the last seal to stop the timer; a cipher dropped without it stops too
+    (the timer holds it weakly).
     """
 
     def __init__(
@@ -185,6 +207,9 @@ class EnvelopeCipher:
         # The keys whose data keys this process opens: the sealing key first, then the
         # previous ones. Duplicates are dropped so a key is never asked twice.
         self._accepted = tuple(dict.fromkeys((settings.kms_key_id, *settings.accepted_key_ids)))
+        self._renewal: asyncio.TimerHandle | None = None
+        self._renewal_failures = 0
+        self._closed = False
 
     async def seal(self, op: str, message_id: str, payload: Mapping[str, Any]) -> str:
         """Encrypt ``payload`` under the current data key; returns the SQS message body.
@@ -221,7 +246,25 @@ class EnvelopeCipher:
             ) from None
         return OpenedEnvelope(envelope.op, envelope.id, _payload(plaintext, envelope.id))
 
+    async def aclose(self) -> None:
+        """Stop renewing the data key: cancel the timer and a renewal in flight.
+
+        Sealing still works afterwards (a key is generated when needed), but is no longer kept
+        ready; call this once the last seal is done.
+        """
+        self._closed = True
+        if self._renewal is not None:
+            self._renewal.cancel()
+            self._renewal = None
+        await self._generation.cancel_all()
+
     async def _current_key(self) -> _DataKey:
+        if self._settings.data_key_max_messages == 1:
+            # A one-message key is never shared: waiting on a shared generation would only
+            # queue each seal behind every earlier one (64 requests, 64 KMS calls in a row).
+            own = await self._request_key()
+            own.remaining = 0
+            return own
         # A loop, not an if: seals that waited on one generation may use it up between them.
         while True:
             key = self._data_key
@@ -231,6 +274,17 @@ class EnvelopeCipher:
             await self._generation.run(None, self._generate)
 
     async def _generate(self) -> _DataKey:
+        """A new data key, made the current one, its renewal timed."""
+        key = await self._request_key()
+        self._data_key = key
+        self._renewal_failures = 0
+        lifetime = self._settings.data_key_max_age_seconds
+        ahead = min(RENEW_AHEAD_MAX_SECONDS, lifetime * RENEW_AHEAD_FRACTION)
+        self._schedule_renewal(lifetime - ahead)
+        return key
+
+    async def _request_key(self) -> _DataKey:
+        """One GenerateDataKey; the key is also kept for opening what it seals."""
         try:
             response = await self._kms.generate_data_key(
                 KeyId=self._settings.kms_key_id,
@@ -250,8 +304,53 @@ class EnvelopeCipher:
         )
         # A process that opens its own messages should never ask KMS for a key it made.
         self._keys.put((key.key_id, key.encrypted_key), key.aead)
-        self._data_key = key
         return key
+
+    def _schedule_renewal(self, delay: float) -> None:
+        """Generate the next data key in ``delay`` seconds, replacing a renewal already timed."""
+        if self._renewal is not None:
+            self._renewal.cancel()
+            self._renewal = None
+        if not self._closed:
+            # Weakly: a cipher its owner dropped without aclose must not keep calling KMS.
+            loop = asyncio.get_running_loop()
+            self._renewal = loop.call_later(delay, _renew_if_alive, weakref.ref(self))
+
+    def _renew(self) -> None:
+        self._renewal = None
+        if not self._closed:
+            # Shares a generation already running (a seal that found the key used up).
+            task = self._generation.start(None, self._generate, name="envelope-data-key-renewal")
+            task.add_done_callback(self._renewed)
+
+    def _renewed(self, task: asyncio.Task[_DataKey]) -> None:
+        error = None if task.cancelled() else task.exception()
+        if self._closed or error is None:
+            return
+        self._renewal_failures += 1
+        delay = self._retry_delay()
+        self._schedule_renewal(delay)
+        # Nobody awaits a renewal: this line is the only trace of its failure.
+        log.warning(
+            "renewing the envelope data key failed; sealing keeps the current key until it "
+            "expires, retrying in %.1fs",
+            delay,
+            extra={
+                "fields": {
+                    "event": "data_key_renewal_failed",
+                    "error": _describe(error),
+                    "retry_in_seconds": round(delay, 3),
+                }
+            },
+        )
+
+    def _retry_delay(self) -> float:
+        """Seconds before the next renewal attempt: exponential, capped, with equal jitter."""
+        lifetime = self._settings.data_key_max_age_seconds
+        first = min(RETRY_FIRST_SECONDS, lifetime / 100)
+        doublings = min(self._renewal_failures - 1, 30)
+        step = min(RETRY_MAX_SECONDS, lifetime / 10, first * 2**doublings)
+        return random.uniform(step / 2, step)
 
     async def _data_key_for(self, envelope: Envelope) -> AESGCM:
         cache_key = (envelope.key_id, envelope.encrypted_key)
@@ -305,6 +404,13 @@ class EnvelopeCipher:
                 raise _kms_unavailable("Decrypt", failure) from failure
         code = _error_code(failures[-1])
         raise EnvelopeError(f"KMS cannot decrypt the data key ({code})", "undecryptable")
+
+
+def _renew_if_alive(cipher: weakref.ref[EnvelopeCipher]) -> None:
+    """The renewal timer's callback: renew the cipher's data key unless it is gone."""
+    alive = cipher()
+    if alive is not None:
+        alive._renew()
 
 
 def _candidate_keys(accepted: tuple[str, ...], envelope_key: str) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import socket
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from types import MappingProxyType
@@ -27,6 +28,7 @@ from service.aws import AwsClients, client_config
 from service.bootstrap import Resources
 from service.envelope import ENVELOPE_VERSION, Envelope, EnvelopeCipher, OpenedEnvelope
 from service.errors import EnvelopeError, TransientError, is_retryable
+from service.local import use_fake_credentials
 from service.settings import AwsSettings, EnvelopeSettings
 
 PAYLOAD = {"msisdn": "+4512345678", "mailbox": {"quota_mb": 512, "name": "Åse Ødegård"}}
@@ -890,3 +892,52 @@ def test_accepted_key_ids_setting_loads_from_env_and_toml(tmp_path: Any) -> None
     loaded = load_settings(path, environ={}).envelope
     assert (loaded.kms_key_id, loaded.accepted_key_ids) == ("alias/courier-2026", (old,))
     assert load_settings(environ={}).envelope.accepted_key_ids == ()
+
+
+# --- stateless mode: a key per message ---------------------------------------------------
+
+STATELESS_KEY_ARN = "arn:aws:kms:us-east-1:123456789012:key/11111111-2222-3333-4444-555555555555"
+
+
+class SlowKms:
+    """Answers GenerateDataKey after ``delay`` seconds; records the most calls in flight."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.in_flight = 0
+        self.peak = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
+        body = {
+            "KeyId": STATELESS_KEY_ARN,
+            "Plaintext": base64.b64encode(os.urandom(32)).decode(),
+            "CiphertextBlob": base64.b64encode(os.urandom(64)).decode(),
+        }
+        return web.Response(text=json.dumps(body), content_type="application/x-amz-json-1.1")
+
+
+async def test_seals_that_each_need_a_key_ask_kms_concurrently() -> None:
+    use_fake_credentials()
+    kms = SlowKms(delay=0.05)
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", kms.handle)
+    async with serving(app) as url:
+        settings = AwsSettings(region="us-east-1", endpoint_url=url)
+        async with kms_client_without_retries(settings) as client:
+            cipher = EnvelopeCipher(
+                client, EnvelopeSettings(kms_key_id=STATELESS_KEY_ARN, data_key_max_messages=1)
+            )
+            bodies = await asyncio.gather(
+                *(cipher.seal("create-mailbox", uuid.uuid4().hex, {"n": n}) for n in range(16))
+            )
+
+    keys = [Envelope.parse(body).encrypted_key for body in bodies]
+    assert len(set(keys)) == 16  # still one data key per message
+    assert kms.peak > 1  # today: 1, each seal waits for every earlier seal's KMS call

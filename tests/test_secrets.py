@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
+import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -48,12 +50,14 @@ class CountingStore:
         self.calls = 0
         self.finished = 0
         self.cancelled = 0
+        self.started: list[float] = []  # time.monotonic() of each call
         self.gate: asyncio.Event | None = None
 
     async def get(
         self, name: str, version: str | None = None, context: Mapping[str, str] | None = None
     ) -> str:
         self.calls += 1
+        self.started.append(time.monotonic())
         try:
             if self.gate is not None:
                 await self.gate.wait()
@@ -191,30 +195,25 @@ async def test_value_is_cached_until_ttl_then_fetched_again(
         assert counting.calls == 2
 
 
-async def test_refresh_ahead_serves_cached_value_and_refreshes_once(
+async def test_while_the_timer_refreshes_callers_get_the_cached_value_at_once(
     store: CredStash, put: Any, name: str
 ) -> None:
-    clock = FakeClock()
     counting = CountingStore(store)
-    settings = SecretSettings(ttl_seconds=60, refresh_ahead_seconds=10)
     await put(name, "v1")
-    async with SecretCache(counting, settings, clock=clock) as cache:
+    refreshed = fetches("refresh", "ok")
+    async with SecretCache(counting, TIMER_SETTINGS) as cache:
         assert await cache.get(name) == "v1"
         await put(name, "v2")
-        counting.gate = asyncio.Event()  # hold the refresh so overlapping gets can pile up
-        clock.now += 55
-        values = await asyncio.gather(*(cache.get(name) for _ in range(20)))
-        assert values == ["v1"] * 20
-        await asyncio.sleep(0.01)
-        assert counting.calls == 2, "exactly one background refresh"
+        counting.gate = asyncio.Event()  # hold the refresh so the gets below overlap it
+        await eventually(lambda: counting.calls == 2)  # the timer's refresh, at 0.7 s
+        gets = asyncio.gather(*(cache.get(name) for _ in range(20)))
+        assert await asyncio.wait_for(gets, 1) == ["v1"] * 20
+        assert counting.calls == 2, "the gets started no read of their own"
         counting.gate.set()
         await eventually(lambda: counting.finished == 2)
         assert await cache.get(name) == "v2"
-        # The refresh restarted the TTL: 59 s later it is still fresh, nothing fetched.
-        clock.now += 40
-        assert await cache.get(name) == "v2"
-        assert counting.calls == 2
-        assert fetches("refresh", "ok") >= 1
+        assert counting.calls == 2  # the next read is a TTL later
+    assert fetches("refresh", "ok") - refreshed == 1
 
 
 async def test_stale_value_served_within_bound_then_refused_beyond(
@@ -341,49 +340,47 @@ async def test_failed_background_refresh_is_quiet_and_keeps_the_value(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     server, store = outage
-    clock = FakeClock()
     counting = CountingStore(store)
     loop = asyncio.get_running_loop()
     loop_errors: list[dict[str, Any]] = []
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _loop, context: loop_errors.append(context))
-    settings = SecretSettings(ttl_seconds=60, refresh_ahead_seconds=10)
     await put(name, "kept")
     errors = fetches("refresh", "error")
     try:
-        async with SecretCache(counting, settings, clock=clock) as cache:
+        async with SecretCache(counting, TIMER_SETTINGS) as cache:
             assert await cache.get(name) == "kept"
             server.begin()
-            clock.now += 55
             counting.gate = asyncio.Event()  # the refresh is held until the caller has its value
             with caplog.at_level(logging.WARNING, logger="courier.secrets"):
+                await eventually(lambda: counting.calls == 2)  # the timer's refresh started...
                 # A caller that waited for the refresh would wait for the gate: never answered.
                 assert await asyncio.wait_for(cache.get(name), 10) == "kept"
-                await eventually(lambda: counting.calls == 2)  # the refresh started...
                 assert counting.finished == 1  # ...and is still held: the caller did not wait
                 counting.gate.set()
-                await eventually(lambda: counting.finished == 2)
+                await eventually(lambda: counting.finished >= 2)  # retries follow within 0.1 s
             assert await cache.get(name) == "kept"
         gc.collect()
     finally:
         loop.set_exception_handler(previous)
-    assert fetches("refresh", "error") - errors == 1
+    assert fetches("refresh", "error") - errors >= 1  # and its retries
     assert loop_errors == []
-    assert any("background refresh" in r.getMessage() for r in caplog.records)
+    failures = [r for r in caplog.records if "background refresh" in r.getMessage()]
+    assert failures
+    assert "retrying in" in failures[0].getMessage()
+    assert failures[0].fields["event"] == "secret_refresh_failed"  # type: ignore[attr-defined]
     assert "kept" not in caplog.text
 
 
 async def test_aclose_cancels_background_work(store: CredStash, put: Any, name: str) -> None:
-    clock = FakeClock()
     counting = CountingStore(store)
-    settings = SecretSettings(ttl_seconds=60, refresh_ahead_seconds=10)
+    settings = SecretSettings(ttl_seconds=2, refresh_ahead_seconds=1)
     await put(name, "v1")
     cold = f"{name}.cold"
-    cache = SecretCache(counting, settings, clock=clock)
+    cache = SecretCache(counting, settings)
     assert await cache.get(name) == "v1"
     counting.gate = asyncio.Event()  # never set: both fetches below hang until cancelled
-    clock.now += 55
-    assert await cache.get(name) == "v1"  # starts a refresh
+    await eventually(lambda: counting.calls == 2)  # the timer's refresh, at 1 s
     waiter = asyncio.create_task(cache.get(cold))  # a miss waiting on its fetch
     await eventually(lambda: counting.calls == 3)
 
@@ -393,7 +390,7 @@ async def test_aclose_cancels_background_work(store: CredStash, put: Any, name: 
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("secret-")]
     with pytest.raises(SecretUnavailableError, match="closed during the fetch"):
         await waiter
-    assert await cache.get(name) == "v1"  # still fresh: served, no new refresh
+    assert await cache.get(name) == "v1"  # still fresh (until 2 s): served, no new refresh
     assert counting.calls == 3
     with pytest.raises(SecretUnavailableError, match="is closed"):
         await cache.get(f"{name}.never-loaded")
@@ -424,20 +421,23 @@ async def test_while_the_store_fails_expired_values_are_served_without_waiting(
     async with SecretCache(counting, settings, clock=clock) as cache:
         assert await cache.get(name) == "keep-serving"
         server.begin()
-        clock.now += 55  # inside the refresh-ahead window: a background refresh fails
+        clock.now += 61  # expired before its (real-time) timer fired: this get reads and fails
         assert await cache.get(name) == "keep-serving"
-        await eventually(lambda: counting.finished == 2)
-        clock.now += 30  # expired now; the store is known to be failing
+        assert counting.calls == 2
         counting.gate = asyncio.Event()  # a fetch would now block until released
+        clock.now += 30
+        for _ in range(50):  # the store is known to be failing: no get reads it
+            assert await cache.get(name) == "keep-serving"
+        assert counting.calls == 2
         assert await asyncio.wait_for(cache.get(name), 0.5) == "keep-serving"
-        assert counting.calls == 3  # one background retry, which the answer did not wait for
         counting.gate.set()
         server.end()
-        await eventually(lambda: counting.finished == 3)
+        # The failure was retried on a timer (backoff under 1 s at this TTL); it succeeds now.
         await eventually(lambda: not cache._failing)
+        calls, hits = counting.calls, lookups("hit")
         clock.now += 1
         assert await cache.get(name) == "keep-serving"
-        assert counting.calls == 3  # fresh again after the successful background fetch
+        assert (counting.calls, lookups("hit") - hits) == (calls, 1)  # fresh again
 
 
 # --- the daemon reads its secrets under the deployment's encryption context -----------------
@@ -484,3 +484,127 @@ async def test_the_daemon_loads_secrets_stored_under_the_configured_context(
     status, body = await readiness({})
     assert status == 503
     assert body["checks"]["secrets"] != "ok"
+
+
+# --- refresh on a timer, not on access (real clock: these tests wait out real TTLs) ---------
+#
+# TTL 1 s and refresh-ahead 0.3 s: a secret loaded at t=0 is refreshed at 0.7, 1.7, 2.7, ...
+# (one read per TTL), whether or not anybody asks for it.
+
+TIMER_SETTINGS = SecretSettings(ttl_seconds=1, refresh_ahead_seconds=0.3, max_stale_seconds=300)
+
+
+async def test_under_load_each_secret_is_read_once_per_ttl(
+    store: CredStash, put: Any, name: str
+) -> None:
+    counting = CountingStore(store)
+    await put(name, "steady")
+    refreshed, misses = fetches("refresh", "ok"), lookups("miss")
+    async with SecretCache(counting, TIMER_SETTINGS) as cache:
+        assert await cache.get(name) == "steady"
+        loaded = time.monotonic()
+
+        async def client() -> None:
+            while time.monotonic() - loaded < 4.2:
+                assert await cache.get(name) == "steady"
+                await asyncio.sleep(0.005)
+
+        await asyncio.gather(*(client() for _ in range(20)))
+    # The load and the refreshes due at 0.7, 1.7, 2.7 and 3.7 s: one read per TTL.
+    assert counting.calls == 5, counting.started
+    gaps = [later - earlier for earlier, later in itertools.pairwise(counting.started[1:])]
+    assert all(0.8 < gap < 1.2 for gap in gaps), gaps
+    assert fetches("refresh", "ok") - refreshed == 4
+    assert lookups("miss") - misses == 1, "every get after the first found a fresh value"
+
+
+async def test_a_get_after_an_idle_longer_than_the_ttl_reads_nothing(
+    store: CredStash, put: Any, name: str
+) -> None:
+    counting = CountingStore(store)
+    await put(name, "before-the-idle")
+    async with SecretCache(counting, TIMER_SETTINGS) as cache:
+        assert await cache.get(name) == "before-the-idle"
+        await put(name, "rotated-during-the-idle")
+        await asyncio.sleep(2.2)  # nobody asks; refreshes were due at 0.7 and 1.7 s
+        await eventually(lambda: counting.finished == 3)
+        counting.gate = asyncio.Event()  # never set: a get that read the store would hang
+        hits, misses = lookups("hit"), lookups("miss")
+        assert await asyncio.wait_for(cache.get(name), 1) == "rotated-during-the-idle"
+        assert counting.calls == 3
+        assert (lookups("hit") - hits, lookups("miss") - misses) == (1, 0)
+
+
+async def test_a_failing_refresh_serves_stale_and_retries_with_backoff(
+    outage: tuple[Outage, CredStash],
+    put: Any,
+    name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server, store = outage
+    counting = CountingStore(store)
+    await put(name, "kept")
+    stale, misses, errors = lookups("stale"), lookups("miss"), fetches("refresh", "error")
+    async with SecretCache(counting, TIMER_SETTINGS) as cache:
+        assert await cache.get(name) == "kept"
+        server.begin()
+        down = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="courier.secrets"):
+            while time.monotonic() - down < 3:  # gets every 10 ms, expired after 1 s
+                assert await asyncio.wait_for(cache.get(name), 1) == "kept"
+                await asyncio.sleep(0.01)
+        failed = counting.started[1:]
+        assert lookups("stale") - stale > 50
+        assert lookups("miss") - misses == 1, "no get waited for the store"
+        # Retries back off (TTL 1 s: from 10 ms up to 100 ms, jittered): neither a read per
+        # get (about 200 here) nor one per TTL while the store is down.
+        assert 10 <= len(failed) <= 60, len(failed)
+        gaps = [later - earlier for earlier, later in itertools.pairwise(failed)]
+        assert statistics.median(gaps[-10:]) >= 0.045, gaps
+        assert fetches("refresh", "error") - errors == len(failed)
+        assert "kept" not in caplog.text
+        server.end()
+        await put(name, "after-the-outage")
+        deadline = time.monotonic() + 5  # the next retry succeeds, then the next TTL's read
+        while await cache.get(name) != "after-the-outage":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        assert lookups("miss") - misses == 1
+
+
+async def test_aclose_cancels_the_timers(store: CredStash, put: Any, name: str) -> None:
+    counting = CountingStore(store)
+    names = [name, f"{name}.b"]
+    for each in names:
+        await put(each, "v1")
+    cache = SecretCache(counting, TIMER_SETTINGS)
+    await cache.prefetch(names)
+    counting.gate = asyncio.Event()  # never set: the timers' refreshes hang until cancelled
+    await eventually(lambda: counting.calls == 4, timeout=5)  # nobody asked: the timers did
+
+    await cache.aclose()
+
+    assert counting.cancelled == 2
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("secret-")]
+    await asyncio.sleep(1.5)  # past every refresh that was due: none is left to fire
+    assert counting.calls == 4
+
+
+async def test_a_deleted_secret_is_not_hidden_and_not_retried(
+    aws: AwsClients, store: CredStash, put: Any, name: str, resources: Resources
+) -> None:
+    counting = CountingStore(store)
+    await put(name, "v1")
+    async with SecretCache(counting, TIMER_SETTINGS) as cache:
+        assert await cache.get(name) == "v1"
+        await aws.dynamodb.delete_item(
+            TableName=resources.secrets_table,
+            Key={"name": {"S": name}, "version": {"S": "1".zfill(19)}},
+        )
+        await eventually(lambda: counting.finished == 2)  # the refresh at 0.7 s: not found
+        await asyncio.sleep(0.6)  # the value has expired (1 s)
+        assert counting.calls == 2, "a permanent failure is not retried in the background"
+        with pytest.raises(SecretNotFoundError):
+            await cache.get(name)
+        await asyncio.sleep(1)
+        assert counting.calls == 3  # only the get read the store

@@ -1,16 +1,19 @@
 """SecretCache: an in-memory cache of CredStash secrets in front of any ``SecretStore``.
 
-Secrets are read once, kept for ``ttl_seconds`` on a monotonic clock, refreshed in the
-background ``refresh_ahead_seconds`` before they expire, and served stale (for at most
-``max_stale_seconds`` past expiry) while the store is unreachable. Concurrent misses of one
-key share a single fetch. Failures are never cached, and permanent failures (no such
-secret, integrity) are never hidden behind a stale value. Values are never logged.
+Secrets are read once, then re-read on a timer once per ``ttl_seconds``, each refresh
+``refresh_ahead_seconds`` before the value it replaces expires, whether or not anybody asks:
+under load a secret costs exactly one store read per TTL, and the first request after a long
+idle still finds a fresh value. While the store is unreachable, values are served stale (for
+at most ``max_stale_seconds`` past expiry) and the timer retries with backoff. Concurrent
+misses of one key share a single fetch. Failures are never cached, and permanent failures (no
+such secret, integrity) are never hidden behind a stale value. Values are never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -28,6 +31,11 @@ log = logging.getLogger("courier.secrets")
 # (name, sorted encryption-context items): the same context given in any order is one entry.
 CacheKey = tuple[str, tuple[tuple[str, str], ...]]
 Trigger = Literal["miss", "refresh"]
+
+# Retries of a failed refresh: from RETRY_FIRST_SECONDS, doubling up to RETRY_MAX_SECONDS, each
+# capped at a fraction of the TTL (so short test and benchmark TTLs retry proportionally sooner).
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 30.0
 
 
 class SecretStore(Protocol):
@@ -47,11 +55,26 @@ class _Entry:
 
 
 class SecretCache:
-    """TTL cache with refresh-ahead, bounded stale-if-error and single-flight fetches.
+    """TTL cache with timed refreshes, bounded stale-if-error and single-flight fetches.
+
+    Every key loaded once is refreshed by a timer of its own (``loop.call_later``), once per
+    TTL and ``refresh_ahead_seconds`` (at most half the TTL) before its value expires. Refresh
+    times are anchored to the previous expiry, not to when a read ended, so they do not drift:
+    one read per TTL exactly. A refreshed value therefore expires up to ``ttl_seconds +
+    refresh_ahead_seconds`` after its read, but it is replaced once per TTL while the store
+    answers. A key nobody asks for any more keeps being refreshed: one read per TTL per key
+    is the price of never making a request wait for the store after an idle (the keys are the
+    few secrets the configuration names, so this is bounded).
+
+    A failed refresh keeps the value (stale past its expiry, within ``max_stale_seconds``) and
+    is retried with jittered exponential backoff, never in a loop; a permanent failure (the
+    secret was deleted or fails its integrity check) is not retried: the value is served until
+    it expires, then requests read the store themselves and get the error.
 
     Use as ``async with SecretCache(store, settings) as cache:`` (or call ``aclose``) so the
-    background refreshes are cancelled when the owner stops. ``clock`` must be monotonic
-    (seconds); tests inject a fake one.
+    timers and fetches are cancelled when the owner stops. ``clock`` must be monotonic
+    (seconds); tests inject a fake one. Timers run on the event loop's clock, for the delays
+    ``clock`` gives.
     """
 
     def __init__(
@@ -74,6 +97,9 @@ class SecretCache:
         # is served at once (within max_stale) and the fetch retried in the background, so
         # requests do not each wait out the AWS client's timeouts and retries.
         self._failing: dict[CacheKey, Exception] = {}
+        # The next refresh (or retry) of each loaded key, and how many retries failed in a row.
+        self._timers: dict[CacheKey, asyncio.TimerHandle] = {}
+        self._retries: dict[CacheKey, int] = {}
         self._closed = False
 
     async def get(self, name: str, context: Mapping[str, str] | None = None) -> str:
@@ -91,8 +117,6 @@ class SecretCache:
         now = self._clock()
         if entry is not None and now < entry.expires_at:
             metrics.secret_lookups.labels("hit").inc()
-            if now >= entry.expires_at - self._settings.refresh_ahead_seconds and not self._closed:
-                self._fetch_task(key, "refresh")
             return entry.value
         failure = self._failing.get(key)
         if (
@@ -100,8 +124,7 @@ class SecretCache:
             and failure is not None
             and now - entry.expires_at < self._settings.max_stale_seconds
         ):
-            if not self._closed:
-                self._fetch_task(key, "refresh")
+            # The timer is retrying: requests do not each wait out the failing store.
             return self._stale_or_raise(key, failure)
         try:
             value = await self._shared_fetch(key)
@@ -129,8 +152,11 @@ class SecretCache:
         return all(_cache_key(name, None) in self._loaded for name in names)
 
     async def aclose(self) -> None:
-        """Cancel in-flight fetches and refuse new ones; cached values stay readable."""
+        """Cancel the timers and in-flight fetches and refuse new ones; values stay readable."""
         self._closed = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         await self._fetches.cancel_all()
 
     async def __aenter__(self) -> SecretCache:
@@ -182,16 +208,74 @@ class SecretCache:
             value = await self._store.get(key[0], context=dict(key[1]) or None)
         except Exception as exc:
             metrics.secret_fetches.labels(trigger, "error").inc()
-            if not isinstance(exc, PermanentError):
-                self._failing[key] = exc
-            if trigger == "refresh":
-                _refresh_failed(key, exc)
+            self._fetch_failed(key, exc, trigger)
             raise
         metrics.secret_fetches.labels(trigger, "ok").inc()
-        self._failing.pop(key, None)
-        self._entries[key] = _Entry(value, self._clock() + self._settings.ttl_seconds)
-        self._loaded.add(key)
+        self._fetched(key, value)
         return value
+
+    def _fetched(self, key: CacheKey, value: str) -> None:
+        """Keep ``value`` and time the next refresh."""
+        now = self._clock()
+        previous = self._entries.get(key)
+        # Anchored to the previous expiry when the refresh was on time: one read per TTL,
+        # however long each read took.
+        starts = now if previous is None else max(now, previous.expires_at)
+        entry = _Entry(value, starts + self._settings.ttl_seconds)
+        self._entries[key] = entry
+        self._failing.pop(key, None)
+        self._retries.pop(key, None)
+        self._loaded.add(key)
+        ahead = min(self._settings.refresh_ahead_seconds, self._settings.ttl_seconds / 2)
+        self._schedule(key, entry.expires_at - ahead - now)
+
+    def _fetch_failed(self, key: CacheKey, exc: Exception, trigger: Trigger) -> None:
+        """Remember a transient failure and retry it later; stop refreshing on a permanent one."""
+        if isinstance(exc, PermanentError):
+            # Not retried and not served stale: once the value expires, requests read the
+            # store and get this error.
+            self._failing.pop(key, None)
+            self._cancel_timer(key)
+            entry = self._entries.get(key)
+            if entry is not None and self._clock() >= entry.expires_at:
+                del self._entries[key]
+            if trigger == "refresh":
+                _refresh_failed(key, exc, None)
+            return
+        self._failing[key] = exc
+        if key not in self._entries:
+            return  # never loaded: the next request asks again, there is nothing to refresh
+        retries = self._retries.get(key, 0) + 1
+        self._retries[key] = retries
+        delay = self._backoff(retries)
+        self._schedule(key, delay)
+        if trigger == "refresh":
+            _refresh_failed(key, exc, delay)
+
+    def _backoff(self, retries: int) -> float:
+        """Seconds before retry number ``retries``: exponential, capped, with equal jitter."""
+        ttl = self._settings.ttl_seconds
+        first = min(RETRY_FIRST_SECONDS, ttl / 100)
+        step = min(RETRY_MAX_SECONDS, ttl / 10, first * 2 ** min(retries - 1, 30))
+        return random.uniform(step / 2, step)
+
+    def _schedule(self, key: CacheKey, delay: float) -> None:
+        """Refresh ``key`` in ``delay`` seconds, replacing any refresh already timed."""
+        self._cancel_timer(key)
+        if not self._closed:
+            loop = asyncio.get_running_loop()
+            self._timers[key] = loop.call_later(max(0.0, delay), self._on_timer, key)
+
+    def _cancel_timer(self, key: CacheKey) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _on_timer(self, key: CacheKey) -> None:
+        self._timers.pop(key, None)
+        if not self._closed:
+            # Joins a miss already fetching this key rather than reading twice.
+            self._fetch_task(key, "refresh")
 
     def _stale_or_raise(self, key: CacheKey, exc: Exception) -> str:
         entry = self._entries.get(key)
@@ -228,16 +312,19 @@ def _cache_key(name: str, context: Mapping[str, str] | None) -> CacheKey:
     return name, tuple(sorted((context or {}).items()))
 
 
-def _refresh_failed(key: CacheKey, exc: Exception) -> None:
+def _refresh_failed(key: CacheKey, exc: Exception, retry_in: float | None) -> None:
     # Nobody awaits a background refresh: this line is the only trace of its failure.
+    then = "not retrying" if retry_in is None else f"retrying in {retry_in:.1f}s"
     log.warning(
-        "background refresh of secret %r failed; keeping the cached value",
+        "background refresh of secret %r failed; keeping the cached value, %s",
         key[0],
+        then,
         extra={
             "fields": {
                 "event": "secret_refresh_failed",
                 "secret": key[0],
                 "error": f"{type(exc).__name__}: {exc}",
+                "retry_in_seconds": None if retry_in is None else round(retry_in, 3),
             }
         },
     )
