@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import aiohttp
+from aiobotocore.session import get_session
 from aiohttp import web
 
 from . import __version__, metrics
@@ -37,6 +38,7 @@ from .sqs import open_lean_sqs
 from .state import (
     AWS,
     ENVELOPE,
+    HOT_DYNAMODB,
     HOT_SQS,
     HTTP,
     IDM,
@@ -57,6 +59,7 @@ from .worker.targets import TargetClient
 log = logging.getLogger("courier.app")
 
 PREFETCH_RETRY_SECONDS = 2.0
+STATUS_DRAIN_SECONDS = 5.0
 WORKER_SETTLE_POLL_SECONDS = 0.05
 Context = Callable[[web.Application], AsyncIterator[None]]
 
@@ -135,12 +138,17 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _aws_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    # One session for every client: one credential chain (and IMDS refresh) per process. The
+    # hot-path clients use the endpoints botocore resolved (partitions, FIPS, dual-stack).
+    session = get_session()
     async with (
-        open_clients(settings.aws) as clients,
-        open_lean_sqs(settings.aws, clients.sqs.meta.endpoint_url) as hot_sqs,
+        open_clients(settings.aws, session) as clients,
+        open_lean_sqs(settings.aws, clients.sqs.meta.endpoint_url, session) as hot_sqs,
+        open_dynamodb(settings.aws, clients.dynamodb.meta.endpoint_url, session) as hot_dynamodb,
     ):
         app[AWS] = clients
         app[HOT_SQS] = hot_sqs
+        app[HOT_DYNAMODB] = hot_dynamodb
         app[READINESS].add_probe("aws", _aws_probe(clients, settings))
         yield
 
@@ -201,14 +209,20 @@ async def _prefetch_until_loaded(cache: SecretCache, names: tuple[str, ...]) -> 
 
 async def _data_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    clients = app[AWS]
-    async with open_dynamodb(settings.aws) as dynamodb:
-        status = StatusStore(dynamodb, settings.status.table, settings.status.ttl_days)
-        app[STATUS] = status
-        app[ENVELOPE] = EnvelopeCipher(clients.kms, settings.envelope)
-        yield
-        await app[ENVELOPE].aclose()
-        await status.drain()
+    status = StatusStore(app[HOT_DYNAMODB], settings.status.table, settings.status.ttl_days)
+    app[STATUS] = status
+    app[ENVELOPE] = EnvelopeCipher(app[AWS].kms, settings.envelope)
+    yield
+    await app[ENVELOPE].aclose()
+    try:
+        # Every writer awaits its own write, and the worker has stopped by now: this only
+        # finishes a write whose caller went away. Bounded, so DynamoDB cannot hold the exit.
+        await asyncio.wait_for(status.drain(), STATUS_DRAIN_SECONDS)
+    except TimeoutError:
+        log.warning(
+            "status writes still in flight at exit",
+            extra={"fields": {"event": "status_drain_timeout"}},
+        )
 
 
 async def _producer_context(app: web.Application) -> AsyncIterator[None]:

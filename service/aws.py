@@ -61,9 +61,12 @@ async def open_client(
 
 
 @contextlib.asynccontextmanager
-async def open_clients(settings: AwsSettings) -> AsyncIterator[AwsClients]:
+async def open_clients(
+    settings: AwsSettings, session: AioSession | None = None
+) -> AsyncIterator[AwsClients]:
     """Open the SQS, DynamoDB and KMS clients; close them on exit."""
-    session = get_session()  # one session: botocore loads its endpoint and model data once
+    # One session: botocore loads its endpoint and model data once, and resolves credentials once.
+    session = session or get_session()
     async with contextlib.AsyncExitStack() as stack:
         clients = [
             await stack.enter_async_context(open_client(name, settings, session=session))

@@ -7,8 +7,16 @@ still waits for its own item to be durable (the worker acknowledges a message on
 
 BatchWriteItem has no conditions, so only writes that need none go this way: a worker's
 ``completed`` record (final, and equal whichever copy writes it) and an unkeyed request's first
-record (its id is random). Items DynamoDB leaves unprocessed (throttling) are sent again with
-backoff; an item still unwritten after ``max_attempts`` fails its caller with the last error.
+record (its id is random). Two puts of one key in one batch are one put (DynamoDB refuses a
+batch naming a key twice): the later item is written and both callers learn it was. That is
+right only because every writer of a key writes the same record, but for ``updated_at``;
+anything else must not go through here.
+
+Items DynamoDB leaves unprocessed (throttling) are sent again with backoff; their callers
+wait, the others are answered as soon as their item is written. An item still unwritten after
+``max_attempts`` fails its caller (``UnprocessedError``). When DynamoDB refuses a whole batch
+(e.g. a ValidationException), its items are sent again one by one, so one bad item fails only
+its own caller.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import asyncio
 import random
 from collections.abc import Mapping
 from typing import Any
+
+from .errors import is_retryable
 
 MAX_BATCH = 25  # BatchWriteItem's limit on puts and deletes per request
 
@@ -79,35 +89,48 @@ class PutBatcher:
             task.add_done_callback(self._in_flight.discard)
 
     async def _send(self, batch: dict[str, tuple[Item, list[asyncio.Future[None]]]]) -> None:
-        remaining = {key: item for key, (item, _) in batch.items()}
         try:
-            for attempt in range(self._max_attempts):
-                if attempt:
-                    await asyncio.sleep(random.uniform(0, 0.05 * 2**attempt))
-                remaining = await self._write(remaining)
-                if not remaining:
-                    break
+            await self._write_all(batch)
         except asyncio.CancelledError:
             _settle(batch, asyncio.CancelledError())
             raise
-        except Exception as exc:  # the request failed: every item still unwritten fails with it
-            _settle({key: batch[key] for key in remaining}, exc)
-        else:
-            _settle(
-                {key: batch[key] for key in remaining},
-                UnprocessedError(f"BatchWriteItem left the item unprocessed {self._max_attempts}x"),
-            )
-        _settle(batch, None)
+        except Exception as exc:  # the request failed: every item not yet answered fails with it
+            if len(batch) > 1 and not is_retryable(exc):
+                await self._one_by_one(batch)
+            _settle(batch, exc)
+        finally:  # whatever happened, nobody is left waiting
+            _settle(batch, UnprocessedError("the batch ended without an answer for the item"))
 
-    async def _write(self, items: dict[str, Item]) -> dict[str, Item]:
-        """One BatchWriteItem; returns the items DynamoDB left unprocessed, by key."""
+    async def _write_all(self, batch: dict[str, tuple[Item, list[asyncio.Future[None]]]]) -> None:
+        remaining = {key: item for key, (item, _) in batch.items()}
+        for attempt in range(self._max_attempts):
+            if attempt:
+                await asyncio.sleep(random.uniform(0, 0.05 * 2**attempt))
+            unprocessed = await self._write(remaining)
+            _settle({k: batch[k] for k in remaining if k not in unprocessed}, None)
+            remaining = {k: remaining[k] for k in unprocessed if k in remaining}
+            if not remaining:
+                return
+        _settle(
+            {key: batch[key] for key in remaining},
+            UnprocessedError(f"BatchWriteItem left the item unprocessed {self._max_attempts}x"),
+        )
+
+    async def _one_by_one(self, batch: dict[str, tuple[Item, list[asyncio.Future[None]]]]) -> None:
+        """After a refused batch: each item alone, so the refusal reaches only its own caller."""
+        for key, entry in batch.items():
+            try:
+                await self._write_all({key: entry})
+            except Exception as exc:
+                _settle({key: entry}, exc)
+
+    async def _write(self, items: dict[str, Item]) -> set[str]:
+        """One BatchWriteItem; the keys of the items DynamoDB left unprocessed."""
         response = await self._dynamodb.batch_write_item(
             RequestItems={self._table: [{"PutRequest": {"Item": item}} for item in items.values()]}
         )
         unprocessed = response.get("UnprocessedItems", {}).get(self._table, [])
-        return {
-            repr(r["PutRequest"]["Item"][self._key]): r["PutRequest"]["Item"] for r in unprocessed
-        }
+        return {repr(r["PutRequest"]["Item"][self._key]) for r in unprocessed}
 
 
 def _settle(

@@ -47,6 +47,7 @@ from . import metrics
 from .settings import AwsSettings
 
 _TARGET_PREFIX = "DynamoDB_20120810."
+READ_TIMEOUT_SECONDS = 3.0
 
 
 class BotocoreCredentials(Credentials):
@@ -77,10 +78,13 @@ class BotocoreCredentials(Credentials):
 
 @dataclass(frozen=True)
 class _StandardRetry(RetryConfig):
-    """Retries throttling, 5xx and timeouts briefly, like botocore's standard mode.
+    """How long aiodynamo keeps retrying what it retries: 1 s, full-jitter backoff.
 
-    aiodynamo retries only those (anything else raises at once) until ``time_limit_secs`` is
-    spent, then raises the last error: a caller then decides as ``service/errors.py`` says.
+    aiodynamo retries throttling (ThrottlingException, ProvisionedThroughputExceeded), 500,
+    503, timeouts and connection errors, and raises anything else at once; once the budget is
+    spent it raises the last error, and the caller decides as ``service/errors.py`` says (the
+    API answers 503, the worker backs the message off). Shorter than botocore's standard mode
+    on purpose: a batch of writers waits on each call.
     """
 
     time_limit_secs: float = 1.0
@@ -186,17 +190,24 @@ _STATUSES = {"InternalServerError": 500, "ServiceUnavailable": 503}
 
 @contextlib.asynccontextmanager
 async def open_dynamodb(
-    settings: AwsSettings, session: AioSession | None = None
+    settings: AwsSettings, endpoint_url: str | None = None, session: AioSession | None = None
 ) -> AsyncIterator[DynamoDB]:
-    """A DynamoDB client on its own connection pool, with the AWS settings' timeouts.
+    """A DynamoDB client on its own connection pool, with the AWS settings' connect timeout.
 
-    Its credentials come from ``session``'s provider chain (a new session's by default).
+    ``endpoint_url`` is best the one the aiobotocore client resolved (``client.meta``: it
+    knows partitions, FIPS and dual-stack); by default the configured one or aiodynamo's
+    standard endpoint. It must be ``scheme://host[:port]``: aiodynamo signs the path ``/``.
+    Credentials come from ``session``'s provider chain (a new session's by default).
     """
     connector = aiohttp.TCPConnector(limit=settings.max_pool_connections, ttl_dns_cache=300)
+    # DynamoDB answers in milliseconds: a read stalled longer than this is retried (within
+    # _StandardRetry's budget) or fails, instead of holding a whole batch of writers for the
+    # 25 s that SQS's long polls need.
     timeout = aiohttp.ClientTimeout(
-        sock_connect=settings.connect_timeout_seconds, sock_read=settings.read_timeout_seconds
+        sock_connect=settings.connect_timeout_seconds,
+        sock_read=min(settings.read_timeout_seconds, READ_TIMEOUT_SECONDS),
     )
-    configured = settings.endpoint_for("dynamodb")
+    configured = endpoint_url or settings.endpoint_for("dynamodb")
     endpoint = URL(configured) if configured else make_default_endpoint(settings.region)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         client = Client(

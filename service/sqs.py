@@ -13,7 +13,7 @@ botocore's keyword arguments and response shapes, and botocore's errors: ``Clien
 parsed as botocore parses SQS's query-compatible JSON errors (the legacy code from
 ``x-amzn-query-error``), ``HTTPClientError`` / ``ReadTimeoutError`` for the transport. So
 ``service/errors.py`` classifies them as before. Like botocore's standard retry mode it tries
-a call up to 3 times when the failure is retryable (throttling, 5xx, the network). The cold
+a call up to 3 times when the failure may pass by itself (throttling, 5xx, the network). The cold
 paths (DLQ moves, replay, bootstrap, the CLI) keep the aiobotocore client.
 """
 
@@ -38,7 +38,7 @@ from botocore.exceptions import (
 )
 
 from . import metrics
-from .errors import classify
+from .errors import RETRY, classify
 from .settings import AwsSettings
 
 ATTEMPTS = 3  # as botocore's standard retry mode
@@ -83,7 +83,9 @@ class LeanSqs:
             try:
                 return await self._send(action, body)
             except (ClientError, HTTPClientError) as exc:
-                if attempt == ATTEMPTS or not classify(exc, "sqs").retryable:
+                # Only what may pass by itself (throttling, 5xx, the network), as botocore: a
+                # misconfiguration (IAM, a missing queue) fails at once and is not tripled.
+                if attempt == ATTEMPTS or classify(exc, "sqs") is not RETRY:
                     raise
             # Full jitter, as botocore's standard mode (base 50 ms here: the callers back off too).
             await asyncio.sleep(random.uniform(0, 0.05 * 2**attempt))
@@ -96,7 +98,7 @@ class LeanSqs:
             async with self._http.post(self._url, data=body, headers=headers) as response:
                 payload = await response.read()
                 status, response_headers = response.status, response.headers
-        except TimeoutError as exc:
+        except TimeoutError as exc:  # connect or read: botocore's name for either will do
             raise ReadTimeoutError(endpoint_url=self._url, error=exc) from exc
         except aiohttp.ClientError as exc:
             raise HTTPClientError(error=exc) from exc

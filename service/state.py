@@ -7,6 +7,7 @@ from aiohttp import web
 
 from .api.auth import TokenVerifier
 from .aws import AwsClients
+from .dynamo import DynamoDB
 from .envelope import EnvelopeCipher
 from .health import Readiness
 from .idm import IdmClient
@@ -20,6 +21,7 @@ from .worker.poller import Poller
 SETTINGS = web.AppKey("settings", Settings)
 READINESS = web.AppKey("readiness", Readiness)
 AWS = web.AppKey("aws", AwsClients)
+HOT_DYNAMODB = web.AppKey("hot_dynamodb", DynamoDB)  # the status table's calls
 HOT_SQS = web.AppKey("hot_sqs", LeanSqs)  # the worker's receives and acks, the API's sends
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 SECRETS = web.AppKey("secrets", SecretCache)

@@ -118,32 +118,41 @@ def test_an_event_without_the_fields_gets_no_whole_record(carried: Any) -> None:
 
 
 class FlakyDynamo:
-    """Answers BatchWriteItem, leaving the first ``unprocessed`` attempts' items unprocessed."""
+    """Answers BatchWriteItem; can leave items unprocessed, refuse, or answer slowly."""
 
     def __init__(self) -> None:
-        self.unprocessed = 0
+        self.unprocessed = 0  # how many answers leave items unprocessed
+        self.only_unprocessed: set[str] = set()  # when set, only these keys are left over
         self.status = 200
+        self.refused: set[str] = set()  # keys whose presence makes DynamoDB refuse the batch
+        self.delay = 0.0
         self.requests: list[list[dict[str, Any]]] = []
         self.items: dict[str, dict[str, Any]] = {}
 
     async def handle(self, request: web.Request) -> web.Response:
         payload = json.loads(await request.read())
-        writes = next(iter(payload["RequestItems"].values()))
+        (table, writes), *_ = payload["RequestItems"].items()
         self.requests.append(writes)
-        if self.status != 200:
+        await asyncio.sleep(self.delay)
+        keys = {write["PutRequest"]["Item"]["pk"]["S"] for write in writes}
+        if self.status != 200 or keys & self.refused:
             body = {
                 "__type": "com.amazonaws.dynamodb.v20120810#ValidationException",
                 "message": "no",
             }
-            return web.json_response(body, status=self.status)
+            return web.json_response(body, status=400)
+        left: list[dict[str, Any]] = []
         if self.unprocessed > 0:
             self.unprocessed -= 1
-            table = next(iter(payload["RequestItems"]))
-            return web.json_response({"UnprocessedItems": {table: writes}})
+            left = [w for w in writes if self._left_over(w["PutRequest"]["Item"]["pk"]["S"])]
         for write in writes:
-            item = write["PutRequest"]["Item"]
-            self.items[item["pk"]["S"]] = item
-        return web.json_response({"UnprocessedItems": {}})
+            if write not in left:
+                item = write["PutRequest"]["Item"]
+                self.items[item["pk"]["S"]] = item
+        return web.json_response({"UnprocessedItems": {table: left} if left else {}})
+
+    def _left_over(self, key: str) -> bool:
+        return not self.only_unprocessed or key in self.only_unprocessed
 
 
 @contextlib.asynccontextmanager
@@ -186,8 +195,48 @@ async def test_a_refused_batch_fails_every_caller_in_it() -> None:
         results = await asyncio.gather(
             store.create(record("c" * 32)), store.create(record("d" * 32)), return_exceptions=True
         )
-        assert len(stub.requests) == 1
+        assert [len(writes) for writes in stub.requests] == [2, 1, 1]  # then each alone
         assert all(isinstance(r, StatusRefusedError) for r in results), results
+
+
+async def test_one_refused_item_fails_only_its_own_caller() -> None:
+    async with flaky_store() as (stub, store):
+        stub.refused = {"req#" + "f" * 32}
+        results = await asyncio.gather(
+            store.create(record("f" * 32)), store.create(record("0" * 32)), return_exceptions=True
+        )
+        assert isinstance(results[0], StatusRefusedError), results
+        assert results[1] is None
+        assert set(stub.items) == {"req#" + "0" * 32}
+
+
+async def test_written_items_are_answered_while_the_unprocessed_are_retried() -> None:
+    async with flaky_store() as (stub, store):
+        stub.unprocessed, stub.only_unprocessed = 2, {"req#" + "1" * 32}
+        slow = asyncio.create_task(store.create(record("1" * 32)))
+        fast = asyncio.create_task(store.create(record("2" * 32)))
+        await asyncio.wait_for(fast, 5)
+        assert not slow.done()  # still being retried
+        await asyncio.wait_for(slow, 5)
+        assert [len(writes) for writes in stub.requests] == [2, 1, 1]
+        assert {"req#" + "1" * 32, "req#" + "2" * 32} <= set(stub.items)
+
+
+async def test_a_stalled_dynamodb_fails_the_callers_as_unavailable() -> None:
+    async with flaky_store() as (stub, store):
+        stub.delay = 10  # longer than the DynamoDB read timeout (3 s)
+        with pytest.raises(StatusUnavailableError):
+            await asyncio.wait_for(store.create(record("3" * 32)), 8)
+
+
+async def test_drain_finishes_writes_whose_callers_went_away() -> None:
+    async with flaky_store() as (stub, store):
+        stub.delay = 0.2
+        caller = asyncio.create_task(store.create(record("4" * 32)))
+        await asyncio.sleep(0.05)  # the batch is in flight
+        caller.cancel()
+        await store.drain()
+        assert "req#" + "4" * 32 in stub.items
 
 
 async def test_two_writes_of_one_item_in_a_batch_become_one_put() -> None:

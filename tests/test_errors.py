@@ -184,13 +184,14 @@ class StubAws:
     def __init__(self) -> None:
         self.status = 400
         self.code = "ValidationException"
+        self.legacy_code = ""  # SQS's query-protocol code, when it differs from the JSON one
 
     async def handle(self, request: web.Request) -> web.Response:
         await request.read()
         headers = {}
         if "AmazonSQS" in request.headers.get("X-Amz-Target", ""):
             fault = "Sender" if self.status < 500 else "Receiver"
-            headers["x-amzn-query-error"] = f"{self.code};{fault}"
+            headers["x-amzn-query-error"] = f"{self.legacy_code or self.code};{fault}"
         body = json.dumps({"__type": f"com.amazonaws.stub#{self.code}", "message": "stub says no"})
         return web.Response(
             status=self.status,
@@ -338,6 +339,22 @@ async def test_the_hot_sqs_client_raises_what_botocore_raises(
     hot = caught.value
     assert hot.response["Error"]["Code"] == botocore_error.response["Error"]["Code"]
     assert classify(hot, "sqs") is classify(botocore_error, "sqs")
+
+
+async def test_the_hot_sqs_client_reads_the_legacy_code_as_botocore_does(
+    stub_aws: tuple[StubAws, dict[str, Any]], hot_sqs: LeanSqs
+) -> None:
+    stub_aws[0].legacy_code = "AWS.SimpleQueueService.NonExistentQueue"
+    try:
+        botocore_error = await aws_error(stub_aws, "sqs", 400, "QueueDoesNotExist")
+        with pytest.raises(ClientError) as caught:
+            await hot_sqs.send_message(QueueUrl="http://q/1/work", MessageBody="m")
+    finally:
+        stub_aws[0].legacy_code = ""
+    for error in (caught.value, botocore_error):
+        assert error.response["Error"]["Code"] == "AWS.SimpleQueueService.NonExistentQueue"
+        assert error.response["Error"]["QueryErrorCode"] == "QueueDoesNotExist"
+        assert classify(error, "sqs") is MISCONFIGURED
 
 
 @pytest.mark.parametrize(("status", "decision"), FALLBACK_ROWS)

@@ -91,6 +91,37 @@ def attributes(raw: dict[str, Any]) -> dict[str, str]:
 # --- a target goes down, then comes back ------------------------------------------------------
 
 
+async def test_the_worker_completes_requests_from_the_fields_the_api_sealed(chain: Chain) -> None:
+    """The API seals the record's fields into the event; the worker writes `completed` whole
+    from them in a shared BatchWriteItem, and the record still answers as the API wrote it."""
+
+    def dynamodb_calls(operation: str) -> float:
+        return sample("courier_aws_requests_total", service="dynamodb", operation=operation)
+
+    before = {op: dynamodb_calls(op) for op in ("UpdateItem", "BatchWriteItem", "GetItem")}
+    headers = {"Authorization": f"Bearer {chain.token()}", "Idempotency-Key": "sealed-1"}
+    async with chain.http.post(f"{chain.url}/v1/mailboxes", json=mailbox(2), headers=headers) as r:
+        assert r.status == 202
+        keyed = (await r.json())["request_id"]
+    unkeyed = await chain.create(mailbox(3))
+    for request_id in (keyed, unkeyed):
+        record = await chain.wait_status(request_id, "completed")  # its owner may read it
+        assert set(record["targets"].values()) == {"delivered"}
+        assert record["identity_id"]
+    # Only the keyed request's own `accepted` update; both completions were whole records,
+    # written without reading the record first.
+    assert dynamodb_calls("UpdateItem") - before["UpdateItem"] == 1
+    assert dynamodb_calls("BatchWriteItem") > before["BatchWriteItem"]
+    # The body hash survived the worker's write: the same key with another body is refused...
+    async with chain.http.post(
+        f"{chain.url}/v1/mailboxes", json=mailbox(4), headers=headers
+    ) as reused:
+        assert reused.status == 422
+    # ...and with the same body it replays the finished request.
+    async with chain.http.post(f"{chain.url}/v1/mailboxes", json=mailbox(2), headers=headers) as r:
+        assert (r.status, (await r.json())["status"]) == (202, "completed")
+
+
 async def test_target_down_then_back_completes_without_calling_delivered_targets_again(
     chain: Chain,
 ) -> None:
