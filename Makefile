@@ -64,7 +64,7 @@ $(VENV)/.bench: $(STAMP) constraints.txt
 bench: install $(VENV)/.bench ## courier against its peers side by side (~15 min): bench/results/, bench/plots/
 	$(BIN)/python -m bench
 
-bench-quick: install $(VENV)/.bench ## the same comparison in under 3 minutes (one run each, targets at 20 ms)
+bench-quick: install $(VENV)/.bench ## the same comparison in about 3.5 minutes (one run each, targets at 20 ms, short profiles)
 	$(BIN)/python -m bench --quick
 
 format: install

@@ -512,6 +512,29 @@ async def interpreter_baseline() -> dict[str, float]:
 # -- idle -------------------------------------------------------------------------------------
 
 
+def _busy_fraction(before: list[int], after: list[int]) -> float:
+    """Of the CPU time between two /proc/stat 'cpu' lines, the part not idle or iowait."""
+    total = sum(after) - sum(before)
+    idle = (after[3] + after[4]) - (before[3] + before[4])
+    return 1 - idle / total if total > 0 else 0.0
+
+
+def _cpu_line() -> list[int]:
+    with open("/proc/stat") as stat:
+        return [int(v) for v in stat.readline().split()[1:]]
+
+
+async def _until_quiet(busy_below: float = 0.2, limit_seconds: float = 30) -> float:
+    """Wait until the machine's cores were under ``busy_below`` busy for a second; the wait."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit_seconds:
+        before = _cpu_line()
+        await asyncio.sleep(1)
+        if _busy_fraction(before, _cpu_line()) < busy_below:
+            break
+    return time.monotonic() - started
+
+
 class IdleProbe:
     """A courier API warmed up, then left alone for ``idle_seconds``, then asked once.
 
@@ -566,6 +589,8 @@ class IdleProbe:
             wait = self.idle_since + self.idle_seconds - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+            # One request is the measure: not while the last phase's processes still exit.
+            quiet_after = await _until_quiet()
             idle = time.monotonic() - self.idle_since
             first = await self._sequential(1)
             after = await self._sequential(50)
@@ -581,4 +606,5 @@ class IdleProbe:
             "first_after_idle_ms": first_ms,
             "ratio": first_ms / self.warm_p50_ms,
             "next_50_p50_ms": statistics.median(after) if after else float("nan"),
+            "waited_for_quiet_s": quiet_after,
         }
