@@ -26,6 +26,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
+from .batching import Coalescer
 from .errors import is_retryable
 
 MAX_BATCH = 25  # BatchWriteItem's limit on puts and deletes per request
@@ -37,7 +38,10 @@ class UnprocessedError(Exception):
     """DynamoDB kept leaving the item unprocessed (throttled): try again later."""
 
 
-class PutBatcher:
+Waiting = dict[str, tuple[Item, list[asyncio.Future[None]]]]
+
+
+class PutBatcher(Coalescer[Waiting]):
     """Groups puts to ``table`` submitted within ``linger_seconds`` into BatchWriteItem calls."""
 
     def __init__(
@@ -48,16 +52,14 @@ class PutBatcher:
         linger_seconds: float = 0.002,
         max_attempts: int = 4,
     ) -> None:
+        super().__init__("status-write", linger_seconds, MAX_BATCH)
         self._dynamodb = dynamodb
         self._table = table
         self._key = key
-        self._linger = linger_seconds
         self._max_attempts = max_attempts
         # Keyed by the item's key: two puts of one item in one batch are refused by DynamoDB,
         # so the later one replaces the earlier and both callers wait for the one write.
-        self._pending: dict[str, tuple[Item, list[asyncio.Future[None]]]] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._pending: Waiting = {}
 
     async def put(self, item: Mapping[str, Any]) -> None:
         """Write ``item`` (DynamoDB wire format) in the next batch; raises if it was not written."""
@@ -65,30 +67,16 @@ class PutBatcher:
         key = repr(item[self._key])
         _, waiting = self._pending.get(key, (None, []))
         self._pending[key] = (dict(item), [*waiting, future])
-        if len(self._pending) >= MAX_BATCH:
-            self._flush_now()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._linger, self._flush_now)
+        self._added()
         await future
 
-    async def drain(self) -> None:
-        """Send everything pending and wait for every batch in flight (for shutdown)."""
-        while self._pending or self._in_flight:
-            self._flush_now()
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
+    def _waiting(self) -> int:
+        return len(self._pending)
 
-    def _flush_now(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        while self._pending:
-            keys = list(self._pending)[:MAX_BATCH]
-            batch = {key: self._pending.pop(key) for key in keys}
-            task = asyncio.create_task(self._send(batch), name="status-batch-write")
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
+    def _take(self, count: int) -> Waiting:
+        return {key: self._pending.pop(key) for key in list(self._pending)[:count]}
 
-    async def _send(self, batch: dict[str, tuple[Item, list[asyncio.Future[None]]]]) -> None:
+    async def _send(self, batch: Waiting) -> None:
         try:
             await self._write_all(batch)
         except asyncio.CancelledError:
@@ -101,7 +89,7 @@ class PutBatcher:
         finally:  # whatever happened, nobody is left waiting
             _settle(batch, UnprocessedError("the batch ended without an answer for the item"))
 
-    async def _write_all(self, batch: dict[str, tuple[Item, list[asyncio.Future[None]]]]) -> None:
+    async def _write_all(self, batch: Waiting) -> None:
         remaining = {key: item for key, (item, _) in batch.items()}
         for attempt in range(self._max_attempts):
             if attempt:
@@ -116,7 +104,7 @@ class PutBatcher:
             UnprocessedError(f"BatchWriteItem left the item unprocessed {self._max_attempts}x"),
         )
 
-    async def _one_by_one(self, batch: dict[str, tuple[Item, list[asyncio.Future[None]]]]) -> None:
+    async def _one_by_one(self, batch: Waiting) -> None:
         """After a refused batch: each item alone, so the refusal reaches only its own caller."""
         for key, entry in batch.items():
             try:

@@ -4,18 +4,21 @@ SendMessageBatch, DeleteMessageBatch and ChangeMessageVisibilityBatch share one 
 ``Entries`` with an ``Id`` each in, ``Successful`` / ``Failed`` lists keyed by ``Id`` out.
 ``Batcher.submit`` takes one entry and resolves when the batch it rode in is answered, so
 concurrent callers share requests while each learns its own outcome: only the entries SQS
-rejected fail.
+rejected fail. ``Coalescer`` is the lingering and batching both this and DynamoDB's
+BatchWriteItem (``service/batch_writes.py``) share.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from . import metrics
 
 MAX_BATCH = 10
+BatchT = TypeVar("BatchT")
 
 BatchCall = Callable[[list[dict[str, Any]]], Awaitable[Mapping[str, Any]]]
 
@@ -29,47 +32,86 @@ class BatchEntryError(Exception):
         self.sender_fault = sender_fault
 
 
-class Batcher:
+class Coalescer(abc.ABC, Generic[BatchT]):
+    """Lingers up to ``linger_seconds`` after a first entry, or until ``max_batch`` are waiting,
+    then sends what waits as batches, each in a task of its own.
+
+    The scheduling shared by SQS's ``*Batch`` calls (``Batcher``) and DynamoDB's
+    BatchWriteItem (``service/batch_writes.PutBatcher``); subclasses keep the waiting entries
+    and say how a batch is taken and sent.
+    """
+
+    def __init__(self, name: str, linger_seconds: float, max_batch: int) -> None:
+        self._name = name
+        self._linger = linger_seconds
+        self._max_batch = max_batch
+        self._timer: asyncio.TimerHandle | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    async def drain(self) -> None:
+        """Send everything pending and wait for every batch in flight (for shutdown)."""
+        while self._waiting() or self._in_flight:
+            self._flush_now()
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    def _added(self) -> None:
+        """An entry was added: send now if a batch is full, else make sure a flush is timed."""
+        if self._waiting() >= self._max_batch:
+            self._flush_now()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._linger, self._flush_now)
+
+    def _flush_now(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._waiting():
+            task = asyncio.create_task(
+                self._send(self._take(self._max_batch)), name=f"{self._name}-batch"
+            )
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    @abc.abstractmethod
+    def _waiting(self) -> int:
+        """How many entries wait for a batch."""
+
+    @abc.abstractmethod
+    def _take(self, count: int) -> BatchT:
+        """Remove and return up to ``count`` waiting entries, oldest first."""
+
+    @abc.abstractmethod
+    async def _send(self, batch: BatchT) -> None:
+        """Send ``batch`` and answer its callers, whatever happens."""
+
+
+Pending = list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]
+
+
+class Batcher(Coalescer[Pending]):
     """Groups entries submitted within ``linger_seconds`` into batches of at most 10."""
 
     def __init__(self, name: str, call: BatchCall, linger_seconds: float = 0.002) -> None:
-        self._name = name
+        super().__init__(name, linger_seconds, MAX_BATCH)
         self._call = call
-        self._linger = linger_seconds
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._pending: Pending = []
         self._sizes = metrics.sqs_batch_size.labels(name)
 
     async def submit(self, entry: Mapping[str, Any]) -> dict[str, Any]:
         """Send ``entry`` (without ``Id``) in the next batch; returns its ``Successful`` item."""
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending.append((dict(entry), future))
-        if len(self._pending) >= MAX_BATCH:
-            self._flush_now()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._linger, self._flush_now)
+        self._added()
         return await future
 
-    async def drain(self) -> None:
-        """Send everything pending and wait for every batch in flight (for shutdown)."""
-        while self._pending or self._in_flight:
-            self._flush_now()
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
+    def _waiting(self) -> int:
+        return len(self._pending)
 
-    def _flush_now(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        while self._pending:
-            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-            task = asyncio.create_task(self._send(batch), name=f"{self._name}-batch")
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
+    def _take(self, count: int) -> Pending:
+        batch, self._pending = self._pending[:count], self._pending[count:]
+        return batch
 
-    async def _send(
-        self, batch: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]
-    ) -> None:
+    async def _send(self, batch: Pending) -> None:
         entries = [{**entry, "Id": str(index)} for index, (entry, _) in enumerate(batch)]
         self._sizes.observe(len(entries))
         try:
@@ -86,9 +128,7 @@ class Batcher:
         _resolve(batch, response)
 
 
-def _resolve(
-    batch: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]], response: Mapping[str, Any]
-) -> None:
+def _resolve(batch: Pending, response: Mapping[str, Any]) -> None:
     for item in response.get("Successful", []):
         future = batch[int(item["Id"])][1]
         if not future.done():
