@@ -41,6 +41,9 @@ class Scale:
     poison_messages: int
     aws_rate: float
     aws_cut_seconds: float
+    # A cached secret lives up to 1.5 TTLs after its read (a timer refreshes it half a TTL
+    # before expiry, and the refreshed value's expiry follows the previous one): keep 1.5 TTLs
+    # well under aws_cut_seconds, or the KMS cut may end before any value goes stale.
     aws_secret_ttl: float
     graceful_rate: float
     graceful_seconds: float
@@ -64,7 +67,7 @@ SMALL = Scale(
     poison_messages=600,
     aws_rate=30,
     aws_cut_seconds=3,
-    aws_secret_ttl=2,
+    aws_secret_ttl=1,
     graceful_rate=100,
     graceful_seconds=5,
     graceful_latency=0.5,
