@@ -15,7 +15,7 @@ from typing import Any
 
 from service.envelope import EnvelopeCipher
 from service.operations import create_mailbox
-from service.status import now_iso
+from service.status import RequestState, StatusRecord, carried_fields, now_iso
 
 SEND_CONCURRENCY = 16  # SendMessageBatch requests in flight while loading a queue
 
@@ -44,13 +44,18 @@ async def seal_events(
         request_id = uuid.uuid4().hex
         identity_id = f"idm-{tag}-{index:x}"
         event = create_mailbox.event(payload(index), identity_id, subject, requested_at)
-        # What the API carries for the worker's final write (service/status.py).
-        event["record"] = {
-            "created_at": requested_at,
-            "body_hash": "",
-            "subject": subject,
-            "identity_id": identity_id,
-        }
+        # What the API carries for the worker's final write, built as the API builds it.
+        event["record"] = carried_fields(
+            StatusRecord(
+                request_id=request_id,
+                op=create_mailbox.NAME,
+                state=RequestState.ACCEPTED,
+                created_at=requested_at,
+                updated_at=requested_at,
+                subject=subject,
+                identity_id=identity_id,
+            )
+        )
         events.append(Event(request_id, await cipher.seal(create_mailbox.NAME, request_id, event)))
     return events
 
