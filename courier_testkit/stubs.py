@@ -5,7 +5,9 @@ ones ``courier local`` serves: one route table) plus what a harness asks of them
 
 - knobs, in-process (``stub.behaviour``) or over HTTP (``POST /_stub/behaviour``):
   ``latency_seconds``, ``failure_rate`` + ``failure_status``, ``down``, ``fixed_status``,
-  ``capacity`` (calls in their latency at once; more are answered 503);
+  ``capacity`` (calls in their latency at once), ``queue`` (more calls that wait for a slot;
+  beyond it they are answered ``overload_status``, 503 by default), ``retry_after_seconds``
+  (> 0: a Retry-After on those refusals and on ``fixed_status`` answers);
 - call records: ``stub.calls`` (every request), ``stub.effects`` (successful deliveries per
   Idempotency-Key) and ``stub.recorder`` (``EffectRecorder``: when each key's first effect
   arrived, the request ids per delivered username, refusals by key);
@@ -14,6 +16,9 @@ ones ``courier local`` serves: one route table) plus what a harness asks of them
 
 Control routes on every stub port (besides ``/_stub/behaviour`` and ``GET /_stub/stats``):
 
+- ``GET /_stub/timeline[?since=t]``: every call's [arrival, end, status, waited, path]
+  (``StubProcess.timeline``); ``GET /_stub/stats`` also counts the calls refused for capacity
+  and the peak of calls open at once (``refused``, ``peak_concurrent``);
 - ``GET /_harness/calls``: ``{"calls": [[idempotency key, arrival time], ...]}`` since the
   last reset, the time on the system-wide monotonic clock (CLOCK_MONOTONIC, comparable with
   ``time.monotonic()`` in any process on the machine);
@@ -48,6 +53,7 @@ import aiohttp
 from aiohttp import web
 
 from service.stubs import IdmStub, LegacyStub, StubServer
+from service.stubs.base import TimelineEntry
 
 from .processes import (
     HarnessError,
@@ -68,6 +74,9 @@ DEFAULT_BEHAVIOUR: dict[str, Any] = {
     "down": False,
     "fixed_status": 0,
     "capacity": 0,
+    "queue": 0,
+    "overload_status": 503,
+    "retry_after_seconds": 0.0,
 }
 
 
@@ -281,6 +290,13 @@ class StubProcess(ProcessSampler):
         """
         document = await self._call(name, "GET", "/_harness/calls")
         return [(key, float(at)) for key, at in document["calls"]]
+
+    async def timeline(self, name: str, since: float | None = None) -> list[TimelineEntry]:
+        """Every call one stub answered (arrival, end, status, waited, path), in end order;
+        ``since``: only those that ended after it (a monotonic time, as ``arrivals``)."""
+        path = "/_stub/timeline" + ("" if since is None else f"?since={since!r}")
+        document = await self._call(name, "GET", path)
+        return [TimelineEntry(*entry) for entry in document["timeline"]]
 
     async def reset(self, names: Sequence[str] | None = None) -> None:
         """Forget recorded calls, effects (and IdM identities) so memory stays bounded."""

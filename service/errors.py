@@ -299,11 +299,12 @@ class EnvelopeError(PermanentError):
 class TargetHttpError(CourierError):
     """A legacy target answered with a non-2xx status; ``decision`` comes from ``HTTP_STATUSES``."""
 
-    def __init__(self, target: str, status: int) -> None:
+    def __init__(self, target: str, status: int, retry_after: float | None = None) -> None:
         super().__init__(f"target {target!r} answered {status}")
         self.target = target
         self.status = status
         self.decision = classify_http(status)
+        self.retry_after = retry_after  # seconds the target asked for (Retry-After), if any
 
 
 class TargetMisconfiguredError(MisconfiguredError):
@@ -318,6 +319,15 @@ class TargetMisconfiguredError(MisconfiguredError):
     def __init__(self, target: str, cause: str) -> None:
         super().__init__(f"target {target!r} is misconfigured: {cause}")
         self.target = target
+
+
+class TargetPausedError(TransientError):
+    """The target asked for a pause (429/503 with Retry-After) that still holds: no call made."""
+
+    def __init__(self, target: str, retry_after: float) -> None:
+        super().__init__(f"target {target!r} asked to wait {retry_after:.1f} s more")
+        self.target = target
+        self.retry_after = retry_after
 
 
 class CircuitOpenError(TransientError):

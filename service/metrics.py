@@ -166,6 +166,39 @@ circuit_transitions = Counter(
     "circuit state changes by target and new state",
     ["target", "state"],
 )
+# The adaptive concurrency limit per target (service/worker/limiter.py); the gauges are read
+# at scrape time.
+target_concurrency_limit = Gauge(
+    "courier_target_concurrency_limit", "concurrent calls this process allows now", ["target"]
+)
+target_concurrency_in_use = Gauge(
+    "courier_target_concurrency_in_use", "calls open towards the target now", ["target"]
+)
+target_min_rtt = Gauge(
+    "courier_target_min_rtt_seconds",
+    "lowest recent call latency: the target's latency when nothing queues",
+    ["target"],
+)
+target_limit_last_change = Gauge(
+    "courier_target_limit_last_change", "the latest change of the limit, in calls", ["target"]
+)
+target_limit_changes = Counter(
+    "courier_target_limit_changes_total",
+    "changes of the concurrency limit by direction (up, down)",
+    ["target", "direction"],
+)
+target_paused = Gauge(
+    "courier_target_paused", "1 while calls wait out the target's Retry-After", ["target"]
+)
+target_pauses = Counter(
+    "courier_target_pauses_total", "Retry-After pauses begun, by target", ["target"]
+)
+target_constrained = Gauge(
+    "courier_target_constrained",
+    "1 while the target is the bottleneck (circuit open, Retry-After pause, or its limit has"
+    " held calls back for minutes): more instances would not deliver more",
+    ["target"],
+)
 dlq_moves = Counter("courier_dlq_moves_total", "messages moved to the DLQ, by reason", ["reason"])
 visibility_extensions = Counter(
     "courier_visibility_extensions_total",

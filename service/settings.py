@@ -36,6 +36,7 @@ RENAMED = {"secrets.enabled": "secrets.cache_enabled"}
 Role = Literal["all", "api", "worker"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 TargetFormat = Literal["json", "soap"]
+ConcurrencyMode = Literal["adaptive", "fixed"]
 
 
 class FrozenMap(Mapping[str, str]):
@@ -271,7 +272,33 @@ class TargetSettings:
     method: str = setting("POST", "HTTP method")
     timeout_seconds: float = setting(5.0, "per-call timeout", min=0.05, max=300)
     secret: str = setting("", "CredStash name of the target's credentials ('' = none)")
-    concurrency: int = setting(32, "max concurrent calls per process", min=1, max=10_000)
+    concurrency: int = setting(
+        32,
+        "most concurrent calls per process: the adaptive limit's ceiling, or the fixed limit",
+        min=1,
+        max=10_000,
+    )
+    concurrency_min: int = setting(
+        1, "fewest concurrent calls the adaptive limit keeps per process", min=1, max=10_000
+    )
+    limit: ConcurrencyMode = setting(
+        "adaptive",
+        "adaptive: follow the target's latency and refusals (service/worker/limiter.py);"
+        " fixed: always `concurrency`",
+    )
+    fleet_max_concurrency: int = setting(
+        0,
+        "concurrent calls agreed with the target's owners for the whole fleet (0 = no cap);"
+        " each process takes its share (service/worker/fleet.py)",
+        min=0,
+        max=100_000,
+    )
+    retry_after_max_seconds: float = setting(
+        300.0,
+        "longest Retry-After honoured: calls to the target pause that long at most",
+        min=0,
+        max=43_200,
+    )
     retries: int = setting(1, "immediate extra attempts before backing off", min=0, max=10)
     breaker_failures: int = setting(
         5, "consecutive transient failures that open the circuit", min=1, max=1000
@@ -521,6 +548,12 @@ def _targets(document: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Targe
         if name in names[:index]:
             raise SettingsError(
                 f"invalid setting targets[{index}].name = {name!r}: names must be unique"
+            )
+        target = targets[index]
+        if target.concurrency_min > target.concurrency:
+            raise SettingsError(
+                f"invalid setting targets[{index}].concurrency_min = {target.concurrency_min}:"
+                f" more than its concurrency ({target.concurrency})"
             )
     return targets
 

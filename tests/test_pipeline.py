@@ -620,3 +620,23 @@ async def test_a_later_copy_never_turns_a_completed_request_back(
     assert record is not None
     assert record.state is RequestState.COMPLETED
     assert record.targets == {"crm": "delivered"}
+
+
+async def test_a_target_s_retry_after_sets_when_the_message_returns_not_the_backoff(
+    settings: Settings, fresh: Resources, aws: AwsClients
+) -> None:
+    # A 30 s backoff would hold the message far longer than the 1 s the target asks for.
+    async with running_chain(
+        settings, fresh, aws, backoff_base_seconds=30, backoff_max_seconds=60
+    ) as chain:
+        billing = chain.targets["billing"]
+        billing.behaviour.fixed_status = 429
+        billing.behaviour.retry_after_seconds = 1
+        request_id = await chain.create(mailbox(40))
+        await eventually(lambda: len(billing.calls) >= 1, 10, "billing's first call")
+        billing.behaviour.fixed_status = 0
+        await chain.wait_status(request_id, "completed", timeout=15)
+        first, second = billing.calls[0].at, billing.calls[1].at
+        assert 0.9 <= second - first < 10, (first, second)
+        assert billing.effects == {f"{request_id}:billing": 1}
+        assert len(chain.targets["crm"].calls) == 1  # the retry skipped the delivered ones

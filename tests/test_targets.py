@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from service.errors import (
     CircuitOpenError,
     TargetHttpError,
     TargetMisconfiguredError,
+    TargetPausedError,
     TransientError,
     is_retryable,
 )
@@ -23,7 +25,7 @@ from service.secrets.errors import SecretError, SecretNotFoundError, SecretUnava
 from service.settings import TargetSettings
 from service.stubs import LegacyStub
 from service.worker.circuit import CircuitState
-from service.worker.targets import Delivery, TargetClient
+from service.worker.targets import Delivery, TargetClient, parse_retry_after
 
 TRACEPARENT = "00-0123456789abcdef0123456789abcdef-0123456789abcdef-01"
 
@@ -277,3 +279,120 @@ async def test_missing_secret_is_a_transient_misconfiguration_and_calls_nothing(
     assert secrets.asked == ["courier.crm.token"]  # no immediate retries: they cannot help
     assert calls("crm", "misconfigured") == before + 1
     assert target.breaker.state is CircuitState.CLOSED  # the target itself is fine
+
+
+# --- Retry-After and the adaptive limit --------------------------------------------------------
+
+
+async def test_retry_after_pauses_every_call_to_the_target_for_that_long(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.behaviour.fixed_status = 429
+    stub.behaviour.retry_after_seconds = 1
+    target = client(stub, session, retries=1)
+    with pytest.raises(TargetHttpError) as refused:
+        await target.deliver(delivery("req-1"))
+    assert (refused.value.status, refused.value.retry_after) == (429, 1.0)
+    assert len(stub.calls) == 1  # no immediate retry: the target said when to come back
+    stub.behaviour.fixed_status = 0
+    with pytest.raises(TargetPausedError) as paused:
+        await target.deliver(delivery("req-2"))
+    assert 0 < paused.value.retry_after <= 1.0
+    assert 0 < target.paused_for() <= 1.0
+    assert target.constrained  # scaling out must not follow this backlog
+    assert len(stub.calls) == 1  # nothing was sent during the pause
+    assert REGISTRY.get_sample_value("courier_target_paused", {"target": "crm"}) == 1
+    await asyncio.sleep(target.paused_for())
+    await target.deliver(delivery("req-2"))
+    assert stub.effects == {"req-2:crm": 1}
+    assert REGISTRY.get_sample_value("courier_target_paused", {"target": "crm"}) == 0
+
+
+async def test_a_call_waiting_for_a_slot_when_a_pause_begins_is_not_sent(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.behaviour.latency_seconds = 0.3
+    stub.behaviour.fixed_status = 503
+    stub.behaviour.retry_after_seconds = 2
+    target = client(stub, session, concurrency=1, limit="fixed")
+    first, second = await asyncio.gather(
+        target.deliver(delivery("req-1")), target.deliver(delivery("req-2")), return_exceptions=True
+    )
+    assert isinstance(first, TargetHttpError)
+    assert first.retry_after == 2.0
+    assert isinstance(second, TargetPausedError)  # it waited for the slot, then saw the pause
+    assert len(stub.calls) == 1
+
+
+async def test_a_retry_after_beyond_the_bound_is_clamped(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.behaviour.fixed_status = 503
+    stub.behaviour.retry_after_seconds = 3600
+    target = client(stub, session, retry_after_max_seconds=2)
+    with pytest.raises(TargetHttpError) as refused:
+        await target.deliver(delivery())
+    assert refused.value.retry_after == 2.0
+    assert target.paused_for() <= 2.0
+
+
+async def test_a_429_without_retry_after_is_retried_as_before(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.behaviour.fixed_status = 429
+    target = client(stub, session, retries=1)
+    with pytest.raises(TargetHttpError) as refused:
+        await target.deliver(delivery())
+    assert refused.value.retry_after is None
+    assert len(stub.calls) == 2  # one immediate retry, no pause
+    assert target.paused_for() == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("5", 5.0),
+        (" 0 ", 0.0),
+        ("Thu, 03 Dec 2026 12:00:07 GMT", 7.0),
+        ("Thu, 03 Dec 2026 11:59:00 GMT", 0.0),  # already past: no wait
+        ("-1", None),
+        ("1.5", None),  # delay-seconds are whole (RFC 9110)
+        ("soon", None),
+        ("", None),
+    ],
+)
+def test_retry_after_values(value: str, seconds: float | None) -> None:
+    now = datetime.datetime(2026, 12, 3, 12, 0, 0, tzinfo=datetime.UTC).timestamp()
+    assert parse_retry_after(value, now) == seconds
+
+
+async def test_the_limit_grows_on_quick_answers_and_falls_on_overload(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.behaviour.latency_seconds = 0.05
+    target = client(stub, session, concurrency_min=1, concurrency=16)
+    assert target.limiter.limit == 1  # it starts at its floor
+    await asyncio.gather(*(target.deliver(delivery(f"req-{i}")) for i in range(60)))
+    grown = target.limiter.limit
+    assert grown > 2
+    assert stub.peak <= grown
+    stub.behaviour.fixed_status = 503  # overloaded, and saying nothing about when to return
+    for _ in range(4):
+        await asyncio.gather(
+            *(target.deliver(delivery(f"more-{i}")) for i in range(grown)), return_exceptions=True
+        )
+        await asyncio.sleep(target.limiter.min_rtt)
+    assert target.limiter.limit < grown
+
+
+async def test_answers_with_retry_after_never_open_the_circuit(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.behaviour.fixed_status = 429
+    stub.behaviour.retry_after_seconds = 1
+    target = client(stub, session, breaker_failures=1, breaker_cooldown_seconds=60)
+    for _ in range(2):
+        with pytest.raises(TargetHttpError):
+            await target.deliver(delivery())
+        assert target.breaker.state is CircuitState.CLOSED  # its pause holds calls, not 60 s
+        await asyncio.sleep(target.paused_for())

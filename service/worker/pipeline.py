@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..envelope import EnvelopeCipher, OpenedEnvelope
@@ -46,6 +46,7 @@ from ..errors import (
     EnvelopeError,
     TargetHttpError,
     TargetMisconfiguredError,
+    TargetPausedError,
     classify,
     is_retryable,
 )
@@ -58,6 +59,8 @@ from .targets import Delivery, TargetClient
 log = logging.getLogger("courier.pipeline")
 
 DELIVERED, PENDING, FAILED = "delivered", "pending", "failed"
+# A Retry-After of 0 (or a pause about to end) still waits this long: no receive spin.
+MIN_TOLD_DELAY_SECONDS = 1.0
 
 
 class Pipeline:
@@ -204,22 +207,31 @@ class Pipeline:
         )
 
     def _retry(self, message: Message, failures: Mapping[str, BaseException]) -> Retry:
-        delay = backoff_seconds(
-            message.receive_count,
-            self._settings.backoff_base_seconds,
-            self._settings.backoff_max_seconds,
-        )
-        # An open circuit will refuse calls until it cools down: no point coming back sooner.
-        cooldown = max(
-            (exc.retry_after for exc in failures.values() if isinstance(exc, CircuitOpenError)),
-            default=0.0,
-        )
         reasons = ", ".join(f"{name}: {_describe(exc)}" for name, exc in failures.items())
         log.info(
             "delivery incomplete, retrying",
             extra={"fields": {"event": "delivery_retry", "reasons": reasons[:300]}},
         )
-        return Retry(max(delay, cooldown), reasons)
+        return Retry(self._retry_delay(message, failures.values()), reasons)
+
+    def _retry_delay(self, message: Message, failures: Iterable[BaseException]) -> float:
+        """When to come back: when every target has said when, then; else with backoff.
+
+        A target's Retry-After (or a pause it asked for earlier) is honoured as given, not
+        stretched by exponential backoff; an open circuit refuses calls until it cools down,
+        so there is no point coming back sooner.
+        """
+        failures = list(failures)
+        told = [_told_retry_after(exc) for exc in failures]
+        waits = [seconds for seconds in told if seconds is not None]
+        if len(waits) == len(told) and not any(isinstance(e, CircuitOpenError) for e in failures):
+            return max(MIN_TOLD_DELAY_SECONDS, *waits)
+        delay = backoff_seconds(
+            message.receive_count,
+            self._settings.backoff_base_seconds,
+            self._settings.backoff_max_seconds,
+        )
+        return max([delay, *waits])
 
     def _transient(self, message: Message, exc: BaseException) -> Retry:
         """Back to the queue with backoff: courier's own call failed, the message is not at fault."""
@@ -243,6 +255,15 @@ class Pipeline:
             },
         )
         return Retry(delay, _describe(exc))
+
+
+def _told_retry_after(exc: BaseException) -> float | None:
+    """The seconds a failure says to wait: an open circuit's cool-down, a target's Retry-After."""
+    if isinstance(exc, CircuitOpenError | TargetPausedError):
+        return exc.retry_after
+    if isinstance(exc, TargetHttpError):
+        return exc.retry_after
+    return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -9,15 +9,22 @@ other 4xx is the target refusing the message (``TargetHttpError``, dead-lettered
 whose credential cannot be produced (no such secret, one that fails its integrity check, or
 one IAM refuses) is misconfigured: ``TargetMisconfiguredError``, so the message waits with
 backoff for an operator instead of being dead-lettered for a call that was never made.
+
+How many calls are open at once is ``ConcurrencyLimit``'s business (``limiter.py``): it adapts
+to the target's latency and drops. A 429 or 503 carrying ``Retry-After`` pauses every call to
+the target from this process for that long (``TargetPausedError``): the messages concerned
+come back once the pause ends, not after the usual exponential backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 import aiohttp
 
@@ -27,17 +34,21 @@ from ..errors import (
     CircuitOpenError,
     TargetHttpError,
     TargetMisconfiguredError,
+    TargetPausedError,
     TransientError,
     classify,
     is_retryable,
 )
 from ..secrets.errors import SecretError
 from ..settings import TargetSettings
-from .circuit import CircuitBreaker
+from .circuit import CircuitBreaker, CircuitState
+from .limiter import ConcurrencyLimit, Outcome
 
 log = logging.getLogger("courier.targets")
 
 RETRY_DELAY_SECONDS = 0.1
+# What a target says when it is overloaded, or that we overloaded it: the limit shrinks.
+OVERLOAD_STATUSES = frozenset({429, 502, 503, 504})
 SecretGetter = Callable[[str], Awaitable[str]]
 
 
@@ -61,13 +72,39 @@ class TargetClient:
         self.name = settings.name
         self._session = session
         self._secret = secret
-        self._limit = asyncio.Semaphore(settings.concurrency)
+        self.limiter = ConcurrencyLimit(
+            settings.name,
+            floor=settings.concurrency_min,
+            ceiling=settings.concurrency,
+            adaptive=settings.limit == "adaptive",
+        )
+        self._paused_until = 0.0
         # Built once, not per call: the same for every call to this target.
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout_seconds)
         self._calls = metrics.LabelCache(metrics.target_calls)
         self._latency = metrics.target_latency.labels(settings.name)
         self.breaker = CircuitBreaker(
             settings.name, settings.breaker_failures, settings.breaker_cooldown_seconds
+        )
+        metrics.target_paused.labels(self.name).set_function(lambda: self.paused_for() > 0)
+        metrics.target_constrained.labels(self.name).set_function(lambda: self.constrained)
+
+    def paused_for(self) -> float:
+        """Seconds left of the pause the target asked for with Retry-After (0.0: none)."""
+        return max(0.0, self._paused_until - time.monotonic())
+
+    @property
+    def constrained(self) -> bool:
+        """Whether this target, not courier, is what bounds delivery now.
+
+        Its circuit is open, it asked for a pause, or its limit has held calls back for
+        minutes. Scaling out must not follow such a backlog: more processes would deliver no
+        more, and could only add pressure (``courier_target_constrained``, terraform/).
+        """
+        return (
+            self.breaker.state is CircuitState.OPEN
+            or self.paused_for() > 0
+            or self.limiter.constrained
         )
 
     async def deliver(self, delivery: Delivery) -> None:
@@ -81,27 +118,36 @@ class TargetClient:
             try:
                 await self._attempt(delivery)
                 return
-            except (CircuitOpenError, TargetMisconfiguredError):
+            except (CircuitOpenError, TargetPausedError, TargetMisconfiguredError):
                 raise  # an immediate retry cannot help: the call would not be made either
             except Exception as exc:
                 if classify(exc) is not RETRY or attempt == self.settings.retries:
                     raise
+                if getattr(exc, "retry_after", None) is not None:
+                    raise  # the target said when to come back: not now
 
     async def _attempt(self, delivery: Delivery) -> None:
+        self._check_pause()
         if not self.breaker.allow():
             self._calls(self.name, "circuit_open").inc()
             raise CircuitOpenError(self.name, self.breaker.retry_after())
         try:
             authorization = await self._authorization()
+            started = await self.limiter.acquire()
         except BaseException:
             self.breaker.abandon()  # e.g. the secret could not be read: the target said nothing
             raise
-        started = time.perf_counter()
+        outcome = Outcome.IGNORED
         try:
-            async with self._limit:
-                status = await self._call(delivery, authorization)
+            self._check_pause()  # a pause may have begun while this call waited for a slot
+            status, retry_after = await self._call(delivery, authorization)
+            outcome = Outcome.DROPPED if status in OVERLOAD_STATUSES else Outcome.OK
+        except TargetPausedError:
+            self.breaker.abandon()
+            raise
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             # The network or a timeout: RETRY in service/errors.py, whatever the exception.
+            outcome = Outcome.DROPPED
             self._record(
                 started,
                 "timeout" if isinstance(exc, TimeoutError) else "connection_error",
@@ -111,14 +157,54 @@ class TargetClient:
         except BaseException:
             self.breaker.abandon()  # cancelled: the target's answer was not seen
             raise
+        finally:
+            self.limiter.release(started, outcome)
+        self._answered(started, status, retry_after)
+
+    def _answered(self, started: float, status: int, retry_after: float | None) -> None:
         if 200 <= status < 300:
             self._record(started, "ok", ok=True)
             return
-        error = TargetHttpError(self.name, status)  # its decision comes from HTTP_STATUSES
+        error = TargetHttpError(self.name, status, retry_after)  # decision: HTTP_STATUSES
+        if retry_after is not None and is_retryable(error):
+            # Flow control, not failure: the target is up and said when to come back. The
+            # pause holds the calls; opening the circuit too would hold them for its whole
+            # cool-down instead of the time the target asked for.
+            self._record(started, f"http_{status // 100}xx", ok=None)
+            self._pause(retry_after, status)
+            raise error
         # A refusal (a 4xx other than 408/425/429) proves the target is up: it must not trip
         # the breaker.
         self._record(started, f"http_{status // 100}xx", ok=not is_retryable(error))
         raise error
+
+    def _check_pause(self) -> None:
+        left = self.paused_for()
+        if left > 0:
+            self._calls(self.name, "paused").inc()
+            raise TargetPausedError(self.name, left)
+
+    def _pause(self, seconds: float, status: int) -> None:
+        """Hold every call to this target for ``seconds``, as its Retry-After asked."""
+        until = time.monotonic() + seconds
+        if until <= self._paused_until:
+            return
+        if self.paused_for() == 0:
+            metrics.target_pauses.labels(self.name).inc()
+            log.info(
+                "target %s asked for a pause of %.1f s",
+                self.name,
+                seconds,
+                extra={
+                    "fields": {
+                        "event": "target_paused",
+                        "target": self.name,
+                        "status": status,
+                        "seconds": seconds,
+                    }
+                },
+            )
+        self._paused_until = until
 
     async def _authorization(self) -> str:
         """The Authorization header ("" when the target has no secret)."""
@@ -149,7 +235,8 @@ class TargetClient:
             cause = f"secret {self.settings.secret!r}: {reason}"
             raise TargetMisconfiguredError(self.name, cause) from exc
 
-    async def _call(self, delivery: Delivery, authorization: str) -> int:
+    async def _call(self, delivery: Delivery, authorization: str) -> tuple[int, float | None]:
+        """The status, and the pause asked for by a 429 or 503's Retry-After."""
         headers = {
             "Content-Type": delivery.content_type,
             "Idempotency-Key": f"{delivery.request_id}:{self.name}",
@@ -166,12 +253,42 @@ class TargetClient:
             timeout=self._timeout,
         ) as response:
             await response.read()  # drain so the connection returns to the pool
-            return response.status
+            status = response.status
+            if status in (429, 503) and "Retry-After" in response.headers:
+                return status, self._retry_after(response.headers["Retry-After"])
+            return status, None
 
-    def _record(self, started: float, outcome: str, *, ok: bool) -> None:
+    def _retry_after(self, value: str) -> float | None:
+        seconds = parse_retry_after(value, time.time())
+        if seconds is None:
+            return None
+        return min(seconds, self.settings.retry_after_max_seconds)
+
+    def _record(self, started: float, outcome: str, *, ok: bool | None) -> None:
+        """Count the call; ``ok`` tells the breaker (None: news of neither health nor failure)."""
         self._calls(self.name, outcome).inc()
-        self._latency.observe(time.perf_counter() - started)
-        if ok:
+        self._latency.observe(time.monotonic() - started)
+        if ok is None:
+            self.breaker.abandon()
+        elif ok:
             self.breaker.record_success()
         else:
             self.breaker.record_failure()
+
+
+def parse_retry_after(value: str, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (RFC 9110: delay-seconds or an HTTP-date).
+
+    ``now`` is the Unix time to measure a date against. None when the value is neither.
+    """
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None  # an HTTP-date is always GMT; a date without a zone is not one
+    seconds = when.timestamp() - now
+    return max(0.0, math.ceil(seconds * 10) / 10)

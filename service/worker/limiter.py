@@ -1,0 +1,270 @@
+"""How many calls one process may have open at once towards one legacy system.
+
+The legacy systems set the pace (DESIGN.md). A fixed number of concurrent calls per process
+is wrong in both directions: too many for a struggling target, and multiplied by every
+instance the Auto Scaling group adds. ``ConcurrencyLimit`` instead *finds* the target's
+capacity from what its calls show, in the family of TCP Vegas and Netflix's
+concurrency-limits (Gradient2):
+
+- It keeps ``min_rtt``, the lowest call latency seen lately: the latency of a call that did
+  not queue anywhere.
+- Once per window (about one ``min_rtt``), it compares the window's mean latency with
+  ``min_rtt``:
+  - near it (under ``GROW_BELOW`` times) while the limit was in use: one more slot;
+  - well above it (over ``SHRINK_ABOVE`` times): the target is queueing our calls, so
+    ``SHRINK_FACTOR`` of the limit is kept;
+  - a window with a drop (429, 503, a timeout, a refused connection) keeps ``DROP_FACTOR``.
+- The limit stays within the floor and the ceiling.
+
+Every process decides on the same signal, the target's latency, which all of them share. So
+N processes converge on the concurrency where the target's latency sits between the two
+bounds, whatever N is, as N TCP flows share a link, and no coordination is needed. A
+fleet-wide cap, when one is agreed with a target's owners, comes on top through
+``set_cap`` (``service/worker/fleet.py``).
+
+Calls over the limit wait here, in FIFO order, rather than at the target: the message stays
+in flight (its visibility is extended by the heartbeat) and no call adds to the target's
+queue. With ``adaptive=False`` the limit is the ceiling, always (the old fixed limit).
+
+Nothing here runs per call beyond a few additions: the window's arithmetic runs once per
+window, and the gauges are read by Prometheus when it scrapes (``set_function``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from collections.abc import Callable
+from enum import Enum
+
+from .. import metrics
+
+log = logging.getLogger("courier.limiter")
+
+GROW_BELOW = 1.3  # mean latency under 1.3 times min_rtt: the target is not queueing our calls
+SHRINK_ABOVE = 1.6  # over 1.6 times min_rtt: it is; a p99 near twice the unloaded latency follows
+SHRINK_FACTOR = 0.9
+DROP_FACTOR = 0.75
+MIN_WINDOW_SECONDS = 0.01
+# The latency a call shows when nothing queues it is remembered for two buckets of this
+# length: long enough that a standing queue does not become the new baseline at once, short
+# enough that a target that really got slower is believed within a minute or two.
+MIN_RTT_BUCKET_SECONDS = 60.0
+LOG_INTERVAL_SECONDS = 5.0  # at most one limit_changed line per target per interval
+CONSTRAINED_AFTER_SECONDS = 120.0
+
+
+class Outcome(Enum):
+    """What a finished call says about the target's capacity."""
+
+    OK = "ok"  # answered: its latency is a sample
+    DROPPED = "dropped"  # overloaded or unreachable: 429, 503, timeout, connection error
+    IGNORED = "ignored"  # says nothing about capacity (a refusal, a cancelled call)
+
+
+class ConcurrencyLimit:
+    """An adaptive (or fixed) bound on concurrent calls to one target, with a FIFO wait."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        floor: int,
+        ceiling: int,
+        adaptive: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.target = target
+        self.adaptive = adaptive
+        self._floor = floor
+        self._ceiling = ceiling
+        self._clock = clock
+        # An adaptive limit starts at its floor and grows a slot per window: a new process
+        # (scale-out) must not open with a burst on a target the fleet already keeps busy.
+        self._estimate = float(floor if adaptive else ceiling)
+        self._cap: int | None = None
+        self.in_use = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._window = _Window(clock())
+        self._min_rtt = _MinRtt(MIN_RTT_BUCKET_SECONDS)
+        self._saturated_since: float | None = None
+        self._last_log = -math.inf
+        self.last_change = 0
+        self._export()
+
+    @property
+    def limit(self) -> int:
+        """Calls allowed at once now: the adaptive estimate, under the fleet share if any."""
+        estimate = int(self._estimate)
+        return estimate if self._cap is None else min(estimate, self._cap)
+
+    @property
+    def min_rtt(self) -> float:
+        """The lowest recent call latency, in seconds (0.0 before any call)."""
+        return self._min_rtt.value
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for a slot."""
+        return len(self._waiters)
+
+    @property
+    def constrained(self) -> bool:
+        """Whether this limit, not the ceiling, has held calls back for minutes.
+
+        Calls have waited for a slot without a break since ``CONSTRAINED_AFTER_SECONDS`` ago
+        while the limit was below the ceiling: the target's latency (or its fleet share) is
+        what bounds delivery, and more processes would not deliver more.
+        """
+        since = self._saturated_since
+        if since is None or self.limit >= self._ceiling:
+            return False
+        return self._clock() - since >= CONSTRAINED_AFTER_SECONDS
+
+    def set_cap(self, cap: int | None) -> None:
+        """Bound the limit by this process's share of a fleet-wide cap (None: no cap)."""
+        self._cap = cap
+        self._wake()
+
+    async def acquire(self) -> float:
+        """Wait for a slot; returns the time the call starts, for ``release``."""
+        if not self._waiters and self.in_use < self.limit:
+            self.in_use += 1
+            return self._clock()
+        if self._saturated_since is None:
+            self._saturated_since = self._clock()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(0.0, Outcome.IGNORED)  # the slot was handed over: give it back
+            else:
+                self._waiters.remove(waiter)
+            raise
+        return self._clock()
+
+    def release(self, started: float, outcome: Outcome) -> None:
+        """Give the slot back; the call's latency and outcome steer the limit."""
+        self.in_use -= 1
+        if self.adaptive and outcome is not Outcome.IGNORED:
+            self._sample(started, outcome)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        while waiters and self.in_use < self.limit:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                self.in_use += 1
+                waiter.set_result(None)
+        if not waiters:
+            self._saturated_since = None
+
+    def _sample(self, started: float, outcome: Outcome) -> None:
+        now = self._clock()
+        window = self._window
+        if outcome is Outcome.DROPPED:
+            window.drops += 1
+        else:
+            rtt = now - started
+            window.count += 1
+            window.total += rtt
+            self._min_rtt.add(rtt, now)
+        window.busiest = max(window.busiest, self.in_use + 1)
+        if now - window.started >= max(self._min_rtt.value, MIN_WINDOW_SECONDS):
+            self._adapt(window)
+            self._window = _Window(now)
+
+    def _adapt(self, window: _Window) -> None:
+        before = self.limit
+        estimate = self._estimate
+        if window.drops:
+            estimate *= DROP_FACTOR
+            reason = "drop"
+        elif window.count and self._min_rtt.value > 0:
+            ratio = (window.total / window.count) / self._min_rtt.value
+            if ratio > SHRINK_ABOVE:
+                estimate *= SHRINK_FACTOR
+                reason = "latency"
+            elif ratio < GROW_BELOW and window.busiest >= int(estimate):
+                estimate += 1  # only a limit in use is tested: an idle one proves nothing
+                reason = "probe"
+            else:
+                return
+        else:
+            return
+        self._estimate = min(float(self._ceiling), max(float(self._floor), estimate))
+        if self.limit != before:
+            self._changed(before, reason, window)
+
+    def _changed(self, before: int, reason: str, window: _Window) -> None:
+        self.last_change = self.limit - before
+        direction = "up" if self.last_change > 0 else "down"
+        metrics.target_limit_changes.labels(self.target, direction).inc()
+        now = self._clock()
+        if now - self._last_log < LOG_INTERVAL_SECONDS:
+            return
+        self._last_log = now
+        mean = window.total / window.count if window.count else 0.0
+        log.info(
+            "target %s concurrency limit %d -> %d",
+            self.target,
+            before,
+            self.limit,
+            extra={
+                "fields": {
+                    "event": "limit_changed",
+                    "target": self.target,
+                    "limit": self.limit,
+                    "previous": before,
+                    "reason": reason,
+                    "latency_ms": round(mean * 1000, 1),
+                    "min_rtt_ms": round(self._min_rtt.value * 1000, 1),
+                    "drops": window.drops,
+                }
+            },
+        )
+
+    def _export(self) -> None:
+        # Read when Prometheus scrapes, so no call pays for them.
+        name = self.target
+        metrics.target_concurrency_limit.labels(name).set_function(lambda: self.limit)
+        metrics.target_concurrency_in_use.labels(name).set_function(lambda: self.in_use)
+        metrics.target_min_rtt.labels(name).set_function(lambda: self.min_rtt)
+        metrics.target_limit_last_change.labels(name).set_function(lambda: self.last_change)
+
+
+class _Window:
+    """The samples of one adaptation window."""
+
+    __slots__ = ("busiest", "count", "drops", "started", "total")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.count = 0
+        self.total = 0.0
+        self.drops = 0
+        self.busiest = 0
+
+
+class _MinRtt:
+    """The minimum of the latencies seen in the current and the previous bucket."""
+
+    def __init__(self, bucket_seconds: float) -> None:
+        self._bucket_seconds = bucket_seconds
+        self._bucket_started = -math.inf
+        self._current = math.inf
+        self._previous = math.inf
+        self.value = 0.0
+
+    def add(self, rtt: float, now: float) -> None:
+        if now - self._bucket_started >= self._bucket_seconds:
+            self._previous, self._current = self._current, math.inf
+            self._bucket_started = now
+        self._current = min(self._current, rtt)
+        self.value = min(self._current, self._previous)

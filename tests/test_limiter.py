@@ -1,0 +1,235 @@
+"""ConcurrencyLimit: how the limit follows latency and drops, the FIFO wait, caps, the signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from prometheus_client import REGISTRY
+
+from service.worker.limiter import (
+    CONSTRAINED_AFTER_SECONDS,
+    DROP_FACTOR,
+    ConcurrencyLimit,
+    Outcome,
+)
+
+UNLOADED = 0.1  # the target's latency when nothing queues
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def limiter(clock: Clock, *, floor: int = 1, ceiling: int = 32, **kwargs: bool) -> ConcurrencyLimit:
+    return ConcurrencyLimit("crm", floor=floor, ceiling=ceiling, clock=clock, **kwargs)
+
+
+async def window(
+    limit: ConcurrencyLimit,
+    clock: Clock,
+    latency: float,
+    outcome: Outcome = Outcome.OK,
+    calls: int | None = None,
+) -> None:
+    """Run one window: ``calls`` (default: the whole limit) calls that take ``latency``."""
+    count = limit.limit if calls is None else calls
+    started = [await limit.acquire() for _ in range(count)]
+    clock.now += latency
+    for start in started:
+        limit.release(start, outcome)
+
+
+async def test_the_limit_grows_while_latency_stays_near_the_unloaded_minimum() -> None:
+    clock = Clock()
+    limit = limiter(clock)
+    assert limit.limit == 1  # a new process starts at its floor
+    for _ in range(10):
+        await window(limit, clock, UNLOADED)
+    assert limit.limit == 11
+    assert limit.min_rtt == pytest.approx(UNLOADED)
+
+
+async def test_an_idle_limit_is_not_raised() -> None:
+    clock = Clock()
+    limit = limiter(clock, floor=4)
+    for _ in range(10):
+        await window(limit, clock, UNLOADED, calls=1)  # 1 call in use of 4: proves nothing
+    assert limit.limit == 4
+
+
+async def test_the_limit_shrinks_when_the_target_queues_the_calls() -> None:
+    clock = Clock()
+    limit = limiter(clock, floor=1)
+    for _ in range(19):
+        await window(limit, clock, UNLOADED)
+    assert limit.limit == 20
+    for _ in range(4):  # a window closes at its first release after it ends: one lags
+        await window(limit, clock, UNLOADED * 2)  # twice the unloaded latency: queueing
+    assert limit.limit < 16
+    await window(limit, clock, UNLOADED * 1.45)  # between the bounds: hold
+    held = limit.limit
+    await window(limit, clock, UNLOADED * 1.45)
+    assert limit.limit == held
+
+
+async def test_drops_cut_the_limit_but_never_below_the_floor() -> None:
+    clock = Clock()
+    limit = limiter(clock, floor=3)
+    for _ in range(17):
+        await window(limit, clock, UNLOADED)
+    assert limit.limit == 20
+    await window(limit, clock, 0.01, Outcome.DROPPED, calls=1)
+    clock.now += UNLOADED
+    await window(limit, clock, UNLOADED, calls=1)  # closes the window with the drop
+    assert limit.limit == int(20 * DROP_FACTOR)
+    for _ in range(20):
+        await window(limit, clock, 0.5, Outcome.DROPPED)
+    assert limit.limit == 3
+
+
+async def test_the_ceiling_bounds_the_limit() -> None:
+    clock = Clock()
+    limit = limiter(clock, ceiling=5)
+    for _ in range(20):
+        await window(limit, clock, UNLOADED)
+    assert limit.limit == 5
+
+
+async def test_ignored_outcomes_do_not_move_the_limit() -> None:
+    clock = Clock()
+    limit = limiter(clock, floor=2)
+    await window(limit, clock, UNLOADED)
+    before = limit.limit
+    for _ in range(5):
+        await window(limit, clock, 5.0, Outcome.IGNORED)  # refusals say nothing of capacity
+    assert limit.limit == before
+
+
+async def test_a_fixed_limit_never_moves() -> None:
+    clock = Clock()
+    limit = limiter(clock, ceiling=32, adaptive=False)
+    assert limit.limit == 32
+    for _ in range(5):
+        await window(limit, clock, 5.0, Outcome.DROPPED)
+    assert limit.limit == 32
+
+
+async def test_calls_over_the_limit_wait_in_order() -> None:
+    clock = Clock()
+    limit = limiter(clock, floor=2, ceiling=2)
+    first, second = await limit.acquire(), await limit.acquire()
+    order: list[int] = []
+
+    async def call(number: int) -> None:
+        started = await limit.acquire()
+        order.append(number)
+        limit.release(started, Outcome.IGNORED)
+
+    waiting = [asyncio.create_task(call(n)) for n in range(3)]
+    await asyncio.sleep(0)
+    assert (limit.in_use, limit.waiting) == (2, 3)
+    limit.release(first, Outcome.IGNORED)
+    limit.release(second, Outcome.IGNORED)
+    await asyncio.gather(*waiting)
+    assert order == [0, 1, 2]
+    assert (limit.in_use, limit.waiting) == (0, 0)
+
+
+async def test_a_cancelled_wait_gives_its_slot_back() -> None:
+    clock = Clock()
+    limit = limiter(clock, floor=1, ceiling=1)
+    held = await limit.acquire()
+    queued = asyncio.create_task(limit.acquire())
+    handed_over = asyncio.create_task(limit.acquire())
+    await asyncio.sleep(0)
+    queued.cancel()  # cancelled while waiting
+    await asyncio.sleep(0)
+    limit.release(held, Outcome.IGNORED)  # the slot goes to handed_over...
+    handed_over.cancel()  # ...which is cancelled before it runs
+    for task in (queued, handed_over):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert (limit.in_use, limit.waiting) == (0, 0)
+    await asyncio.wait_for(limit.acquire(), 1)  # the slot is free again
+
+
+async def test_a_fleet_share_caps_the_limit_and_a_raise_wakes_the_waiters() -> None:
+    clock = Clock()
+    limit = limiter(clock, floor=8, ceiling=8)
+    limit.set_cap(0)
+    assert limit.limit == 0
+    waiting = asyncio.create_task(limit.acquire())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    limit.set_cap(3)
+    await asyncio.wait_for(waiting, 1)
+    assert limit.limit == 3
+    limit.set_cap(None)
+    assert limit.limit == 8
+
+
+async def test_constrained_after_minutes_of_waiting_below_the_ceiling() -> None:
+    clock = Clock()
+    limit = limiter(clock, floor=1, ceiling=8)
+    held = await limit.acquire()
+    waiting = asyncio.create_task(limit.acquire())
+    await asyncio.sleep(0)
+    assert not limit.constrained
+    clock.now += CONSTRAINED_AFTER_SECONDS
+    assert limit.constrained
+    limit.release(held, Outcome.IGNORED)
+    await waiting
+    assert not limit.constrained  # nobody waits any more
+
+
+async def test_waiting_at_the_ceiling_is_not_the_target_s_fault() -> None:
+    clock = Clock()
+    limit = limiter(clock, floor=1, ceiling=1)
+    held = await limit.acquire()
+    waiting = asyncio.create_task(limit.acquire())
+    await asyncio.sleep(0)
+    clock.now += CONSTRAINED_AFTER_SECONDS * 2
+    assert not limit.constrained  # courier's own ceiling holds the calls: more instances help
+    limit.release(held, Outcome.IGNORED)
+    await waiting
+
+
+async def test_changes_are_counted_exported_and_logged_at_a_bounded_rate(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    limit = ConcurrencyLimit("billing", floor=1, ceiling=32, clock=clock)
+    with caplog.at_level(logging.INFO, logger="courier.limiter"):
+        for _ in range(10):
+            await window(limit, clock, UNLOADED)  # ten raises within one second
+    changes = [
+        r for r in caplog.records if getattr(r, "fields", {}).get("event") == "limit_changed"
+    ]
+    assert len(changes) == 1
+    assert changes[0].fields == {  # type: ignore[attr-defined]
+        "event": "limit_changed",
+        "target": "billing",
+        "limit": 2,
+        "previous": 1,
+        "reason": "probe",
+        "latency_ms": 100.0,
+        "min_rtt_ms": 100.0,
+        "drops": 0,
+    }
+
+    def sample(name: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"target": "billing", **labels})
+
+    assert sample("courier_target_limit_changes_total", direction="up") == 10
+    assert sample("courier_target_concurrency_limit") == 11
+    assert sample("courier_target_concurrency_in_use") == 0
+    assert sample("courier_target_min_rtt_seconds") == pytest.approx(UNLOADED)
+    assert sample("courier_target_limit_last_change") == 1
