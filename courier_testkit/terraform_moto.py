@@ -72,7 +72,7 @@ SERVICES = (
 )
 
 # terraform/examples/complete with its defaults: `terraform state list` after apply.
-EXPECTED_CREATED = 55
+EXPECTED_CREATED = 57
 
 _M = "module.courier."
 # (resource address, top-level attribute, "changed" or "unknown") of every change the plan

@@ -47,6 +47,11 @@ locals {
     metrics_namespace = var.metrics_namespace
   })
 
+  # What the queue_backlog policy tracks (see there; the dashboard plots the same): the
+  # backlog per instance, held at (never above) the target value while a legacy target is
+  # the bottleneck. `constrained` and `backlog` are that policy's metric ids.
+  backlog_tracked_expression = "IF(FILL(constrained, 0) > 0 AND backlog > ${var.backlog_per_instance}, ${var.backlog_per_instance}, backlog)"
+
   user_data = templatefile("${path.module}/templates/user_data.sh.tftpl", {
     courier_config          = local.courier_config
     cloudwatch_agent_config = local.cloudwatch_agent_config
@@ -303,6 +308,28 @@ resource "aws_autoscaling_policy" "request_count" {
 # AWS's recommended metric for queue workers: backlog per instance = visible messages /
 # instances in service, tracked against the backlog one instance can clear within the
 # acceptable latency.
+#
+# Except while a legacy target is the bottleneck. Then the backlog grows because that target
+# is slow, not because the fleet is short of workers, and every added instance would add its
+# own concurrent calls to the struggling target (issue 16). courier publishes
+# courier_target_constrained{target} (1 while a target's circuit is open, its Retry-After
+# pause holds, or its adaptive limit has been pinned at the floor or at the fleet share with
+# every slot busy for minutes); the CloudWatch agent ships it once more under the fleet-wide
+# `job` dimension (templates/cloudwatch-agent.json.tftpl), and its Maximum is 1 while any
+# process sees any target constrained. While it is 1, the tracked value is held at
+# min(backlog per instance, target value):
+# - a backlog above the target is reported as exactly the target: the scale-out alarm
+#   (above the target) never fires, and neither does the scale-in alarm (below it), so the
+#   group keeps its size: no instance is added for a backlog more instances cannot clear,
+#   and none is removed while the backlog is still large and must be drained as soon as the
+#   target recovers;
+# - a backlog below the target passes through, so scale-in still happens as usual: fewer
+#   processes only relieve the target (each remaining one's adaptive limit and fleet share
+#   grow back), and the group shrinks to what the work needs.
+# FILL(.., 0): until instances ship the gauge (an older image, the agent not yet running) the
+# policy behaves as before instead of receiving no data at all. The queue is shared by all
+# targets, so one constrained target holds scale-out for the whole backlog: the
+# "<name>-target-constrained-<target>" alarms (observability.tf) say when that lasts.
 resource "aws_autoscaling_policy" "queue_backlog" {
   name                   = "${var.name}-backlog-per-instance"
   autoscaling_group_name = aws_autoscaling_group.courier.name
@@ -353,9 +380,36 @@ resource "aws_autoscaling_policy" "queue_backlog" {
       }
 
       metrics {
-        id          = "backlog_per_instance"
+        id          = "constrained"
+        label       = "A legacy target is the bottleneck (any process, any target)"
+        return_data = false
+
+        metric_stat {
+          stat = "Maximum"
+
+          metric {
+            namespace   = var.metrics_namespace
+            metric_name = local.metric_target_constrained
+
+            dimensions {
+              name  = "job"
+              value = local.prometheus_job
+            }
+          }
+        }
+      }
+
+      metrics {
+        id          = "backlog"
         label       = "Backlog per instance"
         expression  = "visible / in_service"
+        return_data = false
+      }
+
+      metrics {
+        id          = "backlog_per_instance"
+        label       = "Backlog per instance, held at the target while a legacy target is the bottleneck"
+        expression  = local.backlog_tracked_expression
         return_data = true
       }
     }

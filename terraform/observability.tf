@@ -13,12 +13,20 @@ locals {
 
   # courier's own metrics as the CloudWatch agent ships them (see
   # templates/cloudwatch-agent.json.tftpl); names follow service/metrics.py.
-  metric_circuit_open     = "courier_target_circuit_open"
-  metric_target_latency   = "courier_target_call_duration_seconds"
-  metric_messages         = "courier_messages_processed_total"
-  metric_error_log_lines  = "ErrorLogLines"
-  metric_dlq_moves        = "DlqMoves"
-  metric_dlq_moves_reason = "DlqMovesByReason"
+  metric_circuit_open       = "courier_target_circuit_open"
+  metric_target_constrained = "courier_target_constrained"
+  metric_target_latency     = "courier_target_call_duration_seconds"
+  metric_messages           = "courier_messages_processed_total"
+  metric_error_log_lines    = "ErrorLogLines"
+  metric_dlq_moves          = "DlqMoves"
+  metric_dlq_moves_reason   = "DlqMovesByReason"
+
+  # The Prometheus job the agent scrapes courier under (job_name in user_data.sh.tftpl and
+  # packer/files/prometheus.yaml): the value of the fleet-wide `job` dimension.
+  prometheus_job = "courier"
+
+  # The gauge already means "for minutes"; the alarm adds ten more before paging anyone.
+  target_constrained_alarm_minutes = 10
 
   # Alarms that judge a new release: any of them in ALARM during an instance refresh rolls
   # it back (instance_refresh.preferences.alarm_specification in compute.tf).
@@ -290,6 +298,32 @@ resource "aws_cloudwatch_metric_alarm" "circuit_open" {
   tags = merge(local.tags, { Name = "${var.name}-circuit-open-${each.key}" })
 }
 
+# courier_target_constrained{target}: the target's circuit is open, a Retry-After pause holds,
+# or its concurrency limit has been pinned at the floor or at the fleet share with every slot
+# busy for minutes. Deliveries to it wait in the queue and the backlog-per-instance policy
+# holds instead of scaling out (compute.tf). Not a rollout alarm: a slow legacy system is
+# no reason to roll back courier.
+resource "aws_cloudwatch_metric_alarm" "target_constrained" {
+  for_each = { for t in var.targets : t.name => t }
+
+  alarm_name          = "${var.name}-target-constrained-${each.key}"
+  alarm_description   = "Legacy target ${each.key} has been the bottleneck for ${local.target_constrained_alarm_minutes} minutes (circuit open, Retry-After pause, or courier's concurrency limit for it pinned at its floor or fleet share): its deliveries wait in the queue, and backlog-per-instance scaling holds instead of adding instances, which would only add load. Check the target's health with its owners; the group scales out again when it recovers."
+  namespace           = var.metrics_namespace
+  metric_name         = local.metric_target_constrained
+  dimensions          = { target = each.key }
+  statistic           = "Maximum"
+  period              = 60
+  comparison_operator = "GreaterThanOrEqualToThreshold"
+  threshold           = 1
+  evaluation_periods  = local.target_constrained_alarm_minutes
+  datapoints_to_alarm = local.target_constrained_alarm_minutes
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = local.alarm_actions
+  ok_actions          = local.alarm_actions
+
+  tags = merge(local.tags, { Name = "${var.name}-target-constrained-${each.key}" })
+}
+
 resource "aws_cloudwatch_metric_alarm" "error_log_lines" {
   alarm_name          = "${var.name}-error-log-lines"
   alarm_description   = "More than ${var.alarm_thresholds.error_log_lines_per_minute} ERROR log lines per minute for 3 of 5 minutes (log group ${local.log_group_name})."
@@ -392,6 +426,27 @@ locals {
       )
     },
     {
+      # 1 while the target is the bottleneck; "any target" is the series the backlog scaling
+      # policy holds on (compute.tf).
+      title = "Legacy target is the bottleneck (1 = constrained)"
+      metrics = concat(
+        [for target in var.targets : [var.metrics_namespace, local.metric_target_constrained, "target", target.name, { stat = "Maximum", label = target.name }]],
+        [[var.metrics_namespace, local.metric_target_constrained, "job", local.prometheus_job, { stat = "Maximum", label = "any target (holds scale-out)" }]],
+      )
+    },
+    {
+      # The queue_backlog policy's own metric math, with its target value as a line.
+      title = "Backlog per instance: raw and as scaling tracks it"
+      metrics = [
+        ["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", aws_sqs_queue.work.name, { stat = "Sum", id = "visible", visible = false }],
+        ["AWS/AutoScaling", "GroupInServiceInstances", "AutoScalingGroupName", aws_autoscaling_group.courier.name, { stat = "Average", id = "in_service", visible = false }],
+        [var.metrics_namespace, local.metric_target_constrained, "job", local.prometheus_job, { stat = "Maximum", id = "constrained", visible = false }],
+        [{ expression = "visible / in_service", label = "backlog per instance", id = "backlog" }],
+        [{ expression = local.backlog_tracked_expression, label = "tracked by scaling", id = "tracked" }],
+      ]
+      annotations = { horizontal = [{ label = "target (backlog_per_instance)", value = var.backlog_per_instance }] }
+    },
+    {
       title = "Instances"
       metrics = [
         ["AWS/AutoScaling", "GroupInServiceInstances", "AutoScalingGroupName", aws_autoscaling_group.courier.name, { stat = "Maximum", label = "in service" }],
@@ -412,14 +467,15 @@ resource "aws_cloudwatch_dashboard" "courier" {
       y      = floor(index / 3) * 6
       width  = 8
       height = 6
-      properties = {
+      # Only some widgets carry annotations (a horizontal target line).
+      properties = merge({
         title   = widget.title
         region  = local.region
         view    = "timeSeries"
         stacked = false
         period  = 60
         metrics = widget.metrics
-      }
+      }, try({ annotations = widget.annotations }, {}))
     }]
   })
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import tomllib
@@ -229,9 +230,9 @@ def test_instance_refresh_is_a_canary_that_rolls_back_on_alarms(tf: Module) -> N
     assert "auto_rollback = optional(bool, true)" in variable_type
 
 
-def test_backlog_per_instance_policy_divides_visible_messages_by_in_service_instances(
-    tf: Module,
-) -> None:
+def _backlog_policy(tf: Module) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The customized (backlog per instance) target tracking configuration, and its metric
+    queries by id."""
     policies = tf.of_type("aws_autoscaling_policy")
     backlog = [
         one(p["target_tracking_configuration"], "target_tracking_configuration")
@@ -239,31 +240,137 @@ def test_backlog_per_instance_policy_divides_visible_messages_by_in_service_inst
         if "customized_metric_specification" in p["target_tracking_configuration"][0]
     ]
     assert len(backlog) == 1, "exactly one customized (backlog per instance) target tracking policy"
-    assert backlog[0]["target_value"] == "${var.backlog_per_instance}"
     spec = one(backlog[0]["customized_metric_specification"], "customized_metric_specification")
-    by_metric: dict[str, dict[str, Any]] = {}
-    expressions = []
-    for query in spec["metrics"]:
-        if "expression" in query:
-            expressions.append(query)
-            continue
-        metric = one(one(query["metric_stat"], "metric_stat")["metric"], "metric")
-        by_metric[metric["metric_name"]] = {"query": query, "metric": metric}
+    return backlog[0], {query["id"]: query for query in spec["metrics"]}
+
+
+def _metric(query: dict[str, Any]) -> dict[str, Any]:
+    stat: dict[str, Any] = one(query["metric_stat"], "metric_stat")
+    metric: dict[str, Any] = one(stat["metric"], "metric")
+    return {**metric, "stat": stat["stat"]}
+
+
+def test_backlog_per_instance_policy_divides_visible_messages_by_in_service_instances(
+    tf: Module,
+) -> None:
+    config, queries = _backlog_policy(tf)
+    assert config["target_value"] == "${var.backlog_per_instance}"
+    by_metric = {_metric(q)["metric_name"]: q for q in queries.values() if "metric_stat" in q}
+    for query in by_metric.values():
         assert query["return_data"] is False
     visible = by_metric["ApproximateNumberOfMessagesVisible"]
     in_service = by_metric["GroupInServiceInstances"]
-    assert visible["metric"]["namespace"] == "AWS/SQS"
-    assert visible["metric"]["dimensions"] == [
+    assert _metric(visible)["namespace"] == "AWS/SQS"
+    assert _metric(visible)["dimensions"] == [
         {"name": "QueueName", "value": "${aws_sqs_queue.work.name}"}
     ]
-    assert in_service["metric"]["namespace"] == "AWS/AutoScaling"
-    assert in_service["metric"]["dimensions"] == [
+    assert _metric(in_service)["namespace"] == "AWS/AutoScaling"
+    assert _metric(in_service)["dimensions"] == [
         {"name": "AutoScalingGroupName", "value": "${aws_autoscaling_group.courier.name}"}
     ]
-    assert len(expressions) == 1
-    assert expressions[0]["return_data"] is True
-    numerator, denominator = (part.strip() for part in expressions[0]["expression"].split("/"))
-    assert (numerator, denominator) == (visible["query"]["id"], in_service["query"]["id"])
+    divisions = [
+        q
+        for q in queries.values()
+        if q.get("expression") == f"{visible['id']} / {in_service['id']}"
+    ]
+    assert len(divisions) == 1, "one expression: visible messages / instances in service"
+    returned = [q for q in queries.values() if q["return_data"] is True]
+    assert len(returned) == 1, "exactly one query returns the tracked value"
+    assert divisions[0]["id"] in resolve(tf, returned[0]["expression"])
+
+
+def _constrained_metric_name() -> str:
+    """courier_target_constrained as service/metrics.py declares it (the name is not copied)."""
+    metrics = pytest.importorskip("service.metrics")
+    [family] = metrics.target_constrained.describe()
+    name: str = family.name
+    return name
+
+
+# A CloudWatch metric math expression as Python: enough for the tracked backlog (numbers,
+# query ids, IF, FILL, comparisons, AND/OR, arithmetic). A missing data point is None.
+_MATH_TOKEN = re.compile(r"\s*(\d+(?:\.\d+)?|[A-Za-z_]\w*|>=|<=|==|!=|&&|\|\||[-+*/(),<>])")
+_MATH_WORDS = {"IF": "_if", "FILL": "_fill", "AND": " and ", "OR": " or ", "&&": " and "}
+
+
+def _metric_math(expression: str, values: dict[str, float | None]) -> float | None:
+    python = []
+    position = 0
+    while position < len(expression.rstrip()):
+        match = _MATH_TOKEN.match(expression, position)
+        assert match, f"cannot read {expression[position:]!r}"
+        token = match.group(1)
+        position = match.end()
+        if token in _MATH_WORDS:
+            python.append(_MATH_WORDS[token])
+        elif token == "||":
+            python.append(" or ")
+        elif token[0].isalpha() or token[0] == "_":
+            assert token in values, f"{token} is neither a function nor a query id"
+            python.append(f"v[{token!r}]")
+        else:
+            python.append(token)
+    scope = {
+        "_if": lambda condition, when_true, when_false: when_true if condition else when_false,
+        "_fill": lambda value, filler: filler if value is None else value,
+        "v": values,
+    }
+    # Only the tokens above reach eval: numbers, known ids, the two helpers, operators.
+    result = eval("".join(python), {"__builtins__": {}}, scope)
+    return None if result is None else float(result)
+
+
+def _tracked_backlog(
+    tf: Module, visible: float, in_service: float, constrained: float | None
+) -> float | None:
+    """What the backlog policy reports to target tracking for one minute of data."""
+    _, queries = _backlog_policy(tf)
+    target = tf.variables["backlog_per_instance"]["default"]
+    values: dict[str, float | None] = {}
+    for query_id, query in queries.items():
+        if "metric_stat" in query:
+            name = _metric(query)["metric_name"]
+            values[query_id] = {
+                "ApproximateNumberOfMessagesVisible": visible,
+                "GroupInServiceInstances": in_service,
+            }.get(name, constrained)
+    result = None
+    for query_id, query in queries.items():  # expressions in the order they are declared
+        if "expression" in query:
+            expression = resolve(tf, query["expression"])
+            expression = expression.replace("${var.backlog_per_instance}", str(target))
+            assert "${" not in expression, f"unexpected reference in {expression!r}"
+            values[query_id] = _metric_math(expression, values)
+            if query["return_data"]:
+                result = values[query_id]
+    return result
+
+
+def test_backlog_scaling_reads_the_fleet_wide_constrained_gauge(tf: Module) -> None:
+    _, queries = _backlog_policy(tf)
+    stats = [_metric(q) for q in queries.values() if "metric_stat" in q]
+    [constrained] = [m for m in stats if m["namespace"] == "${var.metrics_namespace}"]
+    assert resolve(tf, constrained["metric_name"]) == _constrained_metric_name()
+    # One series for the whole fleet: the agent's `job` dimension set (every process of every
+    # instance), Maximum = 1 while any process sees any target constrained.
+    assert constrained["stat"] == "Maximum"
+    [dimension] = constrained["dimensions"]
+    assert (dimension["name"], resolve(tf, dimension["value"])) == ("job", "courier")
+
+
+def test_backlog_scaling_holds_at_the_target_while_a_legacy_target_is_the_bottleneck(
+    tf: Module,
+) -> None:
+    target = tf.variables["backlog_per_instance"]["default"]
+    # Not constrained: the backlog per instance as before, so the group scales out.
+    assert _tracked_backlog(tf, 5 * target, 2, 0) == 2.5 * target
+    # No data from the gauge (an older image, no agent yet): as before, never no data.
+    assert _tracked_backlog(tf, 5 * target, 2, None) == 2.5 * target
+    # Constrained with a large backlog: exactly the target, so neither the scale-out alarm
+    # (above it) nor the scale-in alarm (below it) fires.
+    assert _tracked_backlog(tf, 5 * target, 2, 1) == target
+    # Constrained with a small backlog: passes through, so scale-in still happens.
+    assert _tracked_backlog(tf, 0.6 * target, 2, 1) == 0.3 * target
 
 
 def test_request_count_per_target_policy_tracks_the_api_target_group(tf: Module) -> None:
@@ -874,3 +981,76 @@ def test_rendered_user_data_is_valid_bash_with_valid_agent_config(tmp_path: Path
     assert len(user_data.encode()) < 16 * 1024 * 3 // 4, (
         "user data must stay below 16 KiB once base64-encoded"
     )
+
+
+# --------------------------------------------------------------------------------------
+# The constrained-target signal: shipped, alarmed on, plotted
+# --------------------------------------------------------------------------------------
+
+
+def _constrained_declarations(agent_config: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    processor = agent_config["logs"]["metrics_collected"]["prometheus"]["emf_processor"]
+    return [
+        d
+        for d in processor["metric_declaration"]
+        if any(re.fullmatch(selector.strip("^$"), name) for selector in d["metric_selectors"])
+    ]
+
+
+def test_both_agent_configs_ship_the_constrained_gauge_per_target_and_fleet_wide(
+    tf: Module, tmp_path: Path
+) -> None:
+    """The AMI's agent configuration and the one Terraform's user data installs declare the
+    gauge the same way: per target (alarms, dashboard) and under the scrape job alone (one
+    fleet-wide series, what the backlog scaling policy reads)."""
+    name = _constrained_metric_name()
+    job = resolve(tf, "${local.prometheus_job}")
+    rendered = json.loads(
+        _render(
+            "cloudwatch-agent.json.tftpl",
+            {"log_group_name": "/courier/courier", "metrics_namespace": "Courier"},
+            tmp_path,
+        )
+    )
+    baked = json.loads((REPO / "packer" / "files" / "cloudwatch-agent.json").read_text())
+    declarations = []
+    for config in (rendered, baked):
+        [declaration] = _constrained_declarations(config, name)
+        assert declaration["source_labels"] == ["job"]
+        assert re.fullmatch(declaration["label_matcher"], job)
+        assert sorted(declaration["dimensions"]) == [["job"], ["target"]]
+        declarations.append(declaration)
+    assert declarations[0] == declarations[1], "the two agent configurations disagree"
+    # `job` is the scrape job's name in both scrape configurations.
+    user_data = (TERRAFORM / "templates" / "user_data.sh.tftpl").read_text()
+    scrape = (REPO / "packer" / "files" / "prometheus.yaml").read_text()
+    for text in (user_data, scrape):
+        assert re.findall(r"job_name: (\S+)", text) == [job]
+
+
+def test_every_target_gets_a_bottleneck_alarm_that_does_not_roll_back_a_release(
+    tf: Module,
+) -> None:
+    alarm = tf.resource("aws_cloudwatch_metric_alarm", "target_constrained")
+    # One per configured target, like the circuit-open alarms.
+    assert (
+        alarm["for_each"] == tf.resource("aws_cloudwatch_metric_alarm", "circuit_open")["for_each"]
+    )
+    assert resolve(tf, alarm["metric_name"]) == _constrained_metric_name()
+    assert alarm["namespace"] == "${var.metrics_namespace}"
+    assert alarm["dimensions"] == {"target": "${each.key}"}
+    assert (alarm["statistic"], alarm["threshold"]) == ("Maximum", 1)
+    assert alarm["comparison_operator"] == "GreaterThanOrEqualToThreshold"
+    assert alarm["alarm_actions"] == "${local.alarm_actions}"
+    rollout = resolve(tf, "${local.rollout_alarm_names}")
+    assert not any("target_constrained" in name for name in rollout)
+
+
+def test_dashboard_plots_the_constrained_gauge_and_the_tracked_backlog(tf: Module) -> None:
+    widgets = resolve(tf, "${local.dashboard_widgets}")
+    text = json.dumps(widgets)
+    assert "${local.metric_target_constrained}" in text
+    assert "${local.backlog_tracked_expression}" in text, "the dashboard plots what scaling tracks"
+    _, queries = _backlog_policy(tf)
+    [returned] = [q for q in queries.values() if q["return_data"] is True]
+    assert returned["expression"] == "${local.backlog_tracked_expression}"

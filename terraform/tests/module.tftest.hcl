@@ -152,6 +152,21 @@ run "defaults" {
   }
 
   assert {
+    condition     = length(aws_cloudwatch_metric_alarm.target_constrained) == 2 && aws_cloudwatch_metric_alarm.target_constrained["billing"].dimensions.target == "billing"
+    error_message = "Every target gets a target-constrained (bottleneck) alarm."
+  }
+
+  assert {
+    condition     = anytrue([for m in aws_autoscaling_policy.queue_backlog.target_tracking_configuration[0].customized_metric_specification[0].metrics : m.return_data && m.expression == "IF(FILL(constrained, 0) > 0 AND backlog > 1000, 1000, backlog)"])
+    error_message = "Backlog scaling must track the backlog per instance held at the target value (1000) while a legacy target is constrained."
+  }
+
+  assert {
+    condition     = strcontains(aws_cloudwatch_dashboard.courier.dashboard_body, "courier_target_constrained") && strcontains(aws_cloudwatch_dashboard.courier.dashboard_body, "\"annotations\":{\"horizontal\":[{\"label\":\"target (backlog_per_instance)\",\"value\":1000}]}")
+    error_message = "The dashboard must plot the constrained gauge and the backlog per instance against its target."
+  }
+
+  assert {
     condition     = aws_sqs_queue.work.name == "courier-work" && aws_sqs_queue.dlq.message_retention_seconds == 1209600
     error_message = "Standard queues by default, and a DLQ that keeps messages 14 days."
   }
@@ -191,6 +206,19 @@ run "fifo_existing_credstash_waf_spot" {
   assert {
     condition     = length(aws_autoscaling_group.courier.mixed_instances_policy) == 1 && length(aws_autoscaling_group.courier.launch_template) == 0
     error_message = "mixed_instances replaces the plain launch template with a mixed instances policy."
+  }
+}
+
+run "backlog_hold_follows_the_target_value" {
+  command = plan
+
+  variables {
+    backlog_per_instance = 250.5
+  }
+
+  assert {
+    condition     = anytrue([for m in aws_autoscaling_policy.queue_backlog.target_tracking_configuration[0].customized_metric_specification[0].metrics : m.return_data && m.expression == "IF(FILL(constrained, 0) > 0 AND backlog > 250.5, 250.5, backlog)"])
+    error_message = "The hold must be the policy's own target value."
   }
 }
 
