@@ -158,7 +158,7 @@ async def statuses(rig: Rig, resources: Resources) -> Counter[str]:
 
 
 async def states_by_id(rig: Rig, resources: Resources) -> dict[str, str]:
-    """Request id -> state of every status record (a scan of the status table on dynalite)."""
+    """Request id -> state of every request's status record (a scan of the status table)."""
     states: dict[str, str] = {}
     async with get_session().create_client(
         "dynamodb",
@@ -169,8 +169,10 @@ async def states_by_id(rig: Rig, resources: Resources) -> dict[str, str]:
         paginator = dynamodb.get_paginator("scan")
         async for page in paginator.paginate(TableName=resources.status_table):
             for item in page.get("Items", []):
-                request_id = item.get("pk", {}).get("S", "").removeprefix("req#")
-                states[request_id] = item.get("state", {}).get("S", "?")
+                key = item.get("pk", {}).get("S", "")
+                if not key.startswith("req#"):
+                    continue  # not a request: e.g. the fleet's membership (worker/fleet.py)
+                states[key.removeprefix("req#")] = item.get("state", {}).get("S", "?")
     return states
 
 

@@ -48,10 +48,12 @@ from .state import (
     SECRETS,
     SETTINGS,
     STATUS,
+    TARGETS,
     VERIFIER,
 )
 from .status import StatusStore
 from .worker.dlq import DeadLetterQueue
+from .worker.fleet import membership_for
 from .worker.pipeline import Pipeline
 from .worker.poller import Poller
 from .worker.targets import TargetClient
@@ -266,11 +268,16 @@ async def _api_context(app: web.Application) -> AsyncIterator[None]:
 async def _worker_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     targets = [TargetClient(target, app[HTTP], app[SECRETS].get) for target in settings.targets]
+    app[TARGETS] = tuple(targets)
     pipeline = Pipeline(app[ENVELOPE], app[STATUS], targets, settings.worker)
     # Receives and acks per message batch go the lean way; DLQ moves are rare, aiobotocore's.
     dlq = DeadLetterQueue(app[AWS].sqs, settings.queue.dlq_url, settings.queue.url)
     poller = Poller(app[HOT_SQS], settings.queue.url, pipeline.handle, settings.worker, dlq.move)
     app[POLLER] = poller
+    # Fleet-wide caps (worker/fleet.py): joined before the first message, left once drained.
+    fleet = membership_for(app[AWS].dynamodb, settings.status.table, targets)
+    if fleet is not None:
+        fleet.start()
     poller.start()
     yield
     # Under the daemon the drain began at SIGTERM and ran alongside the API's (begin_shutdown).
@@ -280,6 +287,8 @@ async def _worker_context(app: web.Application) -> AsyncIterator[None]:
     worker = app[SHUTDOWN].worker
     assert worker is not None
     await worker
+    if fleet is not None:
+        await fleet.stop()
 
 
 def begin_shutdown(app: web.Application) -> float:

@@ -322,10 +322,12 @@ class TargetMisconfiguredError(MisconfiguredError):
 
 
 class TargetPausedError(TransientError):
-    """The target asked for a pause (429/503 with Retry-After) that still holds: no call made."""
+    """No call made: the target asked for a pause (Retry-After) that still holds, or this
+    process holds no share of the target's fleet-wide cap for now."""
 
-    def __init__(self, target: str, retry_after: float) -> None:
-        super().__init__(f"target {target!r} asked to wait {retry_after:.1f} s more")
+    def __init__(self, target: str, retry_after: float, why: str = "") -> None:
+        why = why or f"asked to wait {retry_after:.1f} s more"
+        super().__init__(f"target {target!r} {why}")
         self.target = target
         self.retry_after = retry_after
 

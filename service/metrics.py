@@ -210,3 +210,13 @@ instance_info = Gauge(
     "the EC2 instance this process runs on",
     ["instance_id", "availability_zone"],
 )
+
+# The fleet-wide cap per target (service/worker/fleet.py).
+fleet_share = Gauge(
+    "courier_target_fleet_share",
+    "this process's share of the target's fleet_max_concurrency (0: no calls for now)",
+    ["target"],
+)
+fleet_members = Gauge(
+    "courier_fleet_members", "live worker processes in this process's latest view of the fleet"
+)

@@ -17,6 +17,7 @@ from .settings import Settings
 from .sqs import LeanSqs
 from .status import StatusStore
 from .worker.poller import Poller
+from .worker.targets import TargetClient
 
 SETTINGS = web.AppKey("settings", Settings)
 READINESS = web.AppKey("readiness", Readiness)
@@ -31,3 +32,5 @@ PRODUCER = web.AppKey("producer", Producer)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 IDM = web.AppKey("idm", IdmClient)
 POLLER = web.AppKey("poller", Poller)
+# The worker's legacy clients (their limiter and breaker): what the console's Targets page reads.
+TARGETS: web.AppKey[tuple[TargetClient, ...]] = web.AppKey("targets")

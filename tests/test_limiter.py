@@ -12,6 +12,7 @@ from service.worker.limiter import (
     CONSTRAINED_AFTER_SECONDS,
     DROP_FACTOR,
     ConcurrencyLimit,
+    NoSlotsError,
     Outcome,
 )
 
@@ -164,14 +165,15 @@ async def test_a_cancelled_wait_gives_its_slot_back() -> None:
 async def test_a_fleet_share_caps_the_limit_and_a_raise_wakes_the_waiters() -> None:
     clock = Clock()
     limit = limiter(clock, floor=8, ceiling=8)
-    limit.set_cap(0)
-    assert limit.limit == 0
+    limit.set_cap(1)
+    held = await limit.acquire()
     waiting = asyncio.create_task(limit.acquire())
     await asyncio.sleep(0)
     assert not waiting.done()
     limit.set_cap(3)
     await asyncio.wait_for(waiting, 1)
     assert limit.limit == 3
+    limit.release(held, Outcome.IGNORED)
     limit.set_cap(None)
     assert limit.limit == 8
 
@@ -233,3 +235,18 @@ async def test_changes_are_counted_exported_and_logged_at_a_bounded_rate(
     assert sample("courier_target_concurrency_in_use") == 0
     assert sample("courier_target_min_rtt_seconds") == pytest.approx(UNLOADED)
     assert sample("courier_target_limit_last_change") == 1
+
+
+async def test_a_limit_of_zero_refuses_at_once_and_sends_the_waiters_away() -> None:
+    clock = Clock()
+    limit = limiter(clock, floor=1, ceiling=1)
+    held = await limit.acquire()
+    waiting = asyncio.create_task(limit.acquire())
+    await asyncio.sleep(0)
+    limit.set_cap(0)  # this process lost its share of a fleet-wide cap
+    with pytest.raises(NoSlotsError):
+        await waiting
+    with pytest.raises(NoSlotsError):
+        await limit.acquire()
+    limit.release(held, Outcome.IGNORED)
+    assert (limit.in_use, limit.waiting) == (0, 0)

@@ -25,7 +25,12 @@ from service.secrets.errors import SecretError, SecretNotFoundError, SecretUnava
 from service.settings import TargetSettings
 from service.stubs import LegacyStub
 from service.worker.circuit import CircuitState
-from service.worker.targets import Delivery, TargetClient, parse_retry_after
+from service.worker.targets import (
+    NO_SHARE_RETRY_SECONDS,
+    Delivery,
+    TargetClient,
+    parse_retry_after,
+)
 
 TRACEPARENT = "00-0123456789abcdef0123456789abcdef-0123456789abcdef-01"
 
@@ -396,3 +401,19 @@ async def test_answers_with_retry_after_never_open_the_circuit(
             await target.deliver(delivery())
         assert target.breaker.state is CircuitState.CLOSED  # its pause holds calls, not 60 s
         await asyncio.sleep(target.paused_for())
+
+
+async def test_no_share_of_a_fleet_cap_sends_the_message_back_without_a_call(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    target = client(stub, session, fleet_max_concurrency=2)
+    target.limiter.set_cap(0)  # the others hold the whole cap for now
+    with pytest.raises(TargetPausedError) as held:
+        await target.deliver(delivery())
+    assert held.value.retry_after == NO_SHARE_RETRY_SECONDS
+    assert "no share of its fleet-wide cap" in str(held.value)
+    assert stub.calls == []
+    assert calls("crm", "no_share") >= 1
+    target.limiter.set_cap(1)
+    await target.deliver(delivery())
+    assert stub.effects == {"req-1:crm": 1}

@@ -44,8 +44,8 @@ from .. import metrics
 
 log = logging.getLogger("courier.limiter")
 
-GROW_BELOW = 1.3  # mean latency under 1.3 times min_rtt: the target is not queueing our calls
-SHRINK_ABOVE = 1.6  # over 1.6 times min_rtt: it is; a p99 near twice the unloaded latency follows
+GROW_BELOW = 1.2  # mean latency under 1.2 times min_rtt: the target is not queueing our calls
+SHRINK_ABOVE = 1.5  # over 1.5 times min_rtt: it is; a p99 near twice the unloaded latency follows
 SHRINK_FACTOR = 0.9
 DROP_FACTOR = 0.75
 MIN_WINDOW_SECONDS = 0.01
@@ -55,6 +55,10 @@ MIN_WINDOW_SECONDS = 0.01
 MIN_RTT_BUCKET_SECONDS = 60.0
 LOG_INTERVAL_SECONDS = 5.0  # at most one limit_changed line per target per interval
 CONSTRAINED_AFTER_SECONDS = 120.0
+
+
+class NoSlotsError(Exception):
+    """The limit is 0 (this process holds no share of a fleet-wide cap): no call may start."""
 
 
 class Outcome(Enum):
@@ -130,7 +134,14 @@ class ConcurrencyLimit:
         self._wake()
 
     async def acquire(self) -> float:
-        """Wait for a slot; returns the time the call starts, for ``release``."""
+        """Wait for a slot; returns the time the call starts, for ``release``.
+
+        Raises NoSlotsError at once when the limit is 0, and for calls still waiting when it
+        drops to 0: their messages are better back in the queue, where a process with a share
+        can take them, than held here for as long as the share stays 0.
+        """
+        if self.limit == 0:
+            raise NoSlotsError(self.target)
         if not self._waiters and self.in_use < self.limit:
             self.in_use += 1
             return self._clock()
@@ -157,6 +168,11 @@ class ConcurrencyLimit:
 
     def _wake(self) -> None:
         waiters = self._waiters
+        if self.limit == 0:
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(NoSlotsError(self.target))
         while waiters and self.in_use < self.limit:
             waiter = waiters.popleft()
             if not waiter.done():

@@ -42,11 +42,14 @@ from ..errors import (
 from ..secrets.errors import SecretError
 from ..settings import TargetSettings
 from .circuit import CircuitBreaker, CircuitState
-from .limiter import ConcurrencyLimit, Outcome
+from .limiter import ConcurrencyLimit, NoSlotsError, Outcome
 
 log = logging.getLogger("courier.targets")
 
 RETRY_DELAY_SECONDS = 0.1
+# A process holding no share of a target's fleet-wide cap sends its messages back for this
+# long: about when the shares are dealt again (service/worker/fleet.py's heartbeat).
+NO_SHARE_RETRY_SECONDS = 5.0
 # What a target says when it is overloaded, or that we overloaded it: the limit shrinks.
 OVERLOAD_STATUSES = frozenset({429, 502, 503, 504})
 SecretGetter = Callable[[str], Awaitable[str]]
@@ -134,6 +137,12 @@ class TargetClient:
         try:
             authorization = await self._authorization()
             started = await self.limiter.acquire()
+        except NoSlotsError:
+            self.breaker.abandon()
+            self._calls(self.name, "no_share").inc()
+            raise TargetPausedError(
+                self.name, NO_SHARE_RETRY_SECONDS, "holds no share of its fleet-wide cap"
+            ) from None
         except BaseException:
             self.breaker.abandon()  # e.g. the secret could not be read: the target said nothing
             raise
