@@ -23,7 +23,7 @@ import pytest
 from chaos import report, verify
 from chaos.load import LoadResult, Request
 from chaos.rig import TARGETS, Rig, rig
-from chaos.scenarios import SMALL, aws, common, crash, graceful, outage, planted, poison
+from chaos.scenarios import SMALL, aws, common, crash, graceful, legacy, outage, planted, poison
 from courier_testkit.strict import AwsCall, MessageEvent, message_events
 from courier_testkit.tcpproxy import tcp_proxy
 from service.settings import QueueSettings
@@ -103,6 +103,20 @@ async def test_graceful_shutdown_under_load(chaos_rig: Rig) -> None:
     assert row.notes["exit_code"] == 0
     # No attempt went unanswered: no dropped, reset or refused connection, no cut body.
     assert row.notes["client_errors"] == {}, row.notes["client_errors"]
+
+
+@pytest.mark.timeout(240)  # two fleets of three; a capped target's join wait is ~25 s
+async def test_legacy_system_with_real_capacity(chaos_rig: Rig) -> None:
+    rows = await legacy.run(chaos_rig, SMALL)
+    assert_held(rows)
+    steady, halved, throttled, capped = rows
+    sizes = legacy.SIZES["small"]
+    assert steady.notes["calls"] > 0
+    assert halved.notes["capacity"] == f"{sizes.capacity} -> {sizes.capacity // 2}"
+    pauses = throttled.notes["pauses"]
+    assert len(pauses) == legacy.PROCESSES
+    assert all(p["answered_429"] >= 1 and p["calls_in_pause"] == 0 for p in pauses.values())
+    assert 0 < capped.notes["peak_concurrent"] <= sizes.fleet_cap
 
 
 async def test_sigterm_releases_the_messages_of_an_interrupted_receive(chaos_rig: Rig) -> None:
@@ -299,6 +313,44 @@ def test_ledger_records_messages_received_deleted_and_released() -> None:
     assert [(e.event, e.receipt_handle, e.visibility_timeout) for e in got] == [
         ("visibility", "h2", 0)
     ]
+
+
+def entry(arrival: float, end: float, status: int = 200, path: str = "/billing/p0") -> Any:
+    return legacy.TimelineEntry(arrival, end, status, 0.0, path)
+
+
+def test_legacy_pause_check_allows_calls_in_flight_and_flags_calls_in_the_pause() -> None:
+    """After a process's first 429 (answered at 10.0), calls arriving within the grace (0.3 s)
+    were already under way; one arriving 2 s later broke the Retry-After pause."""
+    calls = [
+        entry(9.8, 10.0, 429),
+        entry(9.9, 10.05, 429),
+        entry(10.2, 10.3, 429),  # started before the 429 was seen: allowed
+        entry(15.1, 15.2),
+        entry(9.0, 12.0, 200, "/billing/p1"),  # another process's calls are not counted
+        entry(12.0, 12.1, 200, "/billing/p1"),
+    ]
+    pauses = legacy.pauses_after_first_429(calls, ["/billing/p0"], retry_after=5)
+    assert pauses["/billing/p0"]["calls_in_pause"] == 0
+    assert pauses["/billing/p0"]["next_call_after_s"] == 5.1
+    broken = legacy.pauses_after_first_429([*calls, entry(12.0, 12.1)], ["/billing/p0"], 5)
+    assert broken["/billing/p0"]["calls_in_pause"] == 1
+    assert broken["/billing/p0"]["in_pause_after_s"] == [2.0]
+    never = legacy.pauses_after_first_429(calls, ["/billing/p1"], 5)
+    assert never["/billing/p1"]["first_429"] is None
+
+
+def test_legacy_measures_goodput_refusals_p99_and_peak_from_the_timeline() -> None:
+    calls = [entry(i / 10, (i + 1) / 10) for i in range(99)] + [entry(5.0, 5.001, 503)]
+    measured = legacy.measure(calls, seconds=10, capacity=2, latency=0.1)
+    assert measured["goodput_per_s"] == 9.9
+    assert measured["goodput_of_max"] == 0.495
+    assert measured["refused_share"] == 0.01
+    assert measured["p99_vs_unloaded"] == 1.0
+    # Back-to-back calls (one ends as the next arrives) are never open together.
+    assert legacy.peak_open(calls) == 1
+    assert legacy.peak_open([*calls, entry(0.05, 0.3), entry(0.06, 0.2)]) == 3
+    assert legacy.in_window(calls, 1.0, 2.0) == calls[10:19]
 
 
 def drains(*cpu_ms: float) -> list[poison.Drain]:

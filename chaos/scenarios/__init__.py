@@ -9,6 +9,8 @@ load, fault, recover, check.
 4. aws        -- SQS, KMS and DynamoDB unreachable in turn, under load.
 5. graceful   -- SIGTERM to one of two processes sharing a port, under load.
 6. soak       -- sustained load; RSS, open fds and event-loop lag sampled (full run only).
+7. legacy     -- three workers against a legacy system with real capacity: adaptive limits,
+                 capacity halved, 429 + Retry-After, a fleet-wide cap.
 
 ``common`` holds what several share (sizes, fleets, metrics, the load accounting) and
 ``planted`` the messages put straight on the queue (sealed, or poison of six kinds).
@@ -16,7 +18,7 @@ load, fault, recover, check.
 
 from __future__ import annotations
 
-from chaos.scenarios import aws, crash, graceful, outage, poison, soak
+from chaos.scenarios import aws, crash, graceful, legacy, outage, poison, soak
 from chaos.scenarios.common import FULL, SMALL, Run, Scale
 
 SCENARIOS: dict[str, Run] = {
@@ -26,6 +28,7 @@ SCENARIOS: dict[str, Run] = {
     "aws": aws.run,
     "graceful": graceful.run,
     "soak": soak.run,
+    "legacy": legacy.run,
 }
 
 __all__ = ["FULL", "SCENARIOS", "SMALL", "Run", "Scale"]
