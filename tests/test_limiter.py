@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 from service.worker.limiter import (
     CONSTRAINED_AFTER_SECONDS,
     DROP_FACTOR,
+    INITIAL_LIMIT,
     ConcurrencyLimit,
     NoSlotsError,
     Outcome,
@@ -51,10 +52,10 @@ async def window(
 async def test_the_limit_grows_while_latency_stays_near_the_unloaded_minimum() -> None:
     clock = Clock()
     limit = limiter(clock)
-    assert limit.limit == 1  # a new process starts at its floor
+    assert limit.limit == INITIAL_LIMIT  # a new process starts low
     for _ in range(10):
         await window(limit, clock, UNLOADED)
-    assert limit.limit == 11
+    assert limit.limit == INITIAL_LIMIT + 10
     assert limit.min_rtt == pytest.approx(UNLOADED)
 
 
@@ -69,9 +70,8 @@ async def test_an_idle_limit_is_not_raised() -> None:
 async def test_the_limit_shrinks_when_the_target_queues_the_calls() -> None:
     clock = Clock()
     limit = limiter(clock, floor=1)
-    for _ in range(19):
+    while limit.limit < 20:
         await window(limit, clock, UNLOADED)
-    assert limit.limit == 20
     for _ in range(4):  # a window closes at its first release after it ends: one lags
         await window(limit, clock, UNLOADED * 2)  # twice the unloaded latency: queueing
     assert limit.limit < 16
@@ -84,9 +84,8 @@ async def test_the_limit_shrinks_when_the_target_queues_the_calls() -> None:
 async def test_drops_cut_the_limit_but_never_below_the_floor() -> None:
     clock = Clock()
     limit = limiter(clock, floor=3)
-    for _ in range(17):
+    while limit.limit < 20:
         await window(limit, clock, UNLOADED)
-    assert limit.limit == 20
     await window(limit, clock, 0.01, Outcome.DROPPED, calls=1)
     clock.now += UNLOADED
     await window(limit, clock, UNLOADED, calls=1)  # closes the window with the drop
@@ -181,13 +180,14 @@ async def test_a_fleet_share_caps_the_limit_and_a_raise_wakes_the_waiters() -> N
 async def test_constrained_after_minutes_of_waiting_below_the_ceiling() -> None:
     clock = Clock()
     limit = limiter(clock, floor=1, ceiling=8)
-    held = await limit.acquire()
+    held = [await limit.acquire() for _ in range(limit.limit)]
     waiting = asyncio.create_task(limit.acquire())
     await asyncio.sleep(0)
     assert not limit.constrained
     clock.now += CONSTRAINED_AFTER_SECONDS
     assert limit.constrained
-    limit.release(held, Outcome.IGNORED)
+    for started in held:
+        limit.release(started, Outcome.IGNORED)
     await waiting
     assert not limit.constrained  # nobody waits any more
 
@@ -219,8 +219,8 @@ async def test_changes_are_counted_exported_and_logged_at_a_bounded_rate(
     assert changes[0].fields == {  # type: ignore[attr-defined]
         "event": "limit_changed",
         "target": "billing",
-        "limit": 2,
-        "previous": 1,
+        "limit": INITIAL_LIMIT + 1,
+        "previous": INITIAL_LIMIT,
         "reason": "probe",
         "latency_ms": 100.0,
         "min_rtt_ms": 100.0,
@@ -231,7 +231,7 @@ async def test_changes_are_counted_exported_and_logged_at_a_bounded_rate(
         return REGISTRY.get_sample_value(name, {"target": "billing", **labels})
 
     assert sample("courier_target_limit_changes_total", direction="up") == 10
-    assert sample("courier_target_concurrency_limit") == 11
+    assert sample("courier_target_concurrency_limit") == INITIAL_LIMIT + 10
     assert sample("courier_target_concurrency_in_use") == 0
     assert sample("courier_target_min_rtt_seconds") == pytest.approx(UNLOADED)
     assert sample("courier_target_limit_last_change") == 1

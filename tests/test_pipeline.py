@@ -21,13 +21,15 @@ from prometheus_client import REGISTRY
 from service.aws import AwsClients
 from service.bootstrap import Resources
 from service.envelope import EnvelopeCipher
+from service.errors import CircuitOpenError, TargetHttpError, TargetPausedError
 from service.operations import create_mailbox
 from service.secrets.credstash import CredStash
-from service.settings import Settings
+from service.settings import Settings, WorkerSettings
 from service.status import RequestCompletedError, RequestState, StatusStore
 from service.stubs import LegacyStub
 from service.worker.dlq import DeadLetterInfo, DeadLetterQueue
 from service.worker.outcomes import Message, Outcome
+from service.worker.pipeline import retry_delay
 from service.worker.replay import ReplayFilter, replay
 from tests.chain import (
     Chain,
@@ -622,7 +624,7 @@ async def test_a_later_copy_never_turns_a_completed_request_back(
     assert record.targets == {"crm": "delivered"}
 
 
-async def test_a_target_s_retry_after_sets_when_the_message_returns_not_the_backoff(
+async def test_a_target_s_retry_after_sets_when_it_is_called_again_not_the_backoff(
     settings: Settings, fresh: Resources, aws: AwsClients
 ) -> None:
     # A 30 s backoff would hold the message far longer than the 1 s the target asks for.
@@ -637,6 +639,26 @@ async def test_a_target_s_retry_after_sets_when_the_message_returns_not_the_back
         billing.behaviour.fixed_status = 0
         await chain.wait_status(request_id, "completed", timeout=15)
         first, second = billing.calls[0].at, billing.calls[1].at
-        assert 0.9 <= second - first < 10, (first, second)
+        assert 0.9 <= second - first < 10, (first, second)  # held in flight, not bounced
         assert billing.effects == {f"{request_id}:billing": 1}
         assert len(chain.targets["crm"].calls) == 1  # the retry skipped the delivered ones
+
+
+@pytest.mark.parametrize(
+    ("failures", "low", "high"),
+    [
+        ([TargetPausedError("billing", 40.0)], 40.0, 40.0),  # longer than a hold: its length
+        ([TargetHttpError("billing", 503, retry_after=0.0)], 1.0, 1.0),  # never a receive spin
+        ([TargetPausedError("crm", 40.0), TargetHttpError("billing", 503)], 40.0, 40.0),
+        ([TargetHttpError("billing", 503)], 4.0, 8.0),  # backoff on the 3rd receive
+        ([CircuitOpenError("billing", 20.0)], 20.0, 20.0),
+        ([CircuitOpenError("billing", 1.0), TargetPausedError("crm", 2.0)], 4.0, 8.0),
+    ],
+    ids=["pause", "zero", "pause-and-unknown", "no-word", "circuit", "circuit-and-pause"],
+)
+def test_retry_delay_follows_what_the_targets_said(
+    failures: list[BaseException], low: float, high: float
+) -> None:
+    message = Message("m-1", "r-1", "{}", {}, receive_count=3, sent_at=0.0)
+    settings = WorkerSettings(backoff_base_seconds=2, backoff_max_seconds=900)
+    assert low <= retry_delay(message, failures, settings) <= high

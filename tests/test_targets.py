@@ -25,12 +25,14 @@ from service.secrets.errors import SecretError, SecretNotFoundError, SecretUnava
 from service.settings import TargetSettings
 from service.stubs import LegacyStub
 from service.worker.circuit import CircuitState
+from service.worker.limiter import INITIAL_LIMIT
 from service.worker.targets import (
     NO_SHARE_RETRY_SECONDS,
     Delivery,
     TargetClient,
     parse_retry_after,
 )
+from tests.chain import eventually
 
 TRACEPARENT = "00-0123456789abcdef0123456789abcdef-0123456789abcdef-01"
 
@@ -289,58 +291,6 @@ async def test_missing_secret_is_a_transient_misconfiguration_and_calls_nothing(
 # --- Retry-After and the adaptive limit --------------------------------------------------------
 
 
-async def test_retry_after_pauses_every_call_to_the_target_for_that_long(
-    stub: CountingStub, session: aiohttp.ClientSession
-) -> None:
-    stub.behaviour.fixed_status = 429
-    stub.behaviour.retry_after_seconds = 1
-    target = client(stub, session, retries=1)
-    with pytest.raises(TargetHttpError) as refused:
-        await target.deliver(delivery("req-1"))
-    assert (refused.value.status, refused.value.retry_after) == (429, 1.0)
-    assert len(stub.calls) == 1  # no immediate retry: the target said when to come back
-    stub.behaviour.fixed_status = 0
-    with pytest.raises(TargetPausedError) as paused:
-        await target.deliver(delivery("req-2"))
-    assert 0 < paused.value.retry_after <= 1.0
-    assert 0 < target.paused_for() <= 1.0
-    assert target.constrained  # scaling out must not follow this backlog
-    assert len(stub.calls) == 1  # nothing was sent during the pause
-    assert REGISTRY.get_sample_value("courier_target_paused", {"target": "crm"}) == 1
-    await asyncio.sleep(target.paused_for())
-    await target.deliver(delivery("req-2"))
-    assert stub.effects == {"req-2:crm": 1}
-    assert REGISTRY.get_sample_value("courier_target_paused", {"target": "crm"}) == 0
-
-
-async def test_a_call_waiting_for_a_slot_when_a_pause_begins_is_not_sent(
-    stub: CountingStub, session: aiohttp.ClientSession
-) -> None:
-    stub.behaviour.latency_seconds = 0.3
-    stub.behaviour.fixed_status = 503
-    stub.behaviour.retry_after_seconds = 2
-    target = client(stub, session, concurrency=1, limit="fixed")
-    first, second = await asyncio.gather(
-        target.deliver(delivery("req-1")), target.deliver(delivery("req-2")), return_exceptions=True
-    )
-    assert isinstance(first, TargetHttpError)
-    assert first.retry_after == 2.0
-    assert isinstance(second, TargetPausedError)  # it waited for the slot, then saw the pause
-    assert len(stub.calls) == 1
-
-
-async def test_a_retry_after_beyond_the_bound_is_clamped(
-    stub: CountingStub, session: aiohttp.ClientSession
-) -> None:
-    stub.behaviour.fixed_status = 503
-    stub.behaviour.retry_after_seconds = 3600
-    target = client(stub, session, retry_after_max_seconds=2)
-    with pytest.raises(TargetHttpError) as refused:
-        await target.deliver(delivery())
-    assert refused.value.retry_after == 2.0
-    assert target.paused_for() <= 2.0
-
-
 async def test_a_429_without_retry_after_is_retried_as_before(
     stub: CountingStub, session: aiohttp.ClientSession
 ) -> None:
@@ -376,10 +326,10 @@ async def test_the_limit_grows_on_quick_answers_and_falls_on_overload(
 ) -> None:
     stub.behaviour.latency_seconds = 0.05
     target = client(stub, session, concurrency_min=1, concurrency=16)
-    assert target.limiter.limit == 1  # it starts at its floor
+    assert target.limiter.limit == INITIAL_LIMIT  # it starts low
     await asyncio.gather(*(target.deliver(delivery(f"req-{i}")) for i in range(60)))
     grown = target.limiter.limit
-    assert grown > 2
+    assert grown > INITIAL_LIMIT
     assert stub.peak <= grown
     stub.behaviour.fixed_status = 503  # overloaded, and saying nothing about when to return
     for _ in range(4):
@@ -390,30 +340,99 @@ async def test_the_limit_grows_on_quick_answers_and_falls_on_overload(
     assert target.limiter.limit < grown
 
 
+async def _clear_after(stub: CountingStub, seconds: float) -> None:
+    await asyncio.sleep(seconds)
+    stub.behaviour.fixed_status = 0
+
+
+async def test_retry_after_holds_every_call_to_the_target_for_that_long(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.behaviour.fixed_status = 429
+    stub.behaviour.retry_after_seconds = 1
+    target = client(stub, session, retries=0)
+    first = asyncio.create_task(target.deliver(delivery("req-1")))
+    await eventually(lambda: target.paused_for() > 0, 5, "the pause")
+    stub.behaviour.fixed_status = 0  # the target recovers within its own Retry-After
+    second = asyncio.create_task(target.deliver(delivery("req-2")))  # during the pause
+    await asyncio.sleep(0.2)
+    assert len(stub.calls) == 1  # nothing was sent during the pause...
+    assert target.constrained  # ...and scaling out must not follow this backlog
+    assert REGISTRY.get_sample_value("courier_target_paused", {"target": "crm"}) == 1
+    await asyncio.wait_for(asyncio.gather(first, second), 5)  # held here, not sent back
+    assert stub.effects == {"req-1:crm": 1, "req-2:crm": 1}
+    refused_at = stub.calls[0].at
+    assert all(call.at - refused_at >= 0.9 for call in stub.calls[1:])
+    assert REGISTRY.get_sample_value("courier_target_paused", {"target": "crm"}) == 0
+
+
+async def test_a_call_waiting_for_a_slot_when_a_pause_begins_waits_out_the_pause(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.behaviour.latency_seconds = 0.3
+    stub.behaviour.fixed_status = 503
+    stub.behaviour.retry_after_seconds = 2
+    target = client(stub, session, concurrency=1, limit="fixed")
+    both = asyncio.gather(target.deliver(delivery("req-1")), target.deliver(delivery("req-2")))
+    await eventually(lambda: target.paused_for() > 0, 5, "the pause")
+    stub.behaviour.fixed_status = 0
+    await asyncio.wait_for(both, 10)
+    refused_at = stub.calls[0].at
+    assert [call.idempotency_key for call in stub.calls[:1]] == ["req-1:crm"]
+    assert all(call.at - refused_at >= 1.9 for call in stub.calls[1:])  # none in the pause
+    assert stub.effects == {"req-1:crm": 1, "req-2:crm": 1}
+
+
+async def test_a_pause_longer_than_the_hold_sends_the_message_back_with_its_length(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.behaviour.fixed_status = 503
+    stub.behaviour.retry_after_seconds = 3600
+    target = client(stub, session, retry_after_max_seconds=60)  # 3600 is clamped to 60
+    with pytest.raises(TargetHttpError) as refused:
+        await target.deliver(delivery("req-1"))
+    assert refused.value.retry_after == 60.0
+    with pytest.raises(TargetPausedError) as paused:
+        await target.deliver(delivery("req-2"))
+    assert 55 < paused.value.retry_after <= 60
+    assert len(stub.calls) == 1
+
+
 async def test_answers_with_retry_after_never_open_the_circuit(
     stub: CountingStub, session: aiohttp.ClientSession
 ) -> None:
     stub.behaviour.fixed_status = 429
     stub.behaviour.retry_after_seconds = 1
     target = client(stub, session, breaker_failures=1, breaker_cooldown_seconds=60)
-    for _ in range(2):
-        with pytest.raises(TargetHttpError):
-            await target.deliver(delivery())
-        assert target.breaker.state is CircuitState.CLOSED  # its pause holds calls, not 60 s
-        await asyncio.sleep(target.paused_for())
+    clearing = asyncio.create_task(_clear_after(stub, 1.5))  # two 429s, then an answer
+    await asyncio.wait_for(target.deliver(delivery()), 10)
+    await clearing
+    assert len(stub.calls) >= 2
+    assert target.breaker.state is CircuitState.CLOSED  # the pauses held the calls, not 60 s
 
 
-async def test_no_share_of_a_fleet_cap_sends_the_message_back_without_a_call(
+async def test_no_share_of_a_fleet_cap_holds_the_call_until_a_share_comes(
     stub: CountingStub, session: aiohttp.ClientSession
 ) -> None:
     target = client(stub, session, fleet_max_concurrency=2)
     target.limiter.set_cap(0)  # the others hold the whole cap for now
-    with pytest.raises(TargetPausedError) as held:
-        await target.deliver(delivery())
-    assert held.value.retry_after == NO_SHARE_RETRY_SECONDS
-    assert "no share of its fleet-wide cap" in str(held.value)
+    delivering = asyncio.create_task(target.deliver(delivery()))
+    await asyncio.sleep(1.5)
     assert stub.calls == []
     assert calls("crm", "no_share") >= 1
     target.limiter.set_cap(1)
-    await target.deliver(delivery())
+    await asyncio.wait_for(delivering, 5)
     assert stub.effects == {"req-1:crm": 1}
+
+
+async def test_no_share_for_longer_than_the_hold_sends_the_message_back(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    settings = TargetSettings(name="crm", url=f"{stub.url}/api", fleet_max_concurrency=2)
+    target = TargetClient(settings, session, Secrets({}), hold_seconds=2)
+    target.limiter.set_cap(0)
+    with pytest.raises(TargetPausedError) as held:
+        await asyncio.wait_for(target.deliver(delivery()), 10)
+    assert held.value.retry_after == NO_SHARE_RETRY_SECONDS
+    assert "no share of its fleet-wide cap" in str(held.value)
+    assert stub.calls == []

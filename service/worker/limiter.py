@@ -48,6 +48,7 @@ GROW_BELOW = 1.2  # mean latency under 1.2 times min_rtt: the target is not queu
 SHRINK_ABOVE = 1.5  # over 1.5 times min_rtt: it is; a p99 near twice the unloaded latency follows
 SHRINK_FACTOR = 0.9
 DROP_FACTOR = 0.75
+INITIAL_LIMIT = 4
 MIN_WINDOW_SECONDS = 0.01
 # The latency a call shows when nothing queues it is remembered for two buckets of this
 # length: long enough that a standing queue does not become the new baseline at once, short
@@ -86,9 +87,10 @@ class ConcurrencyLimit:
         self._floor = floor
         self._ceiling = ceiling
         self._clock = clock
-        # An adaptive limit starts at its floor and grows a slot per window: a new process
-        # (scale-out) must not open with a burst on a target the fleet already keeps busy.
-        self._estimate = float(floor if adaptive else ceiling)
+        # An adaptive limit starts low and grows a slot per window: a new process (scale-out)
+        # must not open with a burst on a target the fleet already keeps busy. Not at 1: one
+        # slow call would then hold every other call back until it ends.
+        self._estimate = float(max(floor, min(ceiling, INITIAL_LIMIT)) if adaptive else ceiling)
         self._cap: int | None = None
         self.in_use = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()

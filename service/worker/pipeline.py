@@ -212,26 +212,7 @@ class Pipeline:
             "delivery incomplete, retrying",
             extra={"fields": {"event": "delivery_retry", "reasons": reasons[:300]}},
         )
-        return Retry(self._retry_delay(message, failures.values()), reasons)
-
-    def _retry_delay(self, message: Message, failures: Iterable[BaseException]) -> float:
-        """When to come back: when every target has said when, then; else with backoff.
-
-        A target's Retry-After (or a pause it asked for earlier) is honoured as given, not
-        stretched by exponential backoff; an open circuit refuses calls until it cools down,
-        so there is no point coming back sooner.
-        """
-        failures = list(failures)
-        told = [_told_retry_after(exc) for exc in failures]
-        waits = [seconds for seconds in told if seconds is not None]
-        if len(waits) == len(told) and not any(isinstance(e, CircuitOpenError) for e in failures):
-            return max(MIN_TOLD_DELAY_SECONDS, *waits)
-        delay = backoff_seconds(
-            message.receive_count,
-            self._settings.backoff_base_seconds,
-            self._settings.backoff_max_seconds,
-        )
-        return max([delay, *waits])
+        return Retry(retry_delay(message, failures.values(), self._settings), reasons)
 
     def _transient(self, message: Message, exc: BaseException) -> Retry:
         """Back to the queue with backoff: courier's own call failed, the message is not at fault."""
@@ -255,6 +236,27 @@ class Pipeline:
             },
         )
         return Retry(delay, _describe(exc))
+
+
+def retry_delay(
+    message: Message, failures: Iterable[BaseException], settings: WorkerSettings
+) -> float:
+    """When an incomplete delivery comes back: when every target has said when, then; else
+    with backoff on the receive count.
+
+    A target's Retry-After (or a pause it asked for earlier) is honoured as given, not
+    stretched by exponential backoff; an open circuit refuses calls until it cools down, so
+    there is no point coming back sooner.
+    """
+    failures = list(failures)
+    told = [_told_retry_after(exc) for exc in failures]
+    waits = [seconds for seconds in told if seconds is not None]
+    if len(waits) == len(told) and not any(isinstance(e, CircuitOpenError) for e in failures):
+        return max(MIN_TOLD_DELAY_SECONDS, *waits)
+    delay = backoff_seconds(
+        message.receive_count, settings.backoff_base_seconds, settings.backoff_max_seconds
+    )
+    return max([delay, *waits])
 
 
 def _told_retry_after(exc: BaseException) -> float | None:

@@ -47,9 +47,12 @@ from .limiter import ConcurrencyLimit, NoSlotsError, Outcome
 log = logging.getLogger("courier.targets")
 
 RETRY_DELAY_SECONDS = 0.1
-# A process holding no share of a target's fleet-wide cap sends its messages back for this
-# long: about when the shares are dealt again (service/worker/fleet.py's heartbeat).
-NO_SHARE_RETRY_SECONDS = 5.0
+# How long one delivery may wait in the process for a pause (Retry-After) or a fleet share to
+# end, before its message goes back to the queue to wait there instead.
+HOLD_SECONDS = 30.0
+# A process holding no share of a target's fleet-wide cap looks again after this long: the
+# shares are dealt every heartbeat (service/worker/fleet.py).
+NO_SHARE_RETRY_SECONDS = 1.0
 # What a target says when it is overloaded, or that we overloaded it: the limit shrinks.
 OVERLOAD_STATUSES = frozenset({429, 502, 503, 504})
 SecretGetter = Callable[[str], Awaitable[str]]
@@ -69,9 +72,14 @@ class TargetClient:
     """Delivers rendered events to one legacy system."""
 
     def __init__(
-        self, settings: TargetSettings, session: aiohttp.ClientSession, secret: SecretGetter
+        self,
+        settings: TargetSettings,
+        session: aiohttp.ClientSession,
+        secret: SecretGetter,
+        hold_seconds: float = HOLD_SECONDS,
     ) -> None:
         self.settings = settings
+        self._hold_seconds = hold_seconds
         self.name = settings.name
         self._session = session
         self._secret = secret
@@ -111,23 +119,36 @@ class TargetClient:
         )
 
     async def deliver(self, delivery: Delivery) -> None:
-        """Deliver once (with immediate retries).
+        """Deliver once (with immediate retries, and holds while the target asks to wait).
 
-        Raises TargetHttpError, CircuitOpenError, TargetMisconfiguredError or TransientError.
+        A pause the target asked for (Retry-After) or a fleet share of 0 ends within seconds
+        as a rule: the call waits it out here, up to ``hold_seconds`` in all, with the message
+        in flight (the heartbeat keeps it invisible). Sending it back instead would spend one
+        of its receives per pause, and SQS dead-letters a message after ``maxReceiveCount``.
+
+        Raises TargetHttpError, CircuitOpenError, TargetPausedError (a wait longer than the
+        hold), TargetMisconfiguredError or TransientError.
         """
-        for attempt in range(self.settings.retries + 1):
-            if attempt:
-                await asyncio.sleep(RETRY_DELAY_SECONDS * attempt)
+        held_until = time.monotonic() + self._hold_seconds
+        attempt = 0
+        while True:
             try:
                 await self._attempt(delivery)
                 return
-            except (CircuitOpenError, TargetPausedError, TargetMisconfiguredError):
+            except (CircuitOpenError, TargetMisconfiguredError):
                 raise  # an immediate retry cannot help: the call would not be made either
             except Exception as exc:
+                wait = _told_wait(exc)
+                if wait is not None:
+                    if time.monotonic() + wait > held_until:
+                        raise
+                    # The target said when (a Retry-After of 0 still waits a moment).
+                    await asyncio.sleep(max(wait, RETRY_DELAY_SECONDS))
+                    continue
                 if classify(exc) is not RETRY or attempt == self.settings.retries:
                     raise
-                if getattr(exc, "retry_after", None) is not None:
-                    raise  # the target said when to come back: not now
+            attempt += 1
+            await asyncio.sleep(RETRY_DELAY_SECONDS * attempt)
 
     async def _attempt(self, delivery: Delivery) -> None:
         self._check_pause()
@@ -301,3 +322,12 @@ def parse_retry_after(value: str, now: float) -> float | None:
         return None  # an HTTP-date is always GMT; a date without a zone is not one
     seconds = when.timestamp() - now
     return max(0.0, math.ceil(seconds * 10) / 10)
+
+
+def _told_wait(exc: Exception) -> float | None:
+    """Seconds to wait before calling again, when the failure says so; None otherwise."""
+    if isinstance(exc, TargetPausedError):
+        return exc.retry_after
+    if isinstance(exc, TargetHttpError) and exc.retry_after is not None and is_retryable(exc):
+        return exc.retry_after
+    return None
