@@ -9,6 +9,10 @@ CPU goes' table scaled to the measured CPU per message and per request.
 Reports go to ``bench/results/<timestamp>-<mode>.json`` (git-ignored); ``--publish`` (the
 default in full mode) also writes ``bench/results-latest.json``, ``bench/plots/*.png``,
 ``bench/plots/flame-*.svg`` (with their collapsed stacks) and ``bench/README-section.md``.
+The capacity section (``bench.capacity``, issue 16: 3 processes against a target with a real
+capacity; about 1 minute quick, 5 full) runs after the API phase; ``--no-capacity`` skips it,
+``--only capacity`` runs only it (and with ``--publish`` merges it into
+``results-latest.json`` and ``README-section.md``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import api, consumers, cost, plots, profiling, report, workers, workload
+from bench import api, capacity, consumers, cost, plots, profiling, report, workers, workload
 from courier_testkit.aws import aws_stack, demo_secrets, node_binary
 from courier_testkit.processes import REPO
 from courier_testkit.sampling import machine
@@ -250,7 +254,12 @@ def _scale_profile(result: dict[str, Any]) -> None:
             profiling.scale(profile[name], float(stat["median"]), f"median of the {source}")
 
 
-async def run(mode: Mode, out_dir: Path) -> dict[str, Any]:
+def capacity_mode(mode: Mode) -> capacity.CapacityMode:
+    """The capacity section's lengths for ``mode``."""
+    return capacity.QUICK if mode.name == "quick" else capacity.FULL
+
+
+async def run(mode: Mode, out_dir: Path, *, with_capacity: bool = True) -> dict[str, Any]:
     started = time.monotonic()
     started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     base = load_settings(environ={})
@@ -277,6 +286,11 @@ async def run(mode: Mode, out_dir: Path) -> dict[str, Any]:
             )
             worker_results = await worker_phase(bench, mode)
             api_results = await api_phase(api_bench, mode)
+            capacity_results = (
+                await capacity.run_section(stack, base, capacity_mode(mode), log)
+                if with_capacity
+                else None
+            )
             profile = await profile_phase(bench, api_bench, mode, out_dir)
             log(f"waiting for the idle probe ({mode.idle_seconds:.0f} s idle)")
             api_results["idle"] = await idle.finish()
@@ -306,6 +320,8 @@ async def run(mode: Mode, out_dir: Path) -> dict[str, Any]:
         "api": api_results,
         "profile": profile,
     }
+    if capacity_results is not None:
+        result["capacity"] = capacity_results
     _scale_profile(result)
     result["goals"] = report.goals(result)
     result["cost"] = cost.compare(cost.from_report_data(result, cost.Workload()), cost.Prices())
@@ -329,9 +345,12 @@ def write_outputs(result: dict[str, Any], out_dir: Path, publish: bool) -> Path:
 
 
 def _summary_only(result: dict[str, Any]) -> dict[str, Any]:
-    """The committed copy: everything but the per-run records of the worker phase."""
+    """The committed copy: everything but the per-run records of the worker phase (and the
+    capacity section's sampled gauges, ``capacity.slim``)."""
     slim = json.loads(json.dumps(result, default=str))
     slim["workers"].pop("runs", None)
+    if "capacity" in slim:
+        slim["capacity"] = capacity.slim(slim["capacity"])
     return slim
 
 
@@ -357,6 +376,7 @@ def readme_section(result: dict[str, Any]) -> str:
             "",
             report.goals_table(result["goals"]),
             "",
+            *([capacity.table(result["capacity"]), ""] if "capacity" in result else []),
             "**Cost** (`python -m bench.cost --report bench/results-latest.json --daily-messages N`): "
             + cost.render(result["cost"]).replace("\n", "; "),
             "",
@@ -369,6 +389,51 @@ def readme_section(result: dict[str, Any]) -> str:
     )
 
 
+async def capacity_only(mode: capacity.CapacityMode) -> dict[str, Any]:
+    """``--only capacity``: the AWS stand-ins and the capacity section, nothing else."""
+    started = time.monotonic()
+    started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    async with aws_stack() as stack:
+        await stack.bootstrap("bench", demo_secrets())
+        log(f"servers up in {time.monotonic() - started:.1f} s: {', '.join(stack.servers())}")
+        section = await capacity.run_section(stack, load_settings(environ={}), mode, log)
+    try:
+        found = versions()
+    except OSError:  # no wrk: this section does not need it
+        found = {"courier": __version__}
+    return {
+        "schema": 1,
+        "mode": mode.name,
+        "started_at": started_at,
+        "duration_s": round(time.monotonic() - started),
+        "machine": machine(),
+        "versions": found,
+        "capacity": section,
+    }
+
+
+def write_capacity_outputs(result: dict[str, Any], out_dir: Path, publish: bool) -> Path:
+    """The ``--only capacity`` report; with ``publish`` its plots go to ``bench/plots/`` and
+    the section is merged into ``results-latest.json`` and ``README-section.md``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"{stamp}-{result['mode']}-capacity.json"
+    plot_dir = HERE / "plots" if publish else out_dir / f"{stamp}-plots"
+    made = plots.render_capacity(result, plot_dir)
+    path.write_text(json.dumps(result, indent=1, default=str))
+    latest_path = HERE / "results-latest.json"
+    if publish and latest_path.exists():
+        latest = json.loads(latest_path.read_text())
+        latest["capacity"] = capacity.slim(result["capacity"])
+        latest_path.write_text(json.dumps(latest, indent=1, default=str))
+        (HERE / "README-section.md").write_text(readme_section(latest))
+        log(f"merged the capacity section into {latest_path} and README-section.md")
+    elif publish:
+        log(f"no {latest_path} to merge the capacity section into (run the full bench first)")
+    log(f"report {path}; plots {', '.join(str(p) for p in made)}")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -379,6 +444,10 @@ def main() -> None:
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                         help="the py-spy profiling pass after the measured runs (flame graphs, "
                         "'where the CPU goes'); --no-profile skips it")  # fmt: skip
+    parser.add_argument("--capacity", action=argparse.BooleanOptionalAction, default=True,
+                        help="the capacity section (issue 16; bench.capacity); --no-capacity skips it")  # fmt: skip
+    parser.add_argument("--only", choices=("capacity",),
+                        help="run only this section (needs no wrk); see bench.capacity")  # fmt: skip
     parser.add_argument(
         "--render", type=Path, help="only re-render plots and the README section from a report"
     )
@@ -386,6 +455,9 @@ def main() -> None:
     if args.render:
         result = json.loads(args.render.read_text())
         write_outputs(result, args.out, publish=True)
+        return
+    if args.only == "capacity":
+        run_capacity_only(args)
         return
     api.require_wrk()
     mode = QUICK if args.quick else FULL
@@ -400,7 +472,7 @@ def main() -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, task.cancel)  # unwinds every launcher's cleanup
-        return await run(mode, args.out)
+        return await run(mode, args.out, with_capacity=args.capacity)
 
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     result = asyncio.run(main_task())
@@ -414,6 +486,30 @@ def main() -> None:
     print(report.goals_table(result["goals"]))
     print()
     print(cost.render(result["cost"]))
+    if "capacity" in result:
+        print()
+        print(capacity.table(result["capacity"]))
+
+
+def run_capacity_only(args: argparse.Namespace) -> None:
+    """``python -m bench --only capacity [--quick] [--publish]``."""
+    mode = capacity.QUICK if args.quick else capacity.FULL
+    publish = (not args.quick) if args.publish is None else args.publish
+    log(f"bench capacity {mode.name}: {machine()}")
+
+    async def main_task() -> dict[str, Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, task.cancel)  # unwinds every launcher's cleanup
+        return await capacity_only(mode)
+
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    result = asyncio.run(main_task())
+    write_capacity_outputs(result, args.out, publish)
+    print()
+    print(capacity.table(result["capacity"]))
 
 
 if __name__ == "__main__":

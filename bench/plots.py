@@ -145,10 +145,106 @@ def api(report: Mapping[str, Any], out: Path) -> Path:
     return path
 
 
+def _time_axes(axes: Any) -> None:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1].set_xlabel("seconds since the backlog was released")
+
+
+def capacity_adaptive_vs_fixed(report: Mapping[str, Any], out: Path) -> Path:
+    """Goodput, target latency and refusals over time: adaptive limits vs a fixed 32."""
+    section = report["capacity"]
+    runs, max_goodput = section["runs"], section["model"]["max_goodput"]
+    unloaded = section["model"]["latency_ms"]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 6.4), sharex=True)
+    styles = {"adaptive": ("#0072b2", "adaptive (ceiling 32)"), "fixed": ("#d55e00", "fixed 32")}
+    for name, (colour, label) in styles.items():
+        series = runs[name]["series"]
+        axes[0].plot(series["t"], series["goodput"], color=colour, label=label)
+        axes[1].plot(series["t"], series["p99_ms"], color=colour, label=f"{label}, p99")
+        axes[1].plot(series["t"], series["p50_ms"], color=colour, ls=":", label=f"{label}, p50")
+        axes[2].plot(series["t"], series["refused_per_s"], color=colour, label=label)
+    axes[0].axhline(max_goodput, color="#999999", ls="--", lw=1, label="target's maximum")
+    axes[0].set_ylabel("effects/s")
+    axes[1].axhline(2 * unloaded, color="#999999", ls="--", lw=1, label="2x unloaded")
+    axes[1].set_ylabel("latency at target, ms")
+    axes[2].set_ylabel("refused calls/s")
+    _time_axes(axes)
+    procs = section.get("processes", 3)
+    fig.suptitle(
+        f"{procs} courier processes, one target: {section['model']['capacity']} at once, "
+        f"{unloaded:.0f} ms, queue {section['model']['queue']}, then "
+        f"{section['model']['overload_status']} (0.5 s bins)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path = out / "capacity-adaptive-vs-fixed.png"
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def capacity_halved(report: Mapping[str, Any], out: Path) -> Path:
+    """Each process's limit, their sum and the target's latency while its capacity halves."""
+    section = report["capacity"]
+    run = section["runs"]["halved"]
+    samples, series = run["samples"], run["series"]
+    halved_at = run["follow"]["halved_at_s"]
+    capacity = section["model"]["capacity"]
+    fig, axes = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    total = [0.0] * len(samples["t"])
+    for name, values in sorted(samples["limit"].items()):
+        points = [(t, v) for t, v in zip(samples["t"], values, strict=False) if v is not None]
+        axes[0].plot(
+            [t for t, _ in points], [v for _, v in points], lw=1, label=f"process {name[-1]}"
+        )
+        for i, value in enumerate(values):
+            total[i] += value or 0
+    axes[0].plot(samples["t"], total, color="black", lw=2, label="summed")
+    end = max(samples["t"], default=halved_at)
+    axes[0].plot([0, halved_at, halved_at, end], [capacity, capacity, capacity // 2, capacity // 2],
+                 color="#999999", ls="--", lw=1, label="calls the target serves at once")  # fmt: skip
+    axes[0].set_ylabel("concurrency limit")
+    axes[1].plot(series["t"], series["p99_ms"], color="#d55e00", label="p99")
+    axes[1].plot(series["t"], series["p50_ms"], color="#009e73", label="p50")
+    axes[1].axhline(2 * section["model"]["latency_ms"], color="#999999", ls="--", lw=1,
+                    label="2x unloaded")  # fmt: skip
+    axes[1].set_ylabel("latency at target, ms")
+    for ax in axes:
+        ax.axvline(halved_at, color="#cc79a7", lw=1)
+    _time_axes(axes)
+    fig.suptitle(
+        f"capacity {capacity} -> {capacity // 2} at {halved_at:.1f} s: limits per process "
+        f"(sampled every {section['mode']['sample_seconds']} s) and target latency",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path = out / "capacity-halved.png"
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+CAPACITY_PLOTS = (capacity_adaptive_vs_fixed, capacity_halved)
+
+
+def render_capacity(report: Mapping[str, Any], out: Path) -> list[Path]:
+    """The capacity section's plots of ``report`` into ``out``; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for plot in CAPACITY_PLOTS:
+        try:
+            made.append(plot(report, out))
+        except (KeyError, ValueError) as exc:
+            print(f"plot {plot.__name__} skipped: {exc!r}")
+    return made
+
+
 def render_all(report: Mapping[str, Any], out: Path) -> list[Path]:
     """Every plot of ``report`` into ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
-    made = []
+    made = render_capacity(report, out) if "capacity" in report else []
     for plot in (worker_throughput, worker_latency, worker_costs, api):
         try:
             made.append(plot(report, out))
