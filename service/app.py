@@ -286,9 +286,11 @@ async def _worker_context(app: web.Application) -> AsyncIterator[None]:
     begin_shutdown(app)
     worker = app[SHUTDOWN].worker
     assert worker is not None
-    await worker
-    if fleet is not None:
-        await fleet.stop()
+    try:
+        await worker
+    finally:
+        if fleet is not None:
+            await fleet.stop()
 
 
 def begin_shutdown(app: web.Application) -> float:

@@ -339,3 +339,16 @@ class CircuitOpenError(TransientError):
         super().__init__(f"target {target!r} circuit is open")
         self.target = target
         self.retry_after = retry_after
+
+
+def told_wait(exc: BaseException) -> float | None:
+    """The seconds a failure says to wait before calling again, or None when it says nothing.
+
+    An open circuit's cool-down, a pause the target asked for (or no fleet share), and a
+    retryable answer carrying Retry-After.
+    """
+    if isinstance(exc, CircuitOpenError | TargetPausedError):
+        return exc.retry_after
+    if isinstance(exc, TargetHttpError) and exc.retry_after is not None and is_retryable(exc):
+        return exc.retry_after
+    return None

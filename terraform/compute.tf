@@ -313,8 +313,8 @@ resource "aws_autoscaling_policy" "request_count" {
 # is slow, not because the fleet is short of workers, and every added instance would add its
 # own concurrent calls to the struggling target (issue 16). courier publishes
 # courier_target_constrained{target} (1 while a target's circuit is open, its Retry-After
-# pause holds, or its adaptive limit has been pinned at the floor or at the fleet share with
-# every slot busy for minutes); the CloudWatch agent ships it once more under the fleet-wide
+# pause holds, or its adaptive limit, below its ceiling, has held calls back without a break
+# for 2 minutes); the CloudWatch agent ships it once more under the fleet-wide
 # `job` dimension (templates/cloudwatch-agent.json.tftpl), and its Maximum is 1 while any
 # process sees any target constrained. While it is 1, the tracked value is held at
 # min(backlog per instance, target value):

@@ -299,8 +299,8 @@ resource "aws_cloudwatch_metric_alarm" "circuit_open" {
 }
 
 # courier_target_constrained{target}: the target's circuit is open, a Retry-After pause holds,
-# or its concurrency limit has been pinned at the floor or at the fleet share with every slot
-# busy for minutes. Deliveries to it wait in the queue and the backlog-per-instance policy
+# or its concurrency limit, below its ceiling, has held calls back without a break for 2
+# minutes. Deliveries to it wait in the queue and the backlog-per-instance policy
 # holds instead of scaling out (compute.tf). Not a rollout alarm: a slow legacy system is
 # no reason to roll back courier.
 resource "aws_cloudwatch_metric_alarm" "target_constrained" {

@@ -29,7 +29,7 @@ from service.status import RequestCompletedError, RequestState, StatusStore
 from service.stubs import LegacyStub
 from service.worker.dlq import DeadLetterInfo, DeadLetterQueue
 from service.worker.outcomes import Message, Outcome
-from service.worker.pipeline import retry_delay
+from service.worker.pipeline import TOLD_EXACT_RECEIVES, retry_delay
 from service.worker.replay import ReplayFilter, replay
 from tests.chain import (
     Chain,
@@ -659,6 +659,15 @@ async def test_a_target_s_retry_after_sets_when_it_is_called_again_not_the_backo
 def test_retry_delay_follows_what_the_targets_said(
     failures: list[BaseException], low: float, high: float
 ) -> None:
-    message = Message("m-1", "r-1", "{}", {}, receive_count=3, sent_at=0.0)
+    message = Message("m-1", "r-1", "{}", {}, receive_count=TOLD_EXACT_RECEIVES, sent_at=0.0)
     settings = WorkerSettings(backoff_base_seconds=2, backoff_max_seconds=900)
     assert low <= retry_delay(message, failures, settings) <= high
+
+
+def test_a_told_wait_gives_way_to_the_backoff_once_receives_run_low() -> None:
+    # A target in maintenance answering Retry-After: 5 for hours must not spend a message's
+    # receives every 5 s: SQS would dead-letter it after maxReceiveCount.
+    failures = [TargetPausedError("billing", 5.0)]
+    later = Message("m-1", "r-1", "{}", {}, receive_count=TOLD_EXACT_RECEIVES + 5, sent_at=0.0)
+    settings = WorkerSettings(backoff_base_seconds=2, backoff_max_seconds=900)
+    assert retry_delay(later, failures, settings) >= 2 * 2 ** (TOLD_EXACT_RECEIVES + 4) / 2

@@ -311,6 +311,7 @@ async def test_a_429_without_retry_after_is_retried_as_before(
         ("Thu, 03 Dec 2026 12:00:07 GMT", 7.0),
         ("Thu, 03 Dec 2026 11:59:00 GMT", 0.0),  # already past: no wait
         ("-1", None),
+        ("²", None),  # str.isdigit() says yes; float() says no
         ("1.5", None),  # delay-seconds are whole (RFC 9110)
         ("soon", None),
         ("", None),
@@ -325,7 +326,8 @@ async def test_the_limit_grows_on_quick_answers_and_falls_on_overload(
     stub: CountingStub, session: aiohttp.ClientSession
 ) -> None:
     stub.behaviour.latency_seconds = 0.05
-    target = client(stub, session, concurrency_min=1, concurrency=16)
+    # A breaker that stays closed: an open one would stop the calls that carry the signal.
+    target = client(stub, session, concurrency_min=1, concurrency=16, breaker_failures=1000)
     assert target.limiter.limit == INITIAL_LIMIT  # it starts low
     await asyncio.gather(*(target.deliver(delivery(f"req-{i}")) for i in range(60)))
     grown = target.limiter.limit
@@ -436,3 +438,60 @@ async def test_no_share_for_longer_than_the_hold_sends_the_message_back(
     assert held.value.retry_after == NO_SHARE_RETRY_SECONDS
     assert "no share of its fleet-wide cap" in str(held.value)
     assert stub.calls == []
+
+
+async def test_fast_refusals_are_not_taken_for_the_unloaded_latency(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.behaviour.latency_seconds = 0.05
+    target = client(stub, session, concurrency=16)
+    await asyncio.gather(*(target.deliver(delivery(f"req-{i}")) for i in range(60)))
+    grown, unloaded = target.limiter.limit, target.limiter.min_rtt
+    stub.behaviour.latency_seconds = 0
+    stub.behaviour.fixed_status = 400  # refused in a millisecond, before any work
+    for index in range(5):
+        with pytest.raises(TargetHttpError):
+            await target.deliver(delivery(f"bad-{index}"))
+    assert target.limiter.min_rtt == unloaded
+    stub.behaviour.latency_seconds = 0.05
+    stub.behaviour.fixed_status = 0
+    await asyncio.gather(*(target.deliver(delivery(f"more-{i}")) for i in range(grown)))
+    assert target.limiter.limit >= grown - 1  # not cut to the floor by the refusals
+
+
+@dataclass
+class RetryAfterStub(LegacyStub):
+    """Answers every call 503 with a fixed Retry-After header value."""
+
+    retry_after: str = ""
+
+    async def _deliver(self, request: web.Request) -> web.Response:
+        await self.gate(request)
+        return web.json_response({}, status=503, headers={"Retry-After": self.retry_after})
+
+
+@pytest.mark.parametrize("value", ["0", "Thu, 01 Jan 2026 00:00:00 GMT"], ids=["zero", "past"])
+async def test_a_retry_after_of_nothing_is_an_ordinary_retryable_answer(
+    session: aiohttp.ClientSession, value: str
+) -> None:
+    stub = RetryAfterStub(name="crm", retry_after=value)
+    async with stub.serving():
+        target = client(stub, session, retries=2, breaker_failures=10)
+        with pytest.raises(TargetHttpError) as refused:
+            await asyncio.wait_for(target.deliver(delivery()), 5)
+    assert refused.value.retry_after is None
+    assert target.paused_for() == 0
+    assert len(stub.calls) == 3  # the immediate retries, not a spin of pauses of nothing
+
+
+async def test_an_open_circuit_stops_the_calls_waiting_for_a_slot(
+    stub: CountingStub, session: aiohttp.ClientSession
+) -> None:
+    stub.behaviour.latency_seconds = 0.05
+    stub.behaviour.fixed_status = 500
+    target = client(stub, session, concurrency=2, limit="fixed", breaker_failures=3)
+    results = await asyncio.gather(
+        *(target.deliver(delivery(f"req-{i}")) for i in range(40)), return_exceptions=True
+    )
+    assert sum(isinstance(r, CircuitOpenError) for r in results) >= 30
+    assert len(stub.calls) <= 3 + 2  # the failures that opened it, and calls already out

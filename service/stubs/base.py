@@ -194,7 +194,7 @@ class StubServer:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self._release()  # given a slot, then cancelled before it could use it
-            else:
+            elif waiter in self._waiters:  # _wake may already have dropped it (cancelled)
                 self._waiters.remove(waiter)
             raise
         finally:
@@ -211,7 +211,7 @@ class StubServer:
         capacity = self.behaviour.capacity
         while self._waiters and (not capacity or self.in_flight < capacity):
             waiter = self._waiters.popleft()
-            if waiter.done():  # cancelled: its handler removes nothing more
+            if waiter.done():  # cancelled: dropped here, so its handler must not remove it
                 continue
             self.in_flight += 1  # the slot passes on: the call stays open
             waiter.set_result(None)

@@ -35,8 +35,12 @@ target and member id, so when the cap is smaller than the fleet the members left
 from one target to the next), and the cap is dealt round-robin: the member at rank ``r`` of
 ``n`` gets ``ceil((cap - r) / n)``, that is ``cap // n`` plus one for the first ``cap % n``.
 The shares of one view sum to the cap exactly; a share may be 0: the process then makes no
-call to that target, and sends those messages back to the queue for a few seconds
-(``TargetPausedError``), where a process with a share can take them.
+call to that target; a delivery waits up to 30 s for a share (``TargetClient.deliver``), then
+its message goes back to the queue, where a process with a share can take it. Shares of 0
+last only through a join wait, unless the cap is below the number of live workers: then some
+processes have none for as long as the fleet keeps its size (``fleet_cap_below_members`` is
+logged), their messages wait and bounce, and the cap should be raised or the fleet kept
+smaller.
 
 Why the fleet never exceeds the cap
 -----------------------------------
@@ -294,7 +298,13 @@ class FleetMembership:
         # Python 3.11's wait_for can swallow a cancellation that lands as the call it waits on
         # completes (fixed in 3.12): the flag ends the loop all the same.
         while not self._stopping:
-            await self.beat()
+            try:
+                await self.beat()
+            except Exception:  # a bug must not end the beats unseen: it would fence for good
+                log.exception(
+                    "fleet heartbeat failed unexpectedly",
+                    extra={"fields": {"event": "fleet_heartbeat_error", "member": self.member_id}},
+                )
             if not self._stopping:
                 jitter = random.uniform(1 - JITTER, 1 + JITTER)
                 await asyncio.sleep(self.timing.heartbeat * jitter)
@@ -375,7 +385,28 @@ class FleetMembership:
         for target in self._targets:
             cap = target.settings.fleet_max_concurrency
             share = shares(cap, live, target.settings.name).get(self.member_id, 0)
+            if granted and share == 0 and self._applied.get(target.settings.name) != 0:
+                self._warn_no_share(target, len(live))
             self._apply(target, share if granted else 0, reason="view", members=len(live))
+
+    def _warn_no_share(self, target: CappedTarget, members: int) -> None:
+        """A cap below the fleet's size leaves some processes without a share for good: their
+        messages for that target wait up to 30 s, then go back to the queue."""
+        log.warning(
+            "target %s: fleet_max_concurrency %d is below the %d live workers; this one has"
+            " no share",
+            target.settings.name,
+            target.settings.fleet_max_concurrency,
+            members,
+            extra={
+                "fields": {
+                    "event": "fleet_cap_below_members",
+                    "target": target.settings.name,
+                    "cap": target.settings.fleet_max_concurrency,
+                    "members": members,
+                }
+            },
+        )
 
     def _apply(self, target: CappedTarget, share: int, *, reason: str, members: int = 0) -> None:
         name = target.settings.name

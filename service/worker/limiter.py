@@ -48,6 +48,10 @@ GROW_BELOW = 1.2  # mean latency under 1.2 times min_rtt: the target is not queu
 SHRINK_ABOVE = 1.5  # over 1.5 times min_rtt: it is; a p99 near twice the unloaded latency follows
 SHRINK_FACTOR = 0.9
 DROP_FACTOR = 0.75
+# Drops up to this share of a window's calls are taken for a flaky target, not an overloaded
+# one: random failures must not drive the limit to its floor (as random loss does TCP Reno).
+DROP_TOLERANCE = 0.25
+MIN_WINDOW_CALLS = 4  # fewer calls make a share of drops (and a mean latency) mostly noise
 INITIAL_LIMIT = 4
 MIN_WINDOW_SECONDS = 0.01
 # The latency a call shows when nothing queues it is remembered for two buckets of this
@@ -62,11 +66,11 @@ class NoSlotsError(Exception):
     """The limit is 0 (this process holds no share of a fleet-wide cap): no call may start."""
 
 
-class Outcome(Enum):
+class CallOutcome(Enum):
     """What a finished call says about the target's capacity."""
 
     OK = "ok"  # answered: its latency is a sample
-    DROPPED = "dropped"  # overloaded or unreachable: 429, 503, timeout, connection error
+    DROPPED = "dropped"  # overloaded or unreachable: 429, 502-504, timeout, connection error
     IGNORED = "ignored"  # says nothing about capacity (a refusal, a cancelled call)
 
 
@@ -121,9 +125,9 @@ class ConcurrencyLimit:
     def constrained(self) -> bool:
         """Whether this limit, not the ceiling, has held calls back for minutes.
 
-        Calls have waited for a slot without a break since ``CONSTRAINED_AFTER_SECONDS`` ago
-        while the limit was below the ceiling: the target's latency (or its fleet share) is
-        what bounds delivery, and more processes would not deliver more.
+        Calls have waited for a slot without a break for ``CONSTRAINED_AFTER_SECONDS``, and
+        the limit is below the ceiling now: the target's latency (or its fleet share) is what
+        bounds delivery, and more processes would not deliver more.
         """
         since = self._saturated_since
         if since is None or self.limit >= self._ceiling:
@@ -154,17 +158,17 @@ class ConcurrencyLimit:
         try:
             await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release(0.0, Outcome.IGNORED)  # the slot was handed over: give it back
-            else:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release(0.0, CallOutcome.IGNORED)  # the slot was handed over: give it back
+            elif waiter in self._waiters:  # _wake may have dropped it already (cancelled)
                 self._waiters.remove(waiter)
             raise
         return self._clock()
 
-    def release(self, started: float, outcome: Outcome) -> None:
+    def release(self, started: float, outcome: CallOutcome) -> None:
         """Give the slot back; the call's latency and outcome steer the limit."""
         self.in_use -= 1
-        if self.adaptive and outcome is not Outcome.IGNORED:
+        if self.adaptive and outcome is not CallOutcome.IGNORED:
             self._sample(started, outcome)
         self._wake()
 
@@ -183,10 +187,10 @@ class ConcurrencyLimit:
         if not waiters:
             self._saturated_since = None
 
-    def _sample(self, started: float, outcome: Outcome) -> None:
+    def _sample(self, started: float, outcome: CallOutcome) -> None:
         now = self._clock()
         window = self._window
-        if outcome is Outcome.DROPPED:
+        if outcome is CallOutcome.DROPPED:
             window.drops += 1
         else:
             rtt = now - started
@@ -194,14 +198,15 @@ class ConcurrencyLimit:
             window.total += rtt
             self._min_rtt.add(rtt, now)
         window.busiest = max(window.busiest, self.in_use + 1)
-        if now - window.started >= max(self._min_rtt.value, MIN_WINDOW_SECONDS):
+        long_enough = now - window.started >= max(self._min_rtt.value, MIN_WINDOW_SECONDS)
+        if long_enough and window.count + window.drops >= min(MIN_WINDOW_CALLS, self.limit):
             self._adapt(window)
             self._window = _Window(now)
 
     def _adapt(self, window: _Window) -> None:
         before = self.limit
         estimate = self._estimate
-        if window.drops:
+        if window.drops > DROP_TOLERANCE * (window.count + window.drops):
             estimate *= DROP_FACTOR
             reason = "drop"
         elif window.count and self._min_rtt.value > 0:
@@ -281,8 +286,12 @@ class _MinRtt:
         self.value = 0.0
 
     def add(self, rtt: float, now: float) -> None:
-        if now - self._bucket_started >= self._bucket_seconds:
-            self._previous, self._current = self._current, math.inf
+        elapsed = now - self._bucket_started
+        if elapsed >= self._bucket_seconds:
+            # After an idle spell longer than a bucket, the current one is old news as well.
+            recent = elapsed < 2 * self._bucket_seconds
+            self._previous = self._current if recent else math.inf
+            self._current = math.inf
             self._bucket_started = now
         self._current = min(self._current, rtt)
         self.value = min(self._current, self._previous)

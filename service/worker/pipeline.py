@@ -46,9 +46,9 @@ from ..errors import (
     EnvelopeError,
     TargetHttpError,
     TargetMisconfiguredError,
-    TargetPausedError,
     classify,
     is_retryable,
+    told_wait,
 )
 from ..operations import OPERATIONS
 from ..settings import WorkerSettings
@@ -59,8 +59,10 @@ from .targets import Delivery, TargetClient
 log = logging.getLogger("courier.pipeline")
 
 DELIVERED, PENDING, FAILED = "delivered", "pending", "failed"
-# A Retry-After of 0 (or a pause about to end) still waits this long: no receive spin.
+# A pause about to end still waits this long before the message comes back: no receive spin.
 MIN_TOLD_DELAY_SECONDS = 1.0
+# Receives for which a told wait is honoured exactly; later ones also wait out the backoff.
+TOLD_EXACT_RECEIVES = 3
 
 
 class Pipeline:
@@ -241,31 +243,26 @@ class Pipeline:
 def retry_delay(
     message: Message, failures: Iterable[BaseException], settings: WorkerSettings
 ) -> float:
-    """When an incomplete delivery comes back: when every target has said when, then; else
-    with backoff on the receive count.
+    """When an incomplete delivery comes back.
 
-    A target's Retry-After (or a pause it asked for earlier) is honoured as given, not
-    stretched by exponential backoff; an open circuit refuses calls until it cools down, so
-    there is no point coming back sooner.
+    When every failure says when (a target's Retry-After or pause, an open circuit's
+    cool-down), then, for the first ``TOLD_EXACT_RECEIVES`` receives: a target that asked for
+    5 s is not made to wait minutes. After that, never sooner than the backoff on the receive
+    count: every return spends a receive, and SQS dead-letters a message after
+    ``maxReceiveCount``, which must outlast a target down for hours however short its
+    Retry-After. A failure that says nothing gets the backoff; an open circuit is never
+    left sooner than its cool-down.
     """
     failures = list(failures)
-    told = [_told_retry_after(exc) for exc in failures]
+    told = [told_wait(exc) for exc in failures]
     waits = [seconds for seconds in told if seconds is not None]
-    if len(waits) == len(told) and not any(isinstance(e, CircuitOpenError) for e in failures):
+    exact = not any(isinstance(exc, CircuitOpenError) for exc in failures)
+    if len(waits) == len(told) and exact and message.receive_count <= TOLD_EXACT_RECEIVES:
         return max(MIN_TOLD_DELAY_SECONDS, *waits)
     delay = backoff_seconds(
         message.receive_count, settings.backoff_base_seconds, settings.backoff_max_seconds
     )
     return max([delay, *waits])
-
-
-def _told_retry_after(exc: BaseException) -> float | None:
-    """The seconds a failure says to wait: an open circuit's cool-down, a target's Retry-After."""
-    if isinstance(exc, CircuitOpenError | TargetPausedError):
-        return exc.retry_after
-    if isinstance(exc, TargetHttpError):
-        return exc.retry_after
-    return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import NoReturn
 
 import aiohttp
 
@@ -38,11 +39,12 @@ from ..errors import (
     TransientError,
     classify,
     is_retryable,
+    told_wait,
 )
 from ..secrets.errors import SecretError
 from ..settings import TargetSettings
 from .circuit import CircuitBreaker, CircuitState
-from .limiter import ConcurrencyLimit, NoSlotsError, Outcome
+from .limiter import CallOutcome, ConcurrencyLimit, NoSlotsError
 
 log = logging.getLogger("courier.targets")
 
@@ -121,10 +123,11 @@ class TargetClient:
     async def deliver(self, delivery: Delivery) -> None:
         """Deliver once (with immediate retries, and holds while the target asks to wait).
 
-        A pause the target asked for (Retry-After) or a fleet share of 0 ends within seconds
-        as a rule: the call waits it out here, up to ``hold_seconds`` in all, with the message
-        in flight (the heartbeat keeps it invisible). Sending it back instead would spend one
-        of its receives per pause, and SQS dead-letters a message after ``maxReceiveCount``.
+        A pause the target asked for (Retry-After) or a fleet share of 0 (a join wait) ends
+        within seconds as a rule: the call waits it out here, up to ``hold_seconds`` in all,
+        with the message in flight (the heartbeat keeps it invisible). Sending it back instead
+        would spend one of its receives per pause, and SQS dead-letters a message after
+        ``maxReceiveCount``.
 
         Raises TargetHttpError, CircuitOpenError, TargetPausedError (a wait longer than the
         hold), TargetMisconfiguredError or TransientError.
@@ -138,7 +141,7 @@ class TargetClient:
             except (CircuitOpenError, TargetMisconfiguredError):
                 raise  # an immediate retry cannot help: the call would not be made either
             except Exception as exc:
-                wait = _told_wait(exc)
+                wait = told_wait(exc)
                 if wait is not None:
                     if time.monotonic() + wait > held_until:
                         raise
@@ -152,44 +155,44 @@ class TargetClient:
 
     async def _attempt(self, delivery: Delivery) -> None:
         self._check_pause()
-        if not self.breaker.allow():
-            self._calls(self.name, "circuit_open").inc()
-            raise CircuitOpenError(self.name, self.breaker.retry_after())
+        if self.breaker.retry_after() > 0:  # open and cooling: no wait for a slot in vain
+            self._refuse_open_circuit()
+        authorization = await self._authorization()
+        started = await self._slot()
+        outcome = CallOutcome.IGNORED
         try:
-            authorization = await self._authorization()
-            started = await self.limiter.acquire()
+            self._check_pause()  # a pause may have begun while this call waited for a slot
+            if not self.breaker.allow():  # asked with the slot: it may have opened meanwhile
+                self._refuse_open_circuit()
+            try:
+                status, retry_after = await self._call(delivery, authorization)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                # The network or a timeout: RETRY in service/errors.py, whatever the exception.
+                outcome = CallOutcome.DROPPED
+                failure = "timeout" if isinstance(exc, TimeoutError) else "connection_error"
+                self._record(started, failure, ok=False)
+                raise TransientError(f"target {self.name!r}: {type(exc).__name__}") from exc
+            except BaseException:
+                self.breaker.abandon()  # cancelled: the target's answer was not seen
+                raise
+            outcome = call_outcome(status)
+        finally:
+            self.limiter.release(started, outcome)
+        self._answered(started, status, retry_after)
+
+    async def _slot(self) -> float:
+        """A slot under the concurrency limit; its start time."""
+        try:
+            return await self.limiter.acquire()
         except NoSlotsError:
-            self.breaker.abandon()
             self._calls(self.name, "no_share").inc()
             raise TargetPausedError(
                 self.name, NO_SHARE_RETRY_SECONDS, "holds no share of its fleet-wide cap"
             ) from None
-        except BaseException:
-            self.breaker.abandon()  # e.g. the secret could not be read: the target said nothing
-            raise
-        outcome = Outcome.IGNORED
-        try:
-            self._check_pause()  # a pause may have begun while this call waited for a slot
-            status, retry_after = await self._call(delivery, authorization)
-            outcome = Outcome.DROPPED if status in OVERLOAD_STATUSES else Outcome.OK
-        except TargetPausedError:
-            self.breaker.abandon()
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            # The network or a timeout: RETRY in service/errors.py, whatever the exception.
-            outcome = Outcome.DROPPED
-            self._record(
-                started,
-                "timeout" if isinstance(exc, TimeoutError) else "connection_error",
-                ok=False,
-            )
-            raise TransientError(f"target {self.name!r}: {type(exc).__name__}") from exc
-        except BaseException:
-            self.breaker.abandon()  # cancelled: the target's answer was not seen
-            raise
-        finally:
-            self.limiter.release(started, outcome)
-        self._answered(started, status, retry_after)
+
+    def _refuse_open_circuit(self) -> NoReturn:
+        self._calls(self.name, "circuit_open").inc()
+        raise CircuitOpenError(self.name, self.breaker.retry_after())
 
     def _answered(self, started: float, status: int, retry_after: float | None) -> None:
         if 200 <= status < 300:
@@ -289,10 +292,13 @@ class TargetClient:
             return status, None
 
     def _retry_after(self, value: str) -> float | None:
+        """The pause asked for, bounded; None for none (0 or a date past: an ordinary 429/503,
+        retried and counted by the breaker, rather than a pause of nothing, again and again)."""
         seconds = parse_retry_after(value, time.time())
         if seconds is None:
             return None
-        return min(seconds, self.settings.retry_after_max_seconds)
+        seconds = min(seconds, self.settings.retry_after_max_seconds)
+        return seconds if seconds > 0 else None
 
     def _record(self, started: float, outcome: str, *, ok: bool | None) -> None:
         """Count the call; ``ok`` tells the breaker (None: news of neither health nor failure)."""
@@ -312,7 +318,7 @@ def parse_retry_after(value: str, now: float) -> float | None:
     ``now`` is the Unix time to measure a date against. None when the value is neither.
     """
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not "²", which isdigit() also accepts
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -324,10 +330,14 @@ def parse_retry_after(value: str, now: float) -> float | None:
     return max(0.0, math.ceil(seconds * 10) / 10)
 
 
-def _told_wait(exc: Exception) -> float | None:
-    """Seconds to wait before calling again, when the failure says so; None otherwise."""
-    if isinstance(exc, TargetPausedError):
-        return exc.retry_after
-    if isinstance(exc, TargetHttpError) and exc.retry_after is not None and is_retryable(exc):
-        return exc.retry_after
-    return None
+def call_outcome(status: int) -> CallOutcome:
+    """What an answer says about the target's capacity (its latency is a sample only on 2xx).
+
+    A refusal (400, 404, ...) or an error says nothing: it often comes back in milliseconds,
+    before any work, and would pass for the target's unloaded latency.
+    """
+    if 200 <= status < 300:
+        return CallOutcome.OK
+    if status in OVERLOAD_STATUSES:
+        return CallOutcome.DROPPED
+    return CallOutcome.IGNORED
