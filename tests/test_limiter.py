@@ -50,14 +50,25 @@ async def window(
         limit.release(start, outcome)
 
 
-async def test_the_limit_grows_while_latency_stays_near_the_unloaded_minimum() -> None:
+async def test_the_limit_doubles_until_congestion_then_grows_a_slot_at_a_time() -> None:
     clock = Clock()
-    limit = limiter(clock)
+    limit = limiter(clock, ceiling=1000)
     assert limit.limit == INITIAL_LIMIT  # a new process starts low
-    for _ in range(10):
+    seen = []
+    for _ in range(4):
         await window(limit, clock, UNLOADED)
-    assert limit.limit == INITIAL_LIMIT + 10
+        seen.append(limit.limit)
+    assert seen == [INITIAL_LIMIT * 2**n for n in range(1, 5)]  # slow start
     assert limit.min_rtt == pytest.approx(UNLOADED)
+    await window(limit, clock, UNLOADED * 2)  # the target queues: congestion...
+    peak = limit.limit  # (...seen one window late: a window closes at a release after it)
+    await window(limit, clock, UNLOADED * 2)
+    await window(limit, clock, UNLOADED)
+    after_congestion = limit.limit
+    assert after_congestion < peak
+    for _ in range(5):
+        await window(limit, clock, UNLOADED)
+    assert limit.limit == after_congestion + 5  # one slot per window from now on
 
 
 async def test_an_idle_limit_is_not_raised() -> None:
@@ -73,9 +84,10 @@ async def test_the_limit_shrinks_when_the_target_queues_the_calls() -> None:
     limit = limiter(clock, floor=1)
     while limit.limit < 20:
         await window(limit, clock, UNLOADED)
+    before = limit.limit
     for _ in range(4):  # a window closes at its first release after it ends: one lags
         await window(limit, clock, UNLOADED * 2)  # twice the unloaded latency: queueing
-    assert limit.limit < 16
+    assert limit.limit < before * 0.8
     await window(limit, clock, UNLOADED * 1.45)  # between the bounds: hold
     held = limit.limit
     await window(limit, clock, UNLOADED * 1.45)
@@ -98,9 +110,10 @@ async def test_drops_cut_the_limit_but_never_below_the_floor() -> None:
     limit = limiter(clock, floor=3)
     while limit.limit < 20:
         await window(limit, clock, UNLOADED)
+    before = limit.limit
     await mixed_window(limit, clock, UNLOADED, 0.5)
     await mixed_window(limit, clock, UNLOADED, 0.5)  # a window closes one release late
-    assert limit.limit <= int(20 * DROP_FACTOR)
+    assert limit.limit <= int(before * DROP_FACTOR)
     for _ in range(20):
         await mixed_window(limit, clock, UNLOADED, 0.5)
     assert limit.limit == 3
@@ -232,7 +245,7 @@ async def test_changes_are_counted_exported_and_logged_at_a_bounded_rate(
     limit = ConcurrencyLimit("billing", floor=1, ceiling=32, clock=clock)
     with caplog.at_level(logging.INFO, logger="courier.limiter"):
         for _ in range(10):
-            await window(limit, clock, UNLOADED)  # ten raises within one second
+            await window(limit, clock, UNLOADED)  # 4 -> 8 -> 16 -> 32 within one second
     changes = [
         r for r in caplog.records if getattr(r, "fields", {}).get("event") == "limit_changed"
     ]
@@ -240,7 +253,7 @@ async def test_changes_are_counted_exported_and_logged_at_a_bounded_rate(
     assert changes[0].fields == {  # type: ignore[attr-defined]
         "event": "limit_changed",
         "target": "billing",
-        "limit": INITIAL_LIMIT + 1,
+        "limit": INITIAL_LIMIT * 2,
         "previous": INITIAL_LIMIT,
         "reason": "probe",
         "latency_ms": 100.0,
@@ -251,11 +264,11 @@ async def test_changes_are_counted_exported_and_logged_at_a_bounded_rate(
     def sample(name: str, **labels: str) -> float | None:
         return REGISTRY.get_sample_value(name, {"target": "billing", **labels})
 
-    assert sample("courier_target_limit_changes_total", direction="up") == 10
-    assert sample("courier_target_concurrency_limit") == INITIAL_LIMIT + 10
+    assert sample("courier_target_limit_changes_total", direction="up") == 3
+    assert sample("courier_target_concurrency_limit") == 32
     assert sample("courier_target_concurrency_in_use") == 0
     assert sample("courier_target_min_rtt_seconds") == pytest.approx(UNLOADED)
-    assert sample("courier_target_limit_last_change") == 1
+    assert sample("courier_target_limit_last_change") == 16
 
 
 async def test_a_limit_of_zero_refuses_at_once_and_sends_the_waiters_away() -> None:
@@ -307,3 +320,25 @@ async def test_an_old_minimum_is_forgotten_after_an_idle_spell() -> None:
     clock.now += 3 * MIN_RTT_BUCKET_SECONDS  # idle for longer than two buckets
     await window(limit, clock, UNLOADED * 3)  # the target is slower for good now
     assert limit.min_rtt == pytest.approx(UNLOADED * 3)
+
+
+async def test_after_an_outage_the_limit_doubles_again() -> None:
+    clock = Clock()
+    limit = limiter(clock, floor=1, ceiling=1000)
+    await window(limit, clock, UNLOADED * 3)  # congestion: slow start is over
+    for _ in range(40):
+        await mixed_window(limit, clock, UNLOADED, 1.0)  # down: every call dropped
+    assert limit.limit == 1
+    limit.recovered()  # the circuit closed again
+    for _ in range(12):
+        await window(limit, clock, UNLOADED)
+    assert limit.limit >= 8  # doubling: 1, 2, 4, 8 (a window needs 4 calls), not 1 -> 4
+
+
+async def test_a_fast_target_s_few_milliseconds_of_jitter_are_not_queueing() -> None:
+    clock = Clock()
+    limit = limiter(clock, floor=1, ceiling=64)
+    await window(limit, clock, 0.002)  # answers in 2 ms when nothing queues
+    for _ in range(10):
+        await window(limit, clock, 0.006)  # 3x, but 4 ms: courier's own event-loop lag
+    assert limit.limit > INITIAL_LIMIT

@@ -8,13 +8,17 @@ concurrency-limits (Gradient2):
 
 - It keeps ``min_rtt``, the lowest call latency seen lately: the latency of a call that did
   not queue anywhere.
-- Once per window (about one ``min_rtt``), it compares the window's mean latency with
-  ``min_rtt``:
-  - near it (under ``GROW_BELOW`` times) while the limit was in use: one more slot;
+- Once per window (about one ``min_rtt``, and at least ``MIN_WINDOW_CALLS`` calls), it
+  compares the window's mean latency with ``min_rtt``:
+  - near it (under ``GROW_BELOW`` times) while the limit was in use: one more slot, or twice
+    the limit until the first sign of congestion (slow start, as TCP's);
   - well above it (over ``SHRINK_ABOVE`` times): the target is queueing our calls, so
     ``SHRINK_FACTOR`` of the limit is kept;
-  - a window with a drop (429, 503, a timeout, a refused connection) keeps ``DROP_FACTOR``.
-- The limit stays within the floor and the ceiling.
+  - a window where more than ``DROP_TOLERANCE`` of the calls dropped (429, 502-504, a
+    timeout, a refused connection) keeps ``DROP_FACTOR``. Fewer drops are a flaky target's,
+    not an overloaded one's.
+  Other answers (a 400, a 500) are no sample at all: a refusal often comes back at once.
+- It starts at ``INITIAL_LIMIT`` and stays within the floor and the ceiling.
 
 Every process decides on the same signal, the target's latency, which all of them share. So
 N processes converge on the concurrency where the target's latency sits between the two
@@ -51,8 +55,10 @@ DROP_FACTOR = 0.75
 # Drops up to this share of a window's calls are taken for a flaky target, not an overloaded
 # one: random failures must not drive the limit to its floor (as random loss does TCP Reno).
 DROP_TOLERANCE = 0.25
-MIN_WINDOW_CALLS = 4  # fewer calls make a share of drops (and a mean latency) mostly noise
+MIN_WINDOW_CALLS = 4
+QUEUEING_MARGIN_SECONDS = 0.01  # latency above min_rtt that counts as queueing, at least  # fewer calls make a share of drops (and a mean latency) mostly noise
 INITIAL_LIMIT = 4
+SLOW_START_FACTOR = 2.0
 MIN_WINDOW_SECONDS = 0.01
 # The latency a call shows when nothing queues it is remembered for two buckets of this
 # length: long enough that a standing queue does not become the new baseline at once, short
@@ -96,6 +102,10 @@ class ConcurrencyLimit:
         # slow call would then hold every other call back until it ends.
         self._estimate = float(max(floor, min(ceiling, INITIAL_LIMIT)) if adaptive else ceiling)
         self._cap: int | None = None
+        # Until the first sign of congestion the limit doubles per window, as TCP's slow
+        # start: a target at 1.6 s that needs 100 calls at once would take minutes to reach
+        # them one slot per window.
+        self._slow_start = adaptive
         self.in_use = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._window = _Window(clock())
@@ -133,6 +143,13 @@ class ConcurrencyLimit:
         if since is None or self.limit >= self._ceiling:
             return False
         return self._clock() - since >= CONSTRAINED_AFTER_SECONDS
+
+    def recovered(self) -> None:
+        """The target is back after an outage (its circuit closed): find its capacity afresh,
+        doubling per window, rather than a slot at a time from the floor the outage left."""
+        if self.adaptive:
+            self._slow_start = True
+            self._window = _Window(self._clock())  # its drops belong to the outage
 
     def set_cap(self, cap: int | None) -> None:
         """Bound the limit by this process's share of a fleet-wide cap (None: no cap)."""
@@ -199,31 +216,46 @@ class ConcurrencyLimit:
             self._min_rtt.add(rtt, now)
         window.busiest = max(window.busiest, self.in_use + 1)
         long_enough = now - window.started >= max(self._min_rtt.value, MIN_WINDOW_SECONDS)
-        if long_enough and window.count + window.drops >= min(MIN_WINDOW_CALLS, self.limit):
+        if long_enough and window.count + window.drops >= MIN_WINDOW_CALLS:
             self._adapt(window)
             self._window = _Window(now)
 
     def _adapt(self, window: _Window) -> None:
         before = self.limit
         estimate = self._estimate
-        if window.drops > DROP_TOLERANCE * (window.count + window.drops):
+        reason = self._verdict(window)
+        if reason == "drop":
+            self._slow_start = False
             estimate *= DROP_FACTOR
-            reason = "drop"
-        elif window.count and self._min_rtt.value > 0:
-            ratio = (window.total / window.count) / self._min_rtt.value
-            if ratio > SHRINK_ABOVE:
-                estimate *= SHRINK_FACTOR
-                reason = "latency"
-            elif ratio < GROW_BELOW and window.busiest >= int(estimate):
-                estimate += 1  # only a limit in use is tested: an idle one proves nothing
-                reason = "probe"
-            else:
-                return
+        elif reason == "latency":
+            self._slow_start = False
+            estimate *= SHRINK_FACTOR
+        elif reason == "probe":
+            estimate = estimate * SLOW_START_FACTOR if self._slow_start else estimate + 1
         else:
             return
         self._estimate = min(float(self._ceiling), max(float(self._floor), estimate))
         if self.limit != before:
             self._changed(before, reason, window)
+
+    def _verdict(self, window: _Window) -> str | None:
+        """What the window says: "drop", "latency" (the target queues our calls), "probe"
+        (room for more) or None (hold)."""
+        if window.drops > DROP_TOLERANCE * (window.count + window.drops):
+            return "drop"
+        unloaded = self._min_rtt.value
+        if not window.count or unloaded <= 0:
+            return None
+        mean = window.total / window.count
+        # Both a ratio and a margin: for a target answering in 2 ms, a few ms of courier's
+        # own event-loop lag would otherwise look like the target queueing.
+        if mean > unloaded * SHRINK_ABOVE and mean - unloaded > QUEUEING_MARGIN_SECONDS:
+            return "latency"
+        near = mean < unloaded * GROW_BELOW or mean - unloaded < QUEUEING_MARGIN_SECONDS / 2
+        # Only a limit in use is tested: an idle one proves nothing.
+        if near and window.busiest >= int(self._estimate):
+            return "probe"
+        return None
 
     def _changed(self, before: int, reason: str, window: _Window) -> None:
         self.last_change = self.limit - before

@@ -196,7 +196,10 @@ class TargetClient:
 
     def _answered(self, started: float, status: int, retry_after: float | None) -> None:
         if 200 <= status < 300:
+            was_open = self.breaker.state is not CircuitState.CLOSED
             self._record(started, "ok", ok=True)
+            if was_open:  # the probe got through: the outage is over
+                self.limiter.recovered()
             return
         error = TargetHttpError(self.name, status, retry_after)  # decision: HTTP_STATUSES
         if retry_after is not None and is_retryable(error):
