@@ -244,9 +244,9 @@ def _secret_getter(cache: SecretCache, name: str) -> Callable[[], Awaitable[str]
     return partial(cache.get, name)
 
 
-async def _api_context(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    cache, session = app[SECRETS], app[HTTP]
+def token_verifier(app: web.Application) -> TokenVerifier:
+    """A verifier of this deployment's tokens (the API's, and the console's on its own port)."""
+    settings, cache, session = app[SETTINGS], app[SECRETS], app[HTTP]
     hs256 = (
         _secret_getter(cache, settings.auth.hs256_secret) if settings.auth.hs256_secret else None
     )
@@ -260,7 +260,13 @@ async def _api_context(app: web.Application) -> AsyncIterator[None]:
         if settings.auth.jwks_url
         else None
     )
-    app[VERIFIER] = TokenVerifier(settings.auth, hs256, jwks)
+    return TokenVerifier(settings.auth, hs256, jwks)
+
+
+async def _api_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    cache, session = app[SECRETS], app[HTTP]
+    app[VERIFIER] = token_verifier(app)
     app[IDM] = IdmClient(session, settings.idm, _secret_getter(cache, settings.idm.api_key_secret))
     yield
 

@@ -70,6 +70,7 @@ class Listening:
     app: web.Application
     url: str
     metrics_url: str | None
+    console_url: str | None = None  # the operator console, when console.enabled
 
 
 def stop_bound_seconds(settings: Settings) -> float:
@@ -123,6 +124,7 @@ async def serving(settings: Settings) -> AsyncIterator[Listening]:
     await runner.setup()
     metrics_runner: web.AppRunner | None = None
     site: web.TCPSite | None = None
+    console = contextlib.AsyncExitStack()
     try:
         # Only API processes share a port; a worker's health port is its own.
         reuse_port = settings.http.reuse_port if serves_api(settings) else False
@@ -134,6 +136,7 @@ async def serving(settings: Settings) -> AsyncIterator[Listening]:
         metrics_url = None
         if settings.http.metrics_port:
             metrics_runner, metrics_url = await _start_metrics(settings)
+        console_url = await _start_console(console, app, settings)
         log.info(
             "listening",
             extra={
@@ -145,8 +148,9 @@ async def serving(settings: Settings) -> AsyncIterator[Listening]:
                 }
             },
         )
-        yield Listening(app, url, metrics_url)
+        yield Listening(app, url, metrics_url, console_url)
     finally:
+        await console.aclose()  # first: its jobs and pages use the app's clients
         deadline = begin_shutdown(app)
         # An Auto Scaling lifecycle drain may have set the worker's deadline long before this
         # SIGTERM; requests (normally none by then: the target was deregistered first) still
@@ -262,6 +266,17 @@ async def _start_metrics(settings: Settings) -> tuple[web.AppRunner, str]:
     site = web.TCPSite(runner, settings.http.host, port)
     await site.start()
     return runner, f"http://{settings.http.host}:{port}/metrics"
+
+
+async def _start_console(
+    stack: contextlib.AsyncExitStack, app: web.Application, settings: Settings
+) -> str | None:
+    """The operator console on its own port, when enabled; its URL."""
+    if not settings.console.enabled:
+        return None
+    from .console import serving_console  # jinja2 and the pages load only when enabled
+
+    return await stack.enter_async_context(serving_console(app, settings))
 
 
 async def run(

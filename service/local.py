@@ -123,7 +123,15 @@ def _local_settings(
         TargetSettings(name=name, url=f"{urls[name]}/{name}", format=fmt, secret=secret)
         for name, fmt, secret in LOCAL_TARGETS
     )
-    settings = base.replace(aws=aws, idm=replace(base.idm, url=idm_url), targets=targets)
+    # The console is on (its port from the settings, 9300 unless set), showing the FIFO pair too.
+    console = replace(
+        base.console,
+        enabled=True,
+        extra_queues=(*base.console.extra_queues, resources.fifo_queue_url, resources.fifo_dlq_url),
+    )
+    settings = base.replace(
+        aws=aws, idm=replace(base.idm, url=idm_url), targets=targets, console=console
+    )
     return resources.apply_to(settings)
 
 
@@ -163,4 +171,17 @@ def _print_banner(
         '       -d \'{"username":"jane.doe","display_name":"Jane Doe","plan":"standard",'
         '"contact_email":"jane@example.com"}\'',
     ]
+    lines += _console_lines(listening, config)
     print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _console_lines(listening: Listening, config: Path) -> list[str]:
+    if listening.console_url is None:
+        return []
+    return [
+        "",
+        f"Operator console: {listening.console_url}   (sign in with a mailbox:admin token:)",
+        f"  .venv/bin/courier --config {config} token --scope mailbox:admin \\",
+        '       --scope mailbox:admin-unmask --subject "$USER"   # paste it into the login page',
+        "  (mailbox:admin-unmask is needed only to see a dead letter's personal fields)",
+    ]

@@ -363,6 +363,21 @@ class Ec2Settings:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsoleSettings:
+    """The operator console (``service/console/``): its own port, never behind the load balancer."""
+
+    enabled: bool = setting(False, "serve the operator console (needs a mailbox:admin token)")
+    host: str = setting("127.0.0.1", "address the console binds to (reach it through SSM)")
+    port: int = setting(9300, "console port, plus instance (0 = any free port)", min=0, max=65535)
+    sample_seconds: float = setting(
+        5.0, "how often the console samples this process's counters for its charts", min=1, max=60
+    )
+    extra_queues: tuple[str, ...] = setting(
+        [], "more queue URLs the overview shows beside queue.url and queue.dlq_url (a FIFO pair)"
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything courier reads at startup. Build with ``load_settings``."""
 
@@ -385,6 +400,7 @@ class Settings:
     idm: IdmSettings = field(default_factory=IdmSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     ec2: Ec2Settings = field(default_factory=Ec2Settings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
     targets: tuple[TargetSettings, ...] = ()
 
     def replace(self, **changes: Any) -> Settings:

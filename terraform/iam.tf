@@ -179,6 +179,15 @@ data "aws_iam_policy_document" "instance" {
     }
   }
 
+  # The operator console (service/console/) shows each queue's oldest message age, which SQS
+  # publishes only as the CloudWatch metric ApproximateAgeOfOldestMessage. GetMetricData is
+  # read-only and has no resource-level permissions or namespace condition.
+  statement {
+    sid       = "ConsoleQueueAge"
+    actions   = ["cloudwatch:GetMetricData"]
+    resources = ["*"]
+  }
+
   # The agent reads the instance's tags to add the AutoScalingGroupName dimension;
   # Describe* actions have no resource-level permissions.
   statement {

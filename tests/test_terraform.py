@@ -39,6 +39,11 @@ STAR_RESOURCE_EXCEPTIONS = {
         "it is limited by the cloudwatch:namespace condition instead",
         "cloudwatch:namespace",
     ),
+    ("instance", "ConsoleQueueAge"): (
+        "cloudwatch:GetMetricData (the console's oldest-message age per queue) has no "
+        "resource-level permissions",
+        None,
+    ),
     ("instance", "CloudWatchAgentDescribeTags"): (
         "ec2:DescribeTags (read by the CloudWatch agent for the AutoScalingGroupName "
         "dimension) has no resource-level permissions",

@@ -62,6 +62,9 @@ REQUEST_SCHEMA: dict[str, Any] = {
 }
 
 DEFAULT_QUOTA_MB = {"basic": 1024, "standard": 10240, "premium": 51200}
+# Members of the event's ``mailbox`` that identify a person: the operator console masks them
+# in a decrypted event unless the operator holds the unmask scope.
+PERSONAL_FIELDS = ("username", "display_name", "contact_email", "msisdn", "aliases")
 
 _validator = Draft202012Validator(REQUEST_SCHEMA, format_checker=FormatChecker())
 

@@ -52,6 +52,19 @@ class SecretStore(Protocol):
 class _Entry:
     value: str
     expires_at: float
+    fetched_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class CachedSecret:
+    """What the cache knows of one secret, never its value (the operator console shows it)."""
+
+    name: str
+    context: tuple[tuple[str, str], ...]
+    age_seconds: float | None  # since the value was read from the store; None = not cached
+    expires_in_seconds: float | None  # negative: served stale
+    refresh_in_seconds: float | None  # the next timed refresh (or retry); None = none timed
+    failing: str  # the last fetch's error while it keeps failing ("" = none)
 
 
 class SecretCache:
@@ -151,6 +164,26 @@ class SecretCache:
         """
         return all(_cache_key(name, None) in self._loaded for name in names)
 
+    def describe(self) -> list[CachedSecret]:
+        """Every key loaded so far: ages and timers, never values."""
+        now, loop_now = self._clock(), asyncio.get_running_loop().time()
+        described = []
+        for key in sorted(self._loaded | set(self._entries)):
+            entry = self._entries.get(key)
+            timer = self._timers.get(key)
+            failure = self._failing.get(key)
+            described.append(
+                CachedSecret(
+                    name=key[0],
+                    context=key[1],
+                    age_seconds=None if entry is None else now - entry.fetched_at,
+                    expires_in_seconds=None if entry is None else entry.expires_at - now,
+                    refresh_in_seconds=None if timer is None else timer.when() - loop_now,
+                    failing="" if failure is None else type(failure).__name__,
+                )
+            )
+        return described
+
     async def aclose(self) -> None:
         """Cancel the timers and in-flight fetches and refuse new ones; values stay readable."""
         self._closed = True
@@ -221,7 +254,7 @@ class SecretCache:
         # Anchored to the previous expiry when the refresh was on time: one read per TTL,
         # however long each read took.
         starts = now if previous is None else max(now, previous.expires_at)
-        entry = _Entry(value, starts + self._settings.ttl_seconds)
+        entry = _Entry(value, starts + self._settings.ttl_seconds, now)
         self._entries[key] = entry
         self._failing.pop(key, None)
         self._retries.pop(key, None)

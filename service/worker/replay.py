@@ -11,14 +11,18 @@ moved (not matching, skipped, beyond the limit, and in a dry run every message) 
 visible again at the end, untouched; one whose move failed stays in the DLQ and becomes
 visible again when its listing visibility (LIST_VISIBILITY_SECONDS) runs out. The copy keeps the original attributes minus ``dlq``
 and gains ``replayed=1`` so the worker consults the request's status before delivering again.
+
+``discard`` is the same pass deleting the chosen messages instead of moving them. The
+operator console (``service/console/``) acts through these two functions, as the CLI does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from ..queue import is_fifo, string_attributes
@@ -27,6 +31,9 @@ from .outcomes import Message
 
 LIST_VISIBILITY_SECONDS = 60
 OnMessage = Callable[[Message, bool], None]
+# What a pass does to a chosen message: the id of what it left behind (the work queue's copy,
+# or the discarded message's own), or None when it failed and the message stays in the DLQ.
+Action = Callable[[Message], Awaitable[str | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +45,13 @@ class ReplayFilter:
     op: str = ""
     min_age_seconds: float = 0.0
     max_age_seconds: float = 0.0
+    # Only these DLQ messages (by their DLQ message id): the console's selection.
+    message_ids: frozenset[str] = field(default_factory=frozenset)
 
     def matches(self, message: Message, now: float) -> bool:
         """Whether ``message`` passes every filter."""
+        if self.message_ids and message.message_id not in self.message_ids:
+            return False
         info = DeadLetterInfo.of(message.attributes)
         if self.reason and (info is None or info.reason != self.reason):
             return False
@@ -64,7 +75,7 @@ class ReplayReport:
     matched: int = 0
     # Matched and within the limit: moved or tried (listed, in a dry run).
     chosen: int = 0
-    moved: int = 0
+    moved: int = 0  # for a discard: deleted
     # Chosen, but the work queue did not take the copy: still in the DLQ.
     failed: int = 0
     # Dead-lettered after the replay began: left in the DLQ for a later run.
@@ -100,7 +111,55 @@ async def replay(
     on_message: OnMessage | None = None,
 ) -> ReplayReport:
     """Examine what the DLQ holds once through; move (or list) the matching messages."""
-    run = _Replay(sqs, dlq_url, queue_url, selection, limit=limit, on_message=on_message)
+    move = partial(_move, sqs, dlq_url=dlq_url, queue_url=queue_url)
+    return await _run(
+        sqs,
+        dlq_url,
+        selection,
+        move,
+        rate_per_second=rate_per_second,
+        dry_run=dry_run,
+        limit=limit,
+        on_message=on_message,
+    )
+
+
+async def discard(
+    sqs: Any,
+    dlq_url: str,
+    selection: ReplayFilter,
+    *,
+    rate_per_second: float = 0.0,
+    dry_run: bool = False,
+    limit: int = 0,
+    on_message: OnMessage | None = None,
+) -> ReplayReport:
+    """The pass of ``replay``, deleting the matching messages from the DLQ instead (for good)."""
+    delete = partial(_delete, sqs, dlq_url=dlq_url)
+    return await _run(
+        sqs,
+        dlq_url,
+        selection,
+        delete,
+        rate_per_second=rate_per_second,
+        dry_run=dry_run,
+        limit=limit,
+        on_message=on_message,
+    )
+
+
+async def _run(
+    sqs: Any,
+    dlq_url: str,
+    selection: ReplayFilter,
+    action: Action,
+    *,
+    rate_per_second: float,
+    dry_run: bool,
+    limit: int,
+    on_message: OnMessage | None,
+) -> ReplayReport:
+    run = _Replay(sqs, dlq_url, action, selection, limit=limit, on_message=on_message)
     limiter = _RateLimiter(rate_per_second)
     try:
         await run.examine(limiter, dry_run)
@@ -116,7 +175,7 @@ class _Replay:
         self,
         sqs: Any,
         dlq_url: str,
-        queue_url: str,
+        action: Action,
         selection: ReplayFilter,
         *,
         limit: int,
@@ -124,7 +183,7 @@ class _Replay:
     ) -> None:
         self._sqs = sqs
         self._dlq_url = dlq_url
-        self._queue_url = queue_url
+        self._action = action
         self._selection = selection
         self._limit = limit
         self._on_message = on_message
@@ -175,7 +234,7 @@ class _Replay:
         return info.source_message_id in self._sent or info.failed_at > self._started
 
     async def _move(self, message: Message) -> None:
-        copy_id = await _move(self._sqs, message, self._dlq_url, self._queue_url)
+        copy_id = await self._action(message)
         if copy_id is None:
             # The DLQ copy stays; it becomes visible again after the listing timeout.
             self.report.failed += 1
@@ -196,7 +255,7 @@ async def _receive(sqs: Any, dlq_url: str) -> list[Message]:
     return [Message.from_sqs(raw) for raw in response.get("Messages", [])]
 
 
-async def _move(sqs: Any, message: Message, dlq_url: str, queue_url: str) -> str | None:
+async def _move(sqs: Any, message: Message, *, dlq_url: str, queue_url: str) -> str | None:
     """Copy ``message`` to the work queue, then delete it from the DLQ.
 
     Returns the copy's message id, or None when the work queue did not take it (nothing
@@ -220,6 +279,15 @@ async def _move(sqs: Any, message: Message, dlq_url: str, queue_url: str) -> str
         return None
     await sqs.delete_message(QueueUrl=dlq_url, ReceiptHandle=message.receipt_handle)
     return str(response["MessageId"])
+
+
+async def _delete(sqs: Any, message: Message, *, dlq_url: str) -> str | None:
+    """Delete ``message`` from the DLQ; its id, or None when SQS did not take the delete."""
+    try:
+        await sqs.delete_message(QueueUrl=dlq_url, ReceiptHandle=message.receipt_handle)
+    except Exception:
+        return None
+    return message.message_id
 
 
 async def _release(sqs: Any, dlq_url: str, messages: list[Message]) -> None:

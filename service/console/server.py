@@ -1,0 +1,43 @@
+"""The console's listener: its own port (``console.port`` plus ``instance``), 127.0.0.1 by default."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from ..net import bound_port
+from ..settings import Settings
+from .app import create_console_app
+
+log = logging.getLogger("courier.console")
+
+SHUTDOWN_SECONDS = 1.0
+
+
+def console_port(settings: Settings) -> int:
+    """The port to bind: ``console.port`` plus ``instance``, or any free port for 0."""
+    port = settings.console.port
+    return port + settings.instance if port else 0
+
+
+@contextlib.asynccontextmanager
+async def serving_console(courier: web.Application, settings: Settings) -> AsyncIterator[str]:
+    """Serve the console for the started ``courier`` app; yields its URL."""
+    runner = web.AppRunner(
+        create_console_app(courier), access_log=None, shutdown_timeout=SHUTDOWN_SECONDS
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.console.host, console_port(settings))
+        await site.start()
+        url = f"http://{settings.console.host}:{bound_port(site)}"
+        log.info(
+            "console listening",
+            extra={"fields": {"event": "console_listening", "url": url}},
+        )
+        yield url
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,77 @@
+"""Targets: one row per legacy system: calls/s, errors, latency, concurrency, circuit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from ...state import TARGETS as COURIER_TARGETS
+from ...worker.targets import TargetClient
+from ..keys import COURIER, SAMPLER
+from ..sampler import CounterSampler
+from .common import duration, millis, page
+
+
+@dataclass(frozen=True, slots=True)
+class TargetRow:
+    """One target as the page shows it."""
+
+    name: str
+    url: str
+    calls_per_second: float
+    error_rate: str
+    p50: str
+    p99: str
+    in_use: str
+    limit: str
+    waiting: str
+    constrained: bool
+    circuit: str
+    half_open_in: str
+    paused_for: str
+
+
+def _row(client: TargetClient, sampler: CounterSampler) -> TargetRow:
+    rates = sampler.target_rates(client.name)
+    # The adaptive limiter (issue 16) when this build has it; else the fixed setting.
+    limiter = getattr(client, "limiter", None)
+    in_use = getattr(limiter, "in_use", None)
+    limit = getattr(limiter, "limit", client.settings.concurrency)
+    breaker = client.breaker
+    paused = getattr(client, "paused_for", None)
+    paused_seconds = paused() if callable(paused) else 0.0
+    return TargetRow(
+        name=client.name,
+        url=client.settings.url,
+        calls_per_second=round(rates.per_second, 2),
+        error_rate="—" if rates.error_rate is None else f"{rates.error_rate:.1%}",
+        p50=millis(rates.p50),
+        p99=millis(rates.p99),
+        in_use="—" if in_use is None else str(in_use),
+        limit=str(limit),
+        waiting=str(getattr(limiter, "waiting", "—")),
+        constrained=bool(getattr(limiter, "constrained", False)),
+        circuit=breaker.state.name.lower().replace("_", "-"),
+        half_open_in=duration(breaker.retry_after()) if breaker.retry_after() else "",
+        paused_for=duration(paused_seconds) if paused_seconds else "",
+    )
+
+
+async def targets(request: web.Request) -> web.Response:
+    """GET /targets."""
+    clients = request.app[COURIER].get(COURIER_TARGETS, ())
+    sampler = request.app[SAMPLER]
+    start, end = sampler.recent()
+    return page(
+        request,
+        "targets.html",
+        "targets",
+        rows=[_row(client, sampler) for client in clients],
+        window=duration(end.at - start.at),
+    )
+
+
+def setup(app: web.Application) -> None:
+    """The targets page's route."""
+    app.router.add_get("/targets", targets)
