@@ -115,7 +115,7 @@ async def test_drops_cut_the_limit_but_never_below_the_floor() -> None:
     await mixed_window(limit, clock, UNLOADED, 0.5)  # a window closes one release late
     assert limit.limit <= int(before * DROP_FACTOR)
     for _ in range(20):
-        await mixed_window(limit, clock, UNLOADED, 0.5)
+        await mixed_window(limit, clock, UNLOADED, 0.75)
     assert limit.limit == 3
 
 

@@ -8,14 +8,14 @@ concurrency-limits (Gradient2):
 
 - It keeps ``min_rtt``, the lowest call latency seen lately: the latency of a call that did
   not queue anywhere.
-- Once per window (about one ``min_rtt``, and at least ``MIN_WINDOW_CALLS`` calls), it
-  compares the window's mean latency with ``min_rtt``:
+- Once per window (the calls made under the current limit: about one ``min_rtt``, at least
+  ``MIN_WINDOW_CALLS``), it compares the window's mean latency with ``min_rtt``:
   - near it (under ``GROW_BELOW`` times) while the limit was in use: one more slot, or twice
     the limit until the first sign of congestion (slow start, as TCP's);
   - well above it (over ``SHRINK_ABOVE`` times): the target is queueing our calls, so
     ``SHRINK_FACTOR`` of the limit is kept;
-  - a window where more than ``DROP_TOLERANCE`` of the calls dropped (429, 502-504, a
-    timeout, a refused connection) keeps ``DROP_FACTOR``. Fewer drops are a flaky target's,
+  - a window where more than ``DROP_TOLERANCE`` of the calls (and more than one) dropped
+    (429, 502-504, a timeout, a refused connection) keeps ``DROP_FACTOR``. Fewer drops are a flaky target's,
     not an overloaded one's.
   Other answers (a 400, a 500) are no sample at all: a refusal often comes back at once.
 - It starts at ``INITIAL_LIMIT`` and stays within the floor and the ceiling.
@@ -106,6 +106,7 @@ class ConcurrencyLimit:
         # start: a target at 1.6 s that needs 100 calls at once would take minutes to reach
         # them one slot per window.
         self._slow_start = adaptive
+        self._changed_at = -math.inf  # when the estimate last moved
         self.in_use = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._window = _Window(clock())
@@ -207,18 +208,32 @@ class ConcurrencyLimit:
     def _sample(self, started: float, outcome: CallOutcome) -> None:
         now = self._clock()
         window = self._window
-        if outcome is CallOutcome.DROPPED:
-            window.drops += 1
-        else:
-            rtt = now - started
-            window.count += 1
-            window.total += rtt
-            self._min_rtt.add(rtt, now)
+        if outcome is CallOutcome.OK:
+            self._min_rtt.add(now - started, now)
+        # Only calls made under the current limit judge it. A call started before the last
+        # change says how the old limit did: doubling on it overshoots (slow start would
+        # quadruple before the first sign of congestion arrived), and cutting on it cuts
+        # twice for one overload.
+        if started >= self._changed_at:
+            if outcome is CallOutcome.DROPPED:
+                window.drops += 1
+            else:
+                window.count += 1
+                window.total += now - started
         window.busiest = max(window.busiest, self.in_use + 1)
-        long_enough = now - window.started >= max(self._min_rtt.value, MIN_WINDOW_SECONDS)
-        if long_enough and window.count + window.drops >= MIN_WINDOW_CALLS:
+        if self._window_over(window, now):
             self._adapt(window)
             self._window = _Window(now)
+
+    def _window_over(self, window: _Window, now: float) -> bool:
+        """A window judges a whole limit's worth of calls (or two min_rtt's worth), never fewer
+        than MIN_WINDOW_CALLS: drops come back faster than answers, so a window closed at its
+        first few calls would hold mostly drops."""
+        calls = window.count + window.drops
+        elapsed = (now - window.started) / max(self._min_rtt.value, MIN_WINDOW_SECONDS)
+        return calls >= MIN_WINDOW_CALLS and (
+            (elapsed >= 1 and calls >= self.limit) or elapsed >= 2
+        )
 
     def _adapt(self, window: _Window) -> None:
         before = self.limit
@@ -235,13 +250,15 @@ class ConcurrencyLimit:
         else:
             return
         self._estimate = min(float(self._ceiling), max(float(self._floor), estimate))
+        self._changed_at = self._clock()
         if self.limit != before:
             self._changed(before, reason, window)
 
     def _verdict(self, window: _Window) -> str | None:
         """What the window says: "drop", "latency" (the target queues our calls), "probe"
         (room for more) or None (hold)."""
-        if window.drops > DROP_TOLERANCE * (window.count + window.drops):
+        # "+ 1": in a window of a few calls, one random failure is not a quarter's worth.
+        if window.drops > DROP_TOLERANCE * (window.count + window.drops) + 1:
             return "drop"
         unloaded = self._min_rtt.value
         if not window.count or unloaded <= 0:
