@@ -8,6 +8,7 @@ client that keeps the console's cookie, as a browser would; the browser itself i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -210,11 +211,104 @@ async def test_the_login_form_needs_its_own_nonce(console: Console) -> None:
         assert "courier_console=" not in "".join(response.headers.getall("Set-Cookie", []))
 
 
-async def test_sign_out_forgets_the_cookie(admin: Console) -> None:
+async def test_sign_out_forgets_the_cookie(
+    admin: Console, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="courier.console")
+    session = next(c.value for c in admin.http.cookie_jar if c.key == "courier_console")
     status, page = await admin.submit("/", "/logout")
     assert status == 200
     assert 'id="token"' in page
     await admin.page("/", status=401)
+    # The server forgets the session too: a copy of the old cookie opens nothing.
+    admin.http.cookie_jar.update_cookies({"courier_console": session})
+    await admin.page("/", status=401)
+    assert [a["who"] for a in audit_lines(caplog) if a["what"] == "sign_out"] == ["operator"]
+
+
+async def test_the_cookie_holds_a_session_id_never_the_token(console: Console) -> None:
+    """Other local servers on 127.0.0.1 see the console's cookie: it must not be the token."""
+    the_token = token(ADMIN)
+    status, _, cookies = await console.log_in(the_token)
+    assert status == 303
+    assert the_token not in cookies
+    session = next(c.value for c in console.http.cookie_jar if c.key == "courier_console")
+    assert len(session) >= 43  # 32 random bytes
+    assert "." not in session  # not a JWT
+    await console.page("/")
+    # A cookie set by anyone else (another port, the token itself, a guess) opens nothing.
+    console.http.cookie_jar.clear()
+    console.http.cookie_jar.update_cookies({"courier_console": the_token})
+    await console.page("/", status=401)
+
+
+async def test_a_session_stops_when_its_token_expires(console: Console) -> None:
+    import time
+
+    status, _, _ = await console.log_in(token(ADMIN, exp=int(time.time()) + 2))
+    assert status == 303
+    await console.page("/")
+    for _ in range(100):  # the token's exp (plus the verifier's leeway) passes
+        async with console.http.get(f"{console.url}/", allow_redirects=False) as response:
+            if response.status == 401:
+                break
+        await asyncio.sleep(0.2)
+    else:
+        raise AssertionError("the session outlived its token")
+
+
+def test_sessions_are_bounded_and_pruned() -> None:
+    from service.console.auth import Sessions
+
+    sessions = Sessions(limit=3)
+    ids = [sessions.open(f"token-{n}", expires_at=10_000_000_000.0) for n in range(4)]
+    assert sessions.token(ids[0]) is None  # the oldest made room
+    assert [sessions.token(i) for i in ids[1:]] == ["token-1", "token-2", "token-3"]
+    expired = sessions.open("old", expires_at=1.0)
+    assert sessions.token(expired) is None
+    sessions.open("new", expires_at=10_000_000_000.0)
+    assert len(sessions) == 3
+
+
+def test_over_tls_the_cookie_is_host_prefixed() -> None:
+    """``__Host-``: a browser keeps it only if Secure, Path=/ and without Domain."""
+    import ssl
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from service.console.auth import cookie_name
+
+    tls = make_mocked_request("GET", "/", sslcontext=ssl.create_default_context())
+    assert cookie_name(tls) == "__Host-courier_console"
+    assert cookie_name(make_mocked_request("GET", "/")) == "courier_console"
+
+
+async def test_another_host_name_is_refused(console: Console) -> None:
+    """DNS rebinding: evil.example resolving to 127.0.0.1 reaches the port, not the console."""
+    port = console.url.rsplit(":", 1)[1]
+    for host in (f"evil.example:{port}", "evil.example", "127.0.0.1.evil.example"):
+        async with console.http.get(
+            f"{console.url}/login", headers={"Host": host}, allow_redirects=False
+        ) as response:
+            assert response.status == 421, host
+            assert 'id="token"' not in await response.text()
+    # Its own name, with any port (an SSM forward may use another local port).
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost:19300"):
+        async with console.http.get(f"{console.url}/login", headers={"Host": host}) as response:
+            assert response.status == 200, host
+
+
+async def test_a_first_visit_shows_no_error(console: Console) -> None:
+    for path in ("/", "/login"):
+        page = await console.page(path, status=401 if path == "/" else 200)
+        assert 'id="token"' in page
+        assert 'id="login-error"' not in page
+        assert "Authorization" not in page
+    console.http.cookie_jar.update_cookies({"courier_console": "no-such-session"})
+    assert 'id="login-error"' not in await console.page("/", status=401)
+    status, page, _ = await console.log_in("not-a-token")
+    assert status == 401
+    assert 'id="login-error"' in page
 
 
 # --- headers and CSRF ---------------------------------------------------------------------------
@@ -382,9 +476,9 @@ async def test_discard_needs_the_typed_confirmation(
         assert action_result(page)["state"] == "refused"
     assert await depth(aws, fresh.dlq_url) == (6, 0)
 
-    status, page = await admin.submit(
-        group, "/dead-letters/discard", reason="undecryptable", expected="2", confirm="discard 2"
-    )
+    shown = re.findall(r'type="hidden" name="id" value="([^"]+)"', listing)  # the form's ids
+    fields = {"reason": "undecryptable", "expected": "2", "confirm": "discard 2", "id": shown}
+    status, page = await admin.submit(group, "/dead-letters/discard", **fields)
     result = action_result(page)
     assert (status, result["state"], result["moved"]) == (200, "done", "2")
     assert await depth(aws, fresh.dlq_url) == (4, 0)
@@ -571,6 +665,9 @@ async def test_targets_page_shows_each_target_and_its_circuit(
     assert rows == {"crm": "open", "billing": "closed", "directory": "closed"}
     # Concurrency in use / limit, from each target's limiter.
     assert len(re.findall(r'<td class="concurrency">\d+ / \d+', page)) == 3
+    # An open circuit holds delivery back: the target is flagged constrained.
+    crm_row = page.split('data-target="crm"')[1].split("</tr>")[0]
+    assert "constrained" in crm_row
 
 
 def test_a_redriven_group_is_selected_by_id_never_as_everything() -> None:
@@ -593,7 +690,19 @@ def test_a_redriven_group_is_selected_by_id_never_as_everything() -> None:
 
 
 @pytest.mark.parametrize(
-    "elsewhere", ["//evil.example/", "/\\evil.example/", "https://evil.example/"]
+    "elsewhere",
+    [
+        "//evil.example/",
+        "/\\evil.example/",
+        "https://evil.example/",
+        "/\t/evil.example/",
+        "/\n/evil.example/",
+        "//evil",
+        "/\\evil",
+        "https://evil",
+        "/ /evil.example/",
+        "evil.example",
+    ],
 )
 async def test_signing_in_never_redirects_off_the_console(console: Console, elsewhere: str) -> None:
     async with console.http.get(f"{console.url}/login") as page:
@@ -604,3 +713,150 @@ async def test_signing_in_never_redirects_off_the_console(console: Console, else
         allow_redirects=False,
     ) as response:
         assert (response.status, response.headers["Location"]) == (303, "/")
+
+
+# --- actions never hold the pages; discards delete what was shown ------------------------------
+
+
+async def dlq_held(aws: AwsClients, dlq_url: str) -> None:
+    """Until a pass holds DLQ messages (no page reads meanwhile: it is the action's pass)."""
+    import asyncio
+
+    for _ in range(100):
+        _visible, in_flight = await depth(aws, dlq_url)
+        if in_flight:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("no pass took the DLQ's messages")
+
+
+async def test_pages_answer_at_once_while_a_slow_replay_runs(
+    settings: Settings, aws: AwsClients, fresh: Resources, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    caplog.set_level(logging.INFO, logger="courier.console")
+    await plant_dead_letters(aws, fresh.dlq_url)
+    async with running_console(settings) as console:
+        assert (await console.log_in(token(ADMIN)))[0] == 303
+        # 0.1/s: one move at once, the next 10 s later; nothing has read the DLQ yet.
+        posting = asyncio.create_task(
+            console.submit("/", "/dead-letters/replay", reason="undecryptable", rate="0.1")
+        )
+        try:
+            await dlq_held(aws, fresh.dlq_url)
+            busy = await asyncio.wait_for(console.page("/dead-letters", status=503), 5)
+            assert 'id="dlq-busy"' in busy
+            assert "examined so far" in busy
+            job = re.search(r'href="(/actions/[^"]+)"', busy)
+            assert job, busy[:800]
+            for _ in range(50):  # its page follows it: one moved, the next waits for the rate
+                running = action_result(await asyncio.wait_for(console.page(job.group(1)), 5))
+                if (running["chosen"], running["moved"]) == ("2", "1"):
+                    break
+                await asyncio.sleep(0.1)
+            assert (running["state"], running["chosen"], running["moved"]) == ("running", "2", "1")
+            await asyncio.wait_for(console.page("/dead-letters/messages", status=503), 5)
+            await asyncio.wait_for(console.page(f"/requests?id={uuid.uuid4().hex}"), 5)
+        finally:
+            posting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await posting
+    # Shutting down cancelled the job: its end line has the real counts.
+    lines = audit_lines(caplog)
+    [started] = [a for a in lines if a["what"] == "replay_started"]
+    [ended] = [a for a in lines if a["what"] == "replay"]
+    assert started["job"] == ended["job"]
+    assert (ended["outcome"], ended["count"], ended["matched"]) == ("cancelled", 1, 2)
+    visible, in_flight = await depth(aws, fresh.dlq_url)
+    assert visible + in_flight == 5
+
+
+async def test_too_slow_a_rate_or_too_many_actions_are_refused(
+    admin: Console, aws: AwsClients, fresh: Resources
+) -> None:
+    import asyncio
+
+    await plant_dead_letters(aws, fresh.dlq_url)
+    status, page = await asyncio.wait_for(
+        admin.submit("/", "/dead-letters/replay", reason="undecryptable", rate="0.000001"), 10
+    )
+    assert (status, action_result(page)["state"]) == (400, "refused")
+    assert "0.1" in page
+    assert await depth(aws, fresh.dlq_url) == (6, 0)
+
+    slow = {"reason": "target_rejected", "rate": "0.1"}
+    first = asyncio.create_task(admin.submit("/", "/dead-letters/replay", **slow))
+    try:
+        await dlq_held(aws, fresh.dlq_url)
+        status, page = await asyncio.wait_for(
+            admin.submit("/", "/dead-letters/replay", **slow, dry_run="1"), 10
+        )
+        assert action_result(page)["state"] == "running"  # queued behind the first
+        status, page = await asyncio.wait_for(admin.submit("/", "/dead-letters/replay", **slow), 10)
+        assert (status, action_result(page)["state"]) == (429, "refused")
+    finally:
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+
+
+async def test_discard_deletes_exactly_the_listed_messages(
+    admin: Console, aws: AwsClients, fresh: Resources
+) -> None:
+    await plant_dead_letters(aws, fresh.dlq_url)
+    group = "/dead-letters/messages?reason=undecryptable"
+    listing = await admin.page(group)
+    form = re.search(r'<form[^>]*id="discard-form".*?</form>', listing, re.S)
+    assert form
+    shown = re.findall(r'type="hidden" name="id" value="([^"]+)"', form.group(0))
+    assert len(shown) == 2
+    # One more of the group arrives after the page was read: it was not shown, it stays.
+    later = uuid.uuid4().hex
+    dlq = dead_letter("undecryptable")
+    await plant(
+        aws, fresh.dlq_url, "sealed", {"op": "create-mailbox", "request_id": later, "dlq": dlq}
+    )
+    fields = {"reason": "undecryptable", "expected": "2", "confirm": "discard 2"}
+    status, page = await admin.submit(group, "/dead-letters/discard", **fields)
+    assert (status, action_result(page)["state"]) == (409, "refused")  # no ids
+    status, page = await admin.submit(group, "/dead-letters/discard", **fields, id=shown[:1])
+    assert (status, action_result(page)["state"]) == (409, "refused")  # 1 id, "discard 2"
+    assert await depth(aws, fresh.dlq_url) == (7, 0)
+
+    status, page = await admin.submit(group, "/dead-letters/discard", **fields, id=shown)
+    assert (status, action_result(page)["moved"]) == (200, "2")
+    left = await receive_all(aws, fresh.dlq_url)
+    assert len(left) == 5
+    assert later in {m["MessageAttributes"]["request_id"]["StringValue"] for m in left}
+
+
+async def test_the_last_read_is_served_marked_stale_while_an_action_runs(
+    admin: Console, aws: AwsClients, fresh: Resources
+) -> None:
+    import asyncio
+
+    await plant_dead_letters(aws, fresh.dlq_url)
+    listing = await admin.page("/dead-letters/messages?reason=unknown_op")
+    [one] = re.findall(r'data-message-id="([^"]+)"', listing)
+    status, page = await admin.submit(
+        f"/dead-letters/messages/{one}",
+        "/dead-letters/discard",
+        expected="1",
+        confirm="discard 1",
+        id=[one],
+    )
+    assert (status, action_result(page)["moved"]) == (200, "1")
+    posting = asyncio.create_task(
+        admin.submit("/", "/dead-letters/replay", reason="undecryptable", rate="0.1")
+    )
+    try:
+        await dlq_held(aws, fresh.dlq_url)
+        page = await asyncio.wait_for(admin.page("/dead-letters"), 5)
+        assert 'id="dlq-stale"' in page
+        assert "examined so far" in page
+        assert 'data-reason="unknown_op"' in page  # the read from before the discard
+    finally:
+        posting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await posting

@@ -416,9 +416,10 @@ async def test_a_missing_or_wrong_token_sees_the_login_page(console: Console) ->
     (session,) = [
         c
         for c in await asyncio.to_thread(browser.driver.get_cookies)
-        if c["value"] == console.admin_token
+        if c["name"] == "courier_console"
     ]
     assert (session["httpOnly"], session["sameSite"]) == (True, "Strict"), session
+    assert session["value"] != console.admin_token  # an opaque session id, never the token
     script_sees = await asyncio.to_thread(browser.driver.execute_script, "return document.cookie")
     assert console.admin_token not in script_sees
 

@@ -2,9 +2,14 @@
 
 A job runs ``service.worker.replay.replay`` (or ``discard``, the same pass deleting instead of
 moving) in a task of its own, so a slow replay (``rate`` messages per second) never holds a
-request open; its page follows it until it ends. A DLQ copy leaves the DLQ only after the
-work queue accepted the replayed message: that is ``replay``'s rule, not this module's. Every
-job ends with one ``console_audit`` log line: who, what, the filter, and how many.
+request open; its page follows it until it ends, with the counts so far (``replay`` fills
+the job's report as it goes). A DLQ copy leaves the DLQ only after the work queue accepted the
+replayed message: that is ``replay``'s rule, not this module's. Every job writes two
+``console_audit`` lines: ``<kind>_started`` when accepted (who, what, the filter), and
+``<kind>`` when it ends, done, failed or cancelled, with the counts it reached.
+
+At most MAX_PENDING jobs run or wait at once (one runs: they share the DLQ's one pass), and
+none slower than MIN_RATE: a job holds the DLQ for its whole run.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import itertools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Literal
 
 from ..api.auth import Principal
@@ -28,7 +34,18 @@ log = logging.getLogger("courier.console")
 Kind = Literal["replay", "discard"]
 JOBS_KEPT = 50
 LISTED_PER_JOB = 200  # messages a job's page lists (the counts cover them all)
+MIN_RATE = 0.1  # messages/s: slower would hold the DLQ (and every other action) for days
 MAX_RATE = 1000.0
+MAX_PENDING = 2  # one running and one waiting
+
+
+class Refused(Exception):
+    """A job not started: ``status`` and why, for the page."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
 
 
 @dataclass
@@ -43,7 +60,8 @@ class Job:
     rate: float
     limit: int
     started: float = field(default_factory=time.time)
-    state: Literal["running", "done", "failed"] = "running"
+    state: Literal["running", "done", "failed", "cancelled"] = "running"
+    waiting: bool = True  # for the pass (another job holds it)
     report: ReplayReport = field(default_factory=ReplayReport)
     listed: list[DeadLetterView] = field(default_factory=list)
     error: str = ""
@@ -78,23 +96,43 @@ class Jobs:
         rate: float,
         limit: int = 0,
     ) -> Job:
-        """Start a job; it runs after every pass over the DLQ already begun."""
+        """Start a job; it runs after every pass over the DLQ already begun.
+
+        Raises Refused for a rate outside MIN_RATE..MAX_RATE or when MAX_PENDING jobs are
+        already running or waiting.
+        """
+        if not MIN_RATE <= rate <= MAX_RATE:
+            raise Refused(400, f"the rate must be {MIN_RATE} to {MAX_RATE:.0f} messages/s")
+        if len(self._tasks) >= MAX_PENDING:
+            raise Refused(
+                429,
+                f"{len(self._tasks)} actions are already running or waiting: "
+                "wait for one to end, then try again",
+            )
         job = Job(
             f"{int(time.time())}-{next(self._ids)}",
             kind,
             principal.subject,
             selection,
             dry_run,
-            min(max(rate, 0.0), MAX_RATE),
+            rate,
             limit,
         )
         self._jobs[job.id] = job
         for old in list(self._jobs)[:-JOBS_KEPT]:
             del self._jobs[old]
-        task = asyncio.create_task(self._run(job, principal), name=f"console-{kind}")
+        _audit_start(job, principal)
+        self._reader.reserve(job.id, job.kind, job.report)
+        task = asyncio.create_task(self._run(job), name=f"console-{kind}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # The end is recorded here, not in _run: a task cancelled before it began never runs.
+        task.add_done_callback(partial(self._ended, job, principal))
         return job
+
+    def queued(self, job: Job) -> bool:
+        """Whether ``job`` waits behind another (its POST then answers at once)."""
+        running = self._reader.running
+        return running is not None and running.job_id != job.id
 
     def get(self, job_id: str) -> Job | None:
         """A job by id."""
@@ -112,7 +150,7 @@ class Jobs:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _run(self, job: Job, principal: Principal) -> None:
+    async def _run(self, job: Job) -> None:
         def listed(message: Message, chosen: bool) -> None:
             if chosen and len(job.listed) < LISTED_PER_JOB:
                 job.listed.append(DeadLetterView.of(message))
@@ -120,8 +158,9 @@ class Jobs:
         reader = self._reader
         try:
             async with reader.passes:
+                job.waiting = False
                 if job.kind == "replay":
-                    job.report = await replay(
+                    await replay(
                         reader.sqs,
                         reader.dlq_url,
                         reader.queue_url,
@@ -130,9 +169,10 @@ class Jobs:
                         dry_run=job.dry_run,
                         limit=job.limit,
                         on_message=listed,
+                        report=job.report,
                     )
                 else:
-                    job.report = await discard(
+                    await discard(
                         reader.sqs,
                         reader.dlq_url,
                         job.selection,
@@ -140,15 +180,36 @@ class Jobs:
                         dry_run=job.dry_run,
                         limit=job.limit,
                         on_message=listed,
+                        report=job.report,
                     )
             job.state = "done"
+        except asyncio.CancelledError:
+            job.state = "cancelled"  # the process is stopping: replay released what it held
+            raise
         except Exception as exc:
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"[:300]
-        finally:
-            if not job.dry_run:
-                reader.invalidate()
-            job.ended.set()
-            _audit(job, principal)
+
+    def _ended(self, job: Job, principal: Principal, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if job.state == "running":  # cancelled before it began
+            job.state = "cancelled"
+        report = job.report
+        changed = not job.dry_run and (report.moved > 0 or report.failed > 0)
+        self._reader.release(job.id, changed=changed)
+        job.ended.set()
+        _audit(job, principal)
+
+
+def _audit_start(job: Job, principal: Principal) -> None:
+    audit(
+        principal,
+        f"{job.kind}_started",
+        filter=job.described_filter(),
+        dry_run=job.dry_run,
+        rate=job.rate,
+        limit=job.limit,
+        job=job.id,
+    )
 
 
 def _audit(job: Job, principal: Principal) -> None:
@@ -160,8 +221,10 @@ def _audit(job: Job, principal: Principal) -> None:
         dry_run=job.dry_run,
         rate=job.rate,
         count=report.chosen if job.dry_run else report.moved,
+        examined=report.examined,
         matched=report.matched,
         failed=report.failed,
+        skipped=report.skipped,
         outcome=job.state if not job.error else f"failed: {job.error}",
         job=job.id,
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from ..app import required_secrets, token_verifier
 from ..aws import open_client
@@ -25,7 +26,17 @@ from ..state import VERIFIER as API_VERIFIER
 from . import auth
 from .actions import Jobs
 from .deadletters import DeadLetterReader
-from .keys import COURIER, CSRF_KEY, DEAD_LETTERS, JOBS, QUEUES, SAMPLER, SECRET_INFO, VERIFIER
+from .keys import (
+    COURIER,
+    CSRF_KEY,
+    DEAD_LETTERS,
+    JOBS,
+    QUEUES,
+    SAMPLER,
+    SECRET_INFO,
+    SESSIONS,
+    VERIFIER,
+)
 from .queues import QueueStats
 from .sampler import CounterSampler
 from .secretinfo import SecretInfo
@@ -44,9 +55,13 @@ CONTENT_SECURITY_POLICY = (
 
 def create_console_app(courier: web.Application) -> web.Application:
     """The console for a started courier application (its resources are open)."""
-    app = web.Application(middlewares=[auth.require_admin], client_max_size=64 * 1024)
+    app = web.Application(
+        middlewares=[_own_host_only(courier[SETTINGS].console.host), auth.require_admin],
+        client_max_size=64 * 1024,
+    )
     app[COURIER] = courier
     app[CSRF_KEY] = secrets.token_bytes(32)
+    app[SESSIONS] = auth.Sessions()
     app[VERIFIER] = courier[API_VERIFIER] if API_VERIFIER in courier else token_verifier(courier)
     environment = aiohttp_jinja2.setup(
         app,
@@ -62,6 +77,27 @@ def create_console_app(courier: web.Application) -> web.Application:
         view.setup(app)
     app.cleanup_ctx.append(_resources)
     return app
+
+
+def _own_host_only(bind_host: str) -> Middleware:
+    """Refuse (421) a request whose Host names another machine: DNS rebinding.
+
+    A page on evil.example can point its name at 127.0.0.1 and reach this port; its Host
+    header still says evil.example. Only the host name is checked, not the port: an SSM
+    forward may listen on another local port. Bound to every address, any name is ours.
+    """
+    names = {"127.0.0.1", "localhost", "::1", bind_host.lower()}
+    open_to_all = bind_host in ("", "0.0.0.0", "::")  # noqa: S104 (a check, not a bind)
+
+    @web.middleware
+    async def own_host(request: web.Request, handler: auth.Handler) -> web.StreamResponse:
+        host = (request.host or "").lower()
+        name = host[1:].split("]", 1)[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+        if open_to_all or name in names:
+            return await handler(request)
+        return web.Response(status=421, text="this console answers only to its own address")
+
+    return own_host
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:

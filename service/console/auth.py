@@ -1,11 +1,13 @@
-"""Console sign-in: a ``mailbox:admin`` token pasted once and kept in a cookie; CSRF on POSTs.
+"""Console sign-in: a ``mailbox:admin`` token pasted once, kept server-side; CSRF on POSTs.
 
 - Tokens are verified by the API's own ``TokenVerifier`` (same keys, issuer, audience and
   leeway) on every request, so an expired or revoked-key token stops working at once.
-- The cookie holds the token: HttpOnly (no script reads it), SameSite=Strict (no other site
-  sends it), Secure when the console is reached over TLS, Path=/, and it lives no longer than
-  the token's ``exp``.
-- Every POST but the login carries ``csrf`` = HMAC(per-process key, token): a request without
+- The cookie holds an opaque random session id, never the token: browsers send a cookie of
+  127.0.0.1 to every port of it (the API, stubs, any local server during an SSM forward), and
+  any of those can set one. The token stays in this process (``Sessions``: bounded, pruned).
+  The cookie is HttpOnly, SameSite=Strict, Path=/, no longer than the token's ``exp``, and
+  over TLS Secure with the ``__Host-`` prefix (no Domain, so no other host can set it).
+- Every POST but the login carries ``csrf`` = HMAC(per-process key, session id): a request without
   it, or with another one, gets 403 before any handler runs. The login form itself uses a
   double-submit nonce (a short-lived cookie equal to its hidden field), since there is no
   session yet to bind to.
@@ -20,14 +22,17 @@ import hmac
 import logging
 import secrets
 import time
+import unicodedata
+import urllib.parse
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 import aiohttp_jinja2
 from aiohttp import web
 
-from ..api.auth import AuthError, Principal
+from ..api.auth import MAX_TOKEN_BYTES, AuthError, Principal
 from ..errors import CourierError
-from .keys import CSRF, CSRF_KEY, PRINCIPAL, VERIFIER
+from .keys import CSRF, CSRF_KEY, PRINCIPAL, SESSION, SESSIONS, VERIFIER
 
 log = logging.getLogger("courier.console")
 
@@ -35,15 +40,63 @@ ADMIN_SCOPE = "mailbox:admin"
 # Seeing personal fields of a decrypted event: a separate scope, and audit-logged.
 UNMASK_SCOPE = "mailbox:admin-unmask"
 COOKIE = "courier_console"
+# Over TLS: a cookie only this host (no Domain), Path=/ and Secure can set.
+SECURE_COOKIE = "__Host-courier_console"
 LOGIN_COOKIE = "courier_console_login"
 LOGIN_NONCE_SECONDS = 600
-MAX_TOKEN_CHARS = 8192
+# The pasted token: the API's own bound (the cookie holds only the session id now).
+MAX_TOKEN_CHARS = MAX_TOKEN_BYTES
+MAX_SESSIONS = 1000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def csrf_token(key: bytes, token: str) -> str:
-    """The CSRF token of a session: bound to its token, unforgeable without the process key."""
-    return hmac.new(key, token.encode(), hashlib.sha256).hexdigest()[:40]
+class Sessions:
+    """Signed-in sessions of this process: opaque id -> (token, expiry), oldest evicted."""
+
+    def __init__(self, limit: int = MAX_SESSIONS) -> None:
+        self._limit = limit
+        self._by_id: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def open(self, token: str, expires_at: float) -> str:
+        """A new session id for ``token`` (kept until ``expires_at``, epoch seconds)."""
+        now = time.time()
+        for stale in [sid for sid, (_, end) in self._by_id.items() if end <= now]:
+            del self._by_id[stale]
+        while len(self._by_id) >= self._limit:
+            self._by_id.popitem(last=False)
+        session_id = secrets.token_urlsafe(32)
+        self._by_id[session_id] = (token, expires_at)
+        return session_id
+
+    def token(self, session_id: str) -> str | None:
+        """The token of a live session; None for an unknown or expired one."""
+        found = self._by_id.get(session_id)
+        if found is None or found[1] <= time.time():
+            return None
+        return found[0]
+
+    def close(self, session_id: str) -> None:
+        """Forget a session (sign-out)."""
+        self._by_id.pop(session_id, None)
+
+
+def cookie_name(request: web.Request) -> str:
+    """The session cookie's name: ``__Host-`` prefixed when served over TLS."""
+    return SECURE_COOKIE if request.secure else COOKIE
+
+
+def session_token(request: web.Request) -> str:
+    """The token of the request's session ("" when it has none)."""
+    session_id = request.cookies.get(cookie_name(request), "")
+    return (request.app[SESSIONS].token(session_id) if session_id else None) or ""
+
+
+def csrf_token(key: bytes, session_id: str) -> str:
+    """The CSRF token of a session: bound to its id, unforgeable without the process key."""
+    return hmac.new(key, session_id.encode(), hashlib.sha256).hexdigest()[:40]
 
 
 def _public(request: web.Request) -> bool:
@@ -55,16 +108,18 @@ async def require_admin(request: web.Request, handler: Handler) -> web.StreamRes
     """Every page but the login page needs an admin token; every POST its CSRF token."""
     if _public(request):
         return await handler(request)
-    token = request.cookies.get(COOKIE, "")
+    session_id = request.cookies.get(cookie_name(request), "")
     try:
-        principal = await verify(request, token)
+        principal = await verify(request, session_token(request))
     except AuthError as exc:
-        return _refused(request, exc.status, exc.detail)
+        # No session at all is a first visit, not an error to show.
+        return _refused(request, exc.status, "" if exc.reason == "missing" else exc.detail)
     except CourierError as exc:
         # The signing key cannot be read (store down, secret missing): not the person's fault.
         return _refused(request, 503, f"tokens cannot be verified now: {type(exc).__name__}")
     request[PRINCIPAL] = principal
-    request[CSRF] = csrf_token(request.app[CSRF_KEY], token)
+    request[SESSION] = session_id
+    request[CSRF] = csrf_token(request.app[CSRF_KEY], session_id)
     if request.method not in ("GET", "HEAD"):
         form = await request.post()
         if not hmac.compare_digest(str(form.get("csrf", "")), request[CSRF]):
@@ -119,9 +174,14 @@ def login_page(request: web.Request, status: int = 200, detail: str = "") -> web
 
 def _next_path(path: str) -> str:
     # Only a path on this console: never an absolute or scheme-relative URL (open redirect).
-    # Browsers read a backslash as a slash: "/\\host" would be "//host".
-    local = path.startswith("/") and not path.startswith("//") and "\\" not in path
-    return path if local else "/"
+    # Browsers drop tabs and newlines from a URL and read a backslash as a slash, so
+    # "/\t/host" and "/\\host" would both be "//host": refuse any of them outright.
+    if any(char.isspace() or unicodedata.category(char).startswith("C") for char in path):
+        return "/"
+    if not path.startswith("/") or path.startswith(("//", "/\\")) or "\\" in path:
+        return "/"
+    parts = urllib.parse.urlsplit(path)
+    return "/" if parts.scheme or parts.netloc else path
 
 
 async def login_form(request: web.Request) -> web.StreamResponse:
@@ -136,6 +196,8 @@ async def login(request: web.Request) -> web.StreamResponse:
     if not nonce or not hmac.compare_digest(str(form.get("csrf", "")), nonce):
         return _forbidden(request, "the sign-in form expired or was not this console's: reload")
     token = str(form.get("token", "")).strip()
+    if not token:
+        return login_page(request, 401, "paste a token first")
     if len(token) > MAX_TOKEN_CHARS:
         return login_page(request, 401, "that token is too long")
     try:
@@ -150,11 +212,12 @@ async def login(request: web.Request) -> web.StreamResponse:
         return login_page(request, exc.status, exc.detail)
     target = _next_path(str(form.get("next", "/")))
     response = see_other("/" if target.startswith("/login") else target)
-    lifetime = int(principal.claims.get("exp", 0)) - int(time.time())
+    expires_at = float(principal.claims.get("exp", 0))
+    session_id = request.app[SESSIONS].open(token, expires_at)
     response.set_cookie(
-        COOKIE,
-        token,
-        max_age=max(lifetime, 1),
+        cookie_name(request),
+        session_id,
+        max_age=max(int(expires_at - time.time()), 1),
         path="/",
         httponly=True,
         samesite="Strict",
@@ -166,9 +229,11 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
-    """POST /logout: forget the session cookie."""
+    """POST /logout: forget the session, here and in the browser."""
+    request.app[SESSIONS].close(request[SESSION])
     response = see_other("/login")
-    response.del_cookie(COOKIE, path="/")
+    response.del_cookie(cookie_name(request), path="/", secure=request.secure)
+    audit(request[PRINCIPAL], "sign_out")
     return response
 
 

@@ -4,12 +4,15 @@ A read is ``courier replay --dry-run``'s own pass (``service.worker.replay.repla
 ``dry_run``): every message is received with a short listing visibility, looked at, and made
 visible again at the end, untouched. Reads are cached for ``ttl`` seconds and shared by
 concurrent pages (the DLQ is read once however many tabs are open), and one pass runs at a
-time: while an action (replay, discard) runs, pages show the last read.
+time. A page never waits for an action (replay, discard): while one runs or waits for the
+pass, pages get the last read marked stale, or, when there is none, an "unread" snapshot that
+says which action holds the DLQ and how far it got.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from typing import Any
 
 from ..worker.dlq import DeadLetterInfo
 from ..worker.outcomes import Message
-from ..worker.replay import ReplayFilter, replay
+from ..worker.replay import ReplayFilter, ReplayReport, replay
 
 # A read stops after this many messages: the pages say so, and actions by filter still reach
 # every message (they make their own pass).
@@ -79,12 +82,35 @@ class Group:
 
 
 @dataclass(frozen=True, slots=True)
+class Running:
+    """The action holding (or first waiting for) the DLQ, as a page tells of it."""
+
+    job_id: str
+    kind: str
+    examined: int
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """What one read of the DLQ found."""
 
     letters: tuple[DeadLetterView, ...]
     taken_at: float
     complete: bool  # False when the read stopped at MAX_READ
+    # Served while an action holds the DLQ: the read may no longer be true (``running`` says
+    # which action); with ``taken_at`` 0 there was no read to serve at all.
+    stale: bool = False
+    running: Running | None = None
+
+    @classmethod
+    def unread(cls, running: Running) -> Snapshot:
+        """No read to show: ``running`` holds the DLQ and the page does not wait for it."""
+        return cls((), 0.0, complete=False, stale=True, running=running)
+
+    @property
+    def absent(self) -> bool:
+        """Whether there was no read at all (an action held the DLQ before the first one)."""
+        return self.taken_at == 0.0
 
     def groups(self) -> list[Group]:
         """The groups, largest first."""
@@ -164,6 +190,9 @@ class DeadLetterReader:
         self._max_read = max_read
         self._ttl = ttl_seconds
         self._snapshot: Snapshot | None = None
+        self._stale = False  # an action changed the DLQ since the last read
+        # Actions started and not ended (running or waiting for the pass), oldest first.
+        self._actions: dict[str, tuple[str, ReplayReport]] = {}
         # One pass over the DLQ at a time: a read and a replay would hide messages from each other.
         self.passes = asyncio.Lock()
 
@@ -172,22 +201,55 @@ class DeadLetterReader:
         """The latest read, however old."""
         return self._snapshot
 
-    def invalidate(self) -> None:
-        """The next ``snapshot`` reads again (after an action changed the DLQ)."""
-        self._snapshot = None
+    @property
+    def running(self) -> Running | None:
+        """The oldest action not ended (it holds the pass, or is next), or None."""
+        for job_id, (kind, report) in self._actions.items():
+            return Running(job_id, kind, report.examined)
+        return None
+
+    def reserve(self, job_id: str, kind: str, report: ReplayReport) -> None:
+        """An action is about to take the pass: from now on pages stop reading the DLQ.
+
+        Called before the action waits for ``passes``, so a page that did not see it is
+        ahead of it in the lock's queue (the lock is FIFO) and waits for a read only.
+        """
+        self._actions[job_id] = (kind, report)
+
+    def release(self, job_id: str, *, changed: bool) -> None:
+        """The action ``job_id`` ended; when it ``changed`` the DLQ the next page reads again
+        (the last read stays, marked stale, for pages served while another action runs)."""
+        self._actions.pop(job_id, None)
+        self._stale = self._stale or changed
+
+    def mark_stale(self) -> None:
+        """The next ``snapshot`` reads again (when no action holds the DLQ)."""
+        self._stale = True
+
+    def _fresh(self) -> Snapshot | None:
+        current = self._snapshot
+        if current is None or self._stale or time.time() - current.taken_at >= self._ttl:
+            return None
+        return current
 
     async def snapshot(self) -> Snapshot:
-        """A read at most ``ttl`` seconds old; the last one while an action runs."""
-        current = self._snapshot
-        if current is not None and (
-            time.time() - current.taken_at < self._ttl or self.passes.locked()
-        ):
+        """A read at most ``ttl`` seconds old; never waits for an action (see the module)."""
+        running = self.running
+        if running is not None:
+            # The action may be changing the DLQ: whatever the read's age, it is not vouched for.
+            last = self._snapshot
+            if last is None:
+                return Snapshot.unread(running)
+            return dataclasses.replace(last, stale=True, running=running)
+        current = self._fresh()
+        if current is not None:
             return current
+        # Only another page's read can hold the pass now: share its result.
         async with self.passes:
-            current = self._snapshot
-            if current is None or time.time() - current.taken_at >= self._ttl:
-                current = await self._read()
-                self._snapshot = current
+            current = self._fresh()
+            if current is None:
+                current = self._snapshot = await self._read()
+                self._stale = False
             return current
 
     async def _read(self) -> Snapshot:

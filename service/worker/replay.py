@@ -109,8 +109,13 @@ async def replay(
     dry_run: bool = False,
     limit: int = 0,
     on_message: OnMessage | None = None,
+    report: ReplayReport | None = None,
 ) -> ReplayReport:
-    """Examine what the DLQ holds once through; move (or list) the matching messages."""
+    """Examine what the DLQ holds once through; move (or list) the matching messages.
+
+    The counts go into ``report`` (a new one when None) as the pass goes, so a caller can
+    show them while it runs; the same report is returned.
+    """
     move = partial(_move, sqs, dlq_url=dlq_url, queue_url=queue_url)
     return await _run(
         sqs,
@@ -121,6 +126,7 @@ async def replay(
         dry_run=dry_run,
         limit=limit,
         on_message=on_message,
+        report=report,
     )
 
 
@@ -133,6 +139,7 @@ async def discard(
     dry_run: bool = False,
     limit: int = 0,
     on_message: OnMessage | None = None,
+    report: ReplayReport | None = None,
 ) -> ReplayReport:
     """The pass of ``replay``, deleting the matching messages from the DLQ instead (for good)."""
     delete = partial(_delete, sqs, dlq_url=dlq_url)
@@ -145,6 +152,7 @@ async def discard(
         dry_run=dry_run,
         limit=limit,
         on_message=on_message,
+        report=report,
     )
 
 
@@ -158,8 +166,11 @@ async def _run(
     dry_run: bool,
     limit: int,
     on_message: OnMessage | None,
+    report: ReplayReport | None,
 ) -> ReplayReport:
     run = _Replay(sqs, dlq_url, action, selection, limit=limit, on_message=on_message)
+    if report is not None:
+        run.report = report
     limiter = _RateLimiter(rate_per_second)
     try:
         await run.examine(limiter, dry_run)

@@ -13,9 +13,9 @@ from ...envelope import EnvelopeCipher
 from ...errors import EnvelopeError
 from ...state import ENVELOPE, STATUS
 from ...status import StatusRecord
-from ..actions import Kind
-from ..auth import COOKIE, UNMASK_SCOPE, audit, see_other, verify
-from ..deadletters import DeadLetterReader, DeadLetterView, Snapshot, selection
+from ..actions import MAX_RATE, MIN_RATE, Kind, Refused
+from ..auth import UNMASK_SCOPE, audit, see_other, session_token, verify
+from ..deadletters import DeadLetterReader, DeadLetterView, Running, Snapshot, selection
 from ..keys import COURIER, DEAD_LETTERS, JOBS, PRINCIPAL
 from ..masking import masked_event
 from .common import page
@@ -23,7 +23,8 @@ from .common import page
 DEFAULT_RATE = 10.0
 # An action's POST answers once the job ends, or after this long with a page that follows it.
 ACTION_WAIT_SECONDS = 15.0
-LISTED = 500  # rows of the filtered list
+LISTED = 500  # rows of the filtered list (and the most a discard from it deletes)
+BUSY_REFRESH_SECONDS = 2
 
 
 def _reader(request: web.Request) -> DeadLetterReader:
@@ -37,9 +38,25 @@ def _filter(source: Any) -> dict[str, str]:
     return {name: str(source.get(name, "")).strip() for name in ("reason", "target", "op")}
 
 
+def _busy(request: web.Request, running: Running | None) -> web.Response:
+    """The page an unread DLQ gets while an action holds it: 503, refreshing itself."""
+    response = page(
+        request,
+        "dead_letters_busy.html",
+        "dead-letters",
+        status=503,
+        running=running,
+        refresh=BUSY_REFRESH_SECONDS,
+    )
+    response.headers["Retry-After"] = str(BUSY_REFRESH_SECONDS)
+    return response
+
+
 async def groups(request: web.Request) -> web.Response:
     """GET /dead-letters."""
     snapshot = await _reader(request).snapshot()
+    if snapshot.absent:
+        return _busy(request, snapshot.running)
     return page(
         request, "dead_letters.html", "dead-letters", snapshot=snapshot, groups=snapshot.groups()
     )
@@ -48,6 +65,8 @@ async def groups(request: web.Request) -> web.Response:
 async def listing(request: web.Request) -> web.Response:
     """GET /dead-letters/messages?reason=&target=&op=."""
     snapshot = await _reader(request).snapshot()
+    if snapshot.absent:
+        return _busy(request, snapshot.running)
     chosen = _filter(request.query)
     letters = snapshot.matching(**chosen)
     return page(
@@ -59,7 +78,17 @@ async def listing(request: web.Request) -> web.Response:
         total=len(letters),
         chosen=chosen,
         rate=DEFAULT_RATE,
+        min_rate=MIN_RATE,
+        max_rate=MAX_RATE,
     )
+
+
+class _Busy(Exception):
+    """A message not in the read served while an action holds the DLQ: perhaps it is there."""
+
+    def __init__(self, running: Running) -> None:
+        super().__init__("an action holds the DLQ")
+        self.running = running
 
 
 async def _letter(request: web.Request) -> tuple[DeadLetterView, Snapshot]:
@@ -67,10 +96,12 @@ async def _letter(request: web.Request) -> tuple[DeadLetterView, Snapshot]:
     message_id = request.match_info["message_id"]
     snapshot = await reader.snapshot()
     letter = snapshot.find(message_id)
-    if letter is None and not reader.passes.locked():
-        reader.invalidate()  # perhaps newer than the last read
+    if letter is None and snapshot.running is None:
+        reader.mark_stale()  # perhaps newer than the last read: read again
         snapshot = await reader.snapshot()
         letter = snapshot.find(message_id)
+    if letter is None and snapshot.running is not None:
+        raise _Busy(snapshot.running)
     if letter is None:
         raise web.HTTPNotFound(
             text=f"no message {message_id!r} in the DLQ (replayed or discarded?)"
@@ -80,16 +111,22 @@ async def _letter(request: web.Request) -> tuple[DeadLetterView, Snapshot]:
 
 async def message(request: web.Request) -> web.Response:
     """GET /dead-letters/messages/{message_id}: the masked event."""
-    letter, _ = await _letter(request)
+    try:
+        letter, _ = await _letter(request)
+    except _Busy as busy:
+        return _busy(request, busy.running)
     return await _message_page(request, letter, unmasked=False)
 
 
 async def unmask(request: web.Request) -> web.Response:
     """POST /dead-letters/messages/{message_id}/unmask: the event as sent (audit-logged)."""
-    letter, _ = await _letter(request)
+    try:
+        letter, _ = await _letter(request)
+    except _Busy as busy:
+        return _busy(request, busy.running)
     where = {"filter": {"message_ids": [letter.message_id]}, "request_id": letter.request_id}
     try:
-        principal = await verify(request, request.cookies.get(COOKIE, ""), UNMASK_SCOPE)
+        principal = await verify(request, session_token(request), UNMASK_SCOPE)
     except AuthError:
         audit(request[PRINCIPAL], "unmask", **where, count=0, outcome="refused: no scope")
         detail = f"showing personal fields needs a token with the scope {UNMASK_SCOPE}"
@@ -115,6 +152,8 @@ async def _message_page(
         record=record,
         record_error=record_error,
         rate=DEFAULT_RATE,
+        min_rate=MIN_RATE,
+        max_rate=MAX_RATE,
     )
 
 
@@ -143,11 +182,14 @@ async def _record(request: web.Request, request_id: str) -> tuple[StatusRecord |
 
 
 def _rate(form: Any) -> float:
+    """The form's rate (DEFAULT_RATE when it has none); Refused (400) when out of bounds."""
     try:
         rate = float(str(form.get("rate", DEFAULT_RATE)))
     except ValueError:
-        return DEFAULT_RATE
-    return rate if math.isfinite(rate) and rate > 0 else DEFAULT_RATE
+        rate = math.nan
+    if not (math.isfinite(rate) and MIN_RATE <= rate <= MAX_RATE):
+        raise Refused(400, f"the rate must be {MIN_RATE} to {MAX_RATE:.0f} messages/s")
+    return rate
 
 
 async def replay_action(request: web.Request) -> web.Response:
@@ -157,19 +199,20 @@ async def replay_action(request: web.Request) -> web.Response:
 
 
 async def discard_action(request: web.Request) -> web.Response:
-    """POST /dead-letters/discard: needs ``confirm`` = "discard N", and deletes what the page
-    showed: its N messages by id (the filter with a limit of N past the read's cap)."""
+    """POST /dead-letters/discard: needs ``confirm`` = "discard N", and deletes exactly what
+    the page showed: the N message ids its form carries (those still in the DLQ), no more."""
     form = await request.post()
     expected = str(form.get("expected", ""))
     if not expected.isdigit() or str(form.get("confirm", "")).strip() != f"discard {expected}":
         return _refused(request, 400, f"to discard, type exactly: discard {expected or 'N'}")
-    ids = [str(value) for value in form.getall("id", [])]
-    last = _reader(request).last
-    if not ids and last is not None and last.complete:
-        ids = [letter.message_id for letter in last.matching(**_filter(form))]
-        if len(ids) != int(expected):
-            return _refused(request, 409, "the DLQ changed since the page was read: reload it")
-    return await _start(request, "discard", form, dry_run=False, limit=int(expected), ids=ids)
+    ids = sorted({str(value) for value in form.getall("id", [])})
+    if not ids or len(ids) != int(expected):
+        detail = (
+            f"the form lists {len(ids)} messages and the confirmation says {expected}:"
+            " nothing was discarded; reload the page and confirm again"
+        )
+        return _refused(request, 409, detail)
+    return await _start(request, "discard", form, dry_run=False, limit=len(ids), ids=ids)
 
 
 def _refused(request: web.Request, status: int, detail: str) -> web.Response:
@@ -190,10 +233,14 @@ async def _start(
         ids = [str(value) for value in form.getall("id", [])]
     chosen = selection(**_filter(form), message_ids=ids, snapshot=reader.last)
     jobs = request.app[JOBS]
-    job = jobs.start(
-        kind, request[PRINCIPAL], chosen, dry_run=dry_run, rate=_rate(form), limit=limit
-    )
-    await jobs.wait(job, ACTION_WAIT_SECONDS)
+    try:
+        job = jobs.start(
+            kind, request[PRINCIPAL], chosen, dry_run=dry_run, rate=_rate(form), limit=limit
+        )
+    except Refused as refused:
+        return _refused(request, refused.status, refused.detail)
+    if not jobs.queued(job):  # behind another job: its page follows it from the start
+        await jobs.wait(job, ACTION_WAIT_SECONDS)
     return see_other(f"/actions/{job.id}")
 
 

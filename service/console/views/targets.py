@@ -34,13 +34,9 @@ class TargetRow:
 
 def _row(client: TargetClient, sampler: CounterSampler) -> TargetRow:
     rates = sampler.target_rates(client.name)
-    # The adaptive limiter (issue 16) when this build has it; else the fixed setting.
-    limiter = getattr(client, "limiter", None)
-    in_use = getattr(limiter, "in_use", None)
-    limit = getattr(limiter, "limit", client.settings.concurrency)
-    breaker = client.breaker
-    paused = getattr(client, "paused_for", None)
-    paused_seconds = paused() if callable(paused) else 0.0
+    limiter = client.limiter
+    paused = client.paused_for()
+    half_open_in = client.breaker.retry_after()
     return TargetRow(
         name=client.name,
         url=client.settings.url,
@@ -48,13 +44,14 @@ def _row(client: TargetClient, sampler: CounterSampler) -> TargetRow:
         error_rate="—" if rates.error_rate is None else f"{rates.error_rate:.1%}",
         p50=millis(rates.p50),
         p99=millis(rates.p99),
-        in_use="—" if in_use is None else str(in_use),
-        limit=str(limit),
-        waiting=str(getattr(limiter, "waiting", "—")),
-        constrained=bool(getattr(limiter, "constrained", False)),
-        circuit=breaker.state.name.lower().replace("_", "-"),
-        half_open_in=duration(breaker.retry_after()) if breaker.retry_after() else "",
-        paused_for=duration(paused_seconds) if paused_seconds else "",
+        in_use=str(limiter.in_use),
+        limit=str(limiter.limit),
+        waiting=str(limiter.waiting),
+        # The target's own flag: an open circuit or a pause holds delivery back as well.
+        constrained=client.constrained,
+        circuit=client.breaker.state.name.lower().replace("_", "-"),
+        half_open_in=duration(half_open_in) if half_open_in else "",
+        paused_for=duration(paused) if paused else "",
     )
 
 
