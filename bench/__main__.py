@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -466,16 +467,7 @@ def main() -> None:
     publish = (not args.quick) if args.publish is None else args.publish
     log(f"bench {mode.name}: {machine()}")
 
-    async def main_task() -> dict[str, Any]:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, task.cancel)  # unwinds every launcher's cleanup
-        return await run(mode, args.out, with_capacity=args.capacity)
-
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    result = asyncio.run(main_task())
+    result = _run_until_signalled(lambda: run(mode, args.out, with_capacity=args.capacity))
     write_outputs(result, args.out, publish)
     print()
     print(report.worker_table(result))
@@ -491,22 +483,29 @@ def main() -> None:
         print(capacity.table(result["capacity"]))
 
 
-def run_capacity_only(args: argparse.Namespace) -> None:
-    """``python -m bench --only capacity [--quick] [--publish]``."""
-    mode = capacity.QUICK if args.quick else capacity.FULL
-    publish = (not args.quick) if args.publish is None else args.publish
-    log(f"bench capacity {mode.name}: {machine()}")
+def _run_until_signalled(work: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """Run ``work()`` in a new event loop; SIGTERM or SIGINT cancels it, which unwinds every
+    launcher's cleanup (no emulator or courier process is left behind)."""
 
     async def main_task() -> dict[str, Any]:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, task.cancel)  # unwinds every launcher's cleanup
-        return await capacity_only(mode)
+            loop.add_signal_handler(signum, task.cancel)
+        return await work()
 
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    result = asyncio.run(main_task())
+    return asyncio.run(main_task())
+
+
+def run_capacity_only(args: argparse.Namespace) -> None:
+    """``python -m bench --only capacity [--quick] [--publish]``."""
+    mode = capacity.QUICK if args.quick else capacity.FULL
+    publish = (not args.quick) if args.publish is None else args.publish
+    log(f"bench capacity {mode.name}: {machine()}")
+
+    result = _run_until_signalled(lambda: capacity_only(mode))
     write_capacity_outputs(result, args.out, publish)
     print()
     print(capacity.table(result["capacity"]))

@@ -160,28 +160,17 @@ class Jobs:
             async with reader.passes:
                 job.waiting = False
                 if job.kind == "replay":
-                    await replay(
-                        reader.sqs,
-                        reader.dlq_url,
-                        reader.queue_url,
-                        job.selection,
-                        rate_per_second=job.rate,
-                        dry_run=job.dry_run,
-                        limit=job.limit,
-                        on_message=listed,
-                        report=job.report,
-                    )
+                    run = partial(replay, reader.sqs, reader.dlq_url, reader.queue_url)
                 else:
-                    await discard(
-                        reader.sqs,
-                        reader.dlq_url,
-                        job.selection,
-                        rate_per_second=job.rate,
-                        dry_run=job.dry_run,
-                        limit=job.limit,
-                        on_message=listed,
-                        report=job.report,
-                    )
+                    run = partial(discard, reader.sqs, reader.dlq_url)
+                await run(
+                    job.selection,
+                    rate_per_second=job.rate,
+                    dry_run=job.dry_run,
+                    limit=job.limit,
+                    on_message=listed,
+                    report=job.report,
+                )
             job.state = "done"
         except asyncio.CancelledError:
             job.state = "cancelled"  # the process is stopping: replay released what it held
