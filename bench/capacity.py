@@ -37,7 +37,9 @@ after the drain: messages retried, target call outcomes, circuit openings, limit
 CPU per message: user + system CPU of the courier processes during the drain / messages.
 
 The pure functions (timeline -> numbers) are at the top and tested in
-``tests/test_bench_capacity.py``; nothing here imports matplotlib (``bench.plots`` draws).
+``tests/test_bench_capacity.py``; the timeline arithmetic shared with chaos's legacy scenario
+(served, refused, latencies, peak, longest gap) is ``courier_testkit.timeline``, tested in
+``tests/test_testkit_timeline.py``. Nothing here imports matplotlib (``bench.plots`` draws).
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ import signal
 import statistics
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from bench import report, workload
 from bench.workers import percentile
@@ -61,6 +63,17 @@ from courier_testkit.aws import AwsStack, plain_client
 from courier_testkit.courier import CourierProcess, courier_process
 from courier_testkit.events import Event
 from courier_testkit.stubs import StubProcess, stub_process
+from courier_testkit.timeline import (
+    OVERLOAD_STATUSES,
+    TimelineEntry,
+    first_with_status,
+    latencies,
+    longest_gap,
+    peak,
+    refused,
+    served,
+    since,
+)
 from service.settings import Settings, TargetSettings
 
 TARGET = "legacy"
@@ -71,7 +84,6 @@ MAX_GOODPUT = K / LATENCY_SECONDS  # 160 effects/s
 PROCESSES = 3
 CEILING = 32  # concurrency: the adaptive ceiling, and the fixed limit of the "fixed" run
 RETRY_AFTER_SECONDS = 5.0  # the 429 run's Retry-After
-OVERLOAD_STATUSES = (429, 503)
 BIN_SECONDS = 0.5
 DIP_MAX_SECONDS = 2.0  # retry_after: the overload lasts until every process paused, or this
 SETTLE_SECONDS = 0.3  # after readiness, before the pause: the pollers are polling
@@ -114,115 +126,28 @@ FULL = CapacityMode("full", 20.0, 90.0, 8.0, 16.0, 1600, 2.0, 4000, 5.0, 0.25, 9
 # -- the pure part: timelines and samples to numbers --------------------------------------------
 
 
-class Call(NamedTuple):
-    """One call as the stub saw it (monotonic seconds; ``waited``: seconds in its queue)."""
-
-    arrival: float
-    end: float
-    status: int
-    waited: float
-
-
-def parse_timeline(document: Any, *, wall_offset: float | None = None) -> list[Call]:
-    """The calls of a ``GET /_stub/timeline`` answer, in arrival order.
-
-    Accepts a list, or an object holding it under ``timeline`` or ``calls``; each entry
-    ``[arrival, end, status, waited]`` or an object with those keys. Times on the wall clock
-    (a stub that used ``time.time()``) are moved to the monotonic clock with ``wall_offset``
-    (``time.time() - time.monotonic()``, taken now when not given).
-    """
-    entries = document
-    if isinstance(document, Mapping):
-        entries = document.get("timeline", document.get("calls", []))
-    calls = []
-    for entry in entries:
-        if isinstance(entry, Mapping):
-            values = [entry["arrival"], entry["end"], entry["status"], entry.get("waited", 0)]
-        else:
-            values = list(entry) + [0.0] * (4 - len(entry))
-        waited = values[3]
-        calls.append(Call(float(values[0]), float(values[1]), int(values[2]), float(waited or 0)))
-    if calls and statistics.median(c.arrival for c in calls) > 1e9:
-        offset = time.time() - time.monotonic() if wall_offset is None else wall_offset
-        calls = [c._replace(arrival=c.arrival - offset, end=c.end - offset) for c in calls]
-    return sorted(calls)
-
-
-def since(calls: Iterable[Call], t0: float) -> list[Call]:
-    """The calls that arrived at or after ``t0``."""
-    return [c for c in calls if c.arrival >= t0]
-
-
-def ok(calls: Iterable[Call]) -> list[Call]:
-    """The calls answered 2xx (effects)."""
-    return [c for c in calls if 200 <= c.status < 300]
-
-
-def refused(calls: Iterable[Call]) -> list[Call]:
-    """The calls the target refused as overloaded (429 or 503)."""
-    return [c for c in calls if c.status in OVERLOAD_STATUSES]
-
-
-def goodput(calls: Sequence[Call], t0: float) -> tuple[float, float]:
+def goodput(calls: Sequence[TimelineEntry], t0: float) -> tuple[float, float]:
     """(2xx answers per second from ``t0`` to the last 2xx end, seconds to that end)."""
-    served = ok(calls)
-    if not served:
+    ok = served(calls)
+    if not ok:
         return 0.0, float("nan")
-    last = max(c.end for c in served)
+    last = max(c.end for c in ok)
     elapsed = max(1e-6, last - t0)
-    return len(served) / elapsed, elapsed
+    return len(ok) / elapsed, elapsed
 
 
-def steady_goodput(calls: Sequence[Call]) -> float:
+def steady_goodput(calls: Sequence[TimelineEntry]) -> float:
     """2xx answers per second between the 10th and the 90th percentile of their ends."""
-    ends = sorted(c.end for c in ok(calls))
+    ends = sorted(c.end for c in served(calls))
     if len(ends) < 20:
         return float("nan")
     low, high = len(ends) // 10, (len(ends) * 9) // 10
     return (high - low) / max(1e-6, ends[high] - ends[low])
 
 
-def latencies(calls: Iterable[Call]) -> list[float]:
-    """end - arrival of the served (2xx) calls, seconds: what the target's clients wait."""
-    return [c.end - c.arrival for c in ok(calls)]
-
-
-def peak_concurrency(calls: Iterable[Call]) -> int:
-    """The most calls open at the target at once (refused ones included while open).
-
-    A call ending at the instant another arrives is not counted with it.
-    """
-    events = sorted(
-        [(c.arrival, 1) for c in calls] + [(c.end, -1) for c in calls],
-        key=lambda e: (e[0], e[1]),
-    )
-    open_, peak = 0, 0
-    for _, change in events:
-        open_ += change
-        peak = max(peak, open_)
-    return peak
-
-
-def longest_gap(calls: Sequence[Call], start: float) -> tuple[float, float]:
-    """(the longest time without a call arriving, counted from ``start``; when it began).
-
-    The gaps are between ``start`` and the first arrival after it, and between consecutive
-    arrivals after it (the time after the last arrival is not a gap: the run was over).
-    """
-    times = sorted([start] + [c.arrival for c in calls if c.arrival > start])
-    best, began = 0.0, start
-    for before, after in itertools.pairwise(times):
-        if after - before > best:
-            best, began = after - before, before
-    return best, began
-
-
-def first_refusal(calls: Sequence[Call], status: int) -> Call | None:
-    """The first call (by arrival) answered ``status``."""
-    return next((c for c in sorted(calls) if c.status == status), None)
-
-
-def bins(calls: Sequence[Call], t0: float, width: float = BIN_SECONDS) -> dict[str, list[float]]:
+def bins(
+    calls: Sequence[TimelineEntry], t0: float, width: float = BIN_SECONDS
+) -> dict[str, list[float]]:
     """Per ``width`` seconds from ``t0`` (by a call's end): 2xx/s, refused/s, p50 and p99 ms.
 
     Latency is NaN in a bin with no served call.
@@ -305,11 +230,7 @@ def settle_seconds(series: Mapping[str, Sequence[float]], after: float, ceiling_
 
 def metric(samples: Mapping[Any, float], name: str, **labels: str) -> float:
     """The sum of the ``name`` samples of a ``CourierProcess.metrics()`` answer with ``labels``."""
-    total = 0.0
-    for (sample, pairs), value in samples.items():
-        if sample == name and all(dict(pairs).get(k) == v for k, v in labels.items()):
-            total += value
-    return total
+    return sum(by_label(samples, name, "", **labels).values())
 
 
 def by_label(
@@ -352,7 +273,7 @@ def counter_deltas(
     }
 
 
-def drain_summary(calls: Sequence[Call], t0: float, unloaded_ms: float) -> dict[str, Any]:
+def drain_summary(calls: Sequence[TimelineEntry], t0: float, unloaded_ms: float) -> dict[str, Any]:
     """What a drain did at the target: goodput, latency, refusals, concurrency."""
     rate, elapsed = goodput(calls, t0)
     served = latencies(calls)
@@ -374,7 +295,7 @@ def drain_summary(calls: Sequence[Call], t0: float, unloaded_ms: float) -> dict[
         "refused": turned_away,
         "refused_share": turned_away / len(calls) if calls else float("nan"),
         "queued_share": sum(1 for c in calls if c.waited > 0) / len(calls) if calls else 0.0,
-        "peak_concurrent": peak_concurrency(calls),
+        "peak_concurrent": peak(calls, include_refused=True),
     }
 
 
@@ -635,9 +556,9 @@ def worker_settings(rig: Rig, queue: Any, **target: Any) -> Settings:
     )
 
 
-async def timeline(stubs: StubProcess) -> list[Call]:
-    """Every call the target recorded (``GET /_stub/timeline``)."""
-    return parse_timeline([list(entry) for entry in await stubs.timeline(TARGET)])
+async def timeline(stubs: StubProcess) -> list[TimelineEntry]:
+    """Every call the target recorded (``GET /_stub/timeline``), in arrival order."""
+    return sorted(await stubs.timeline(TARGET))
 
 
 async def _delivered(stubs: StubProcess) -> int:
@@ -928,8 +849,8 @@ async def run_retry_after(rig: Rig, events: Sequence[Event]) -> dict[str, Any]:
     target = {"limit": "adaptive", "concurrency": CEILING}
     done = await drain(rig, "retry_after", events, behaviour, target, window=rig.mode.window_seconds, during=overload)  # fmt: skip
     run: dict[str, Any] = done["run"]
-    calls: list[Call] = done["calls"]
-    first = first_refusal(calls, 429)
+    calls: list[TimelineEntry] = done["calls"]
+    first = first_with_status(calls, 429)
     gap, began = longest_gap(calls, first.arrival) if first else (float("nan"), float("nan"))
     ts = run["samples"]["t"]
     paused = [round(held_seconds(ts, series), 2) for series in run["samples"]["paused"].values()]
@@ -986,7 +907,7 @@ async def run_fleet_cap(rig: Rig, events: Sequence[Event]) -> dict[str, Any]:
     window = rig.mode.window_seconds + 2 * wait
     done = await drain(rig, "fleet_cap", events, behaviour, target, window=window, start_processes=PROCESSES - 1, during=join)  # fmt: skip
     run: dict[str, Any] = done["run"]
-    calls: list[Call] = done["calls"]
+    calls: list[TimelineEntry] = done["calls"]
     t0: float = done["t0"]
     joined = done["side"] if done["side"] is not None else float("nan")
     run["join_wait_s"] = wait
@@ -995,7 +916,7 @@ async def run_fleet_cap(rig: Rig, events: Sequence[Event]) -> dict[str, Any]:
     run["goodput_calling"] = goodput(calls, calls[0].arrival)[0] if calls else 0.0
     run["peak_concurrent"] = run["target"]["peak_concurrent"]
     late = [c for c in calls if c.end >= t0 + joined] if joined == joined else []
-    run["peak_after_join"] = peak_concurrency(late)
+    run["peak_after_join"] = peak(late, include_refused=True)
     shares = summed(run["samples"], "share")
     run["summed_share_max"] = max(shares, default=float("nan"))
     # While the joiner counts in the others' views but waits out its own join wait.

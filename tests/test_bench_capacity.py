@@ -10,33 +10,15 @@ import math
 import pytest
 
 from bench import capacity
-from bench.capacity import Call
+from courier_testkit.timeline import TimelineEntry
 
 
-def served(arrival: float, seconds: float = 0.1, waited: float = 0.0) -> Call:
-    return Call(arrival, arrival + seconds, 200, waited)
+def served(arrival: float, seconds: float = 0.1, waited: float = 0.0) -> TimelineEntry:
+    return TimelineEntry(arrival, arrival + seconds, 200, waited, "/legacy")
 
 
-def turned_away(arrival: float, status: int = 503) -> Call:
-    return Call(arrival, arrival + 0.001, status, 0.0)
-
-
-def test_a_timeline_is_read_from_lists_or_objects_in_arrival_order() -> None:
-    document = {
-        "timeline": [
-            [2.0, 2.1, 200, 0.0],
-            {"arrival": 1.0, "end": 1.3, "status": 503, "waited": 0.2},
-        ]
-    }
-    assert capacity.parse_timeline(document) == [Call(1.0, 1.3, 503, 0.2), Call(2.0, 2.1, 200, 0.0)]
-    assert capacity.parse_timeline([[1.0, 1.1, 429]]) == [Call(1.0, 1.1, 429, 0.0)]
-
-
-def test_wall_clock_times_are_moved_to_the_monotonic_clock() -> None:
-    calls = capacity.parse_timeline(
-        [[1_700_000_010.0, 1_700_000_010.5, 200, 0]], wall_offset=1_700_000_000.0
-    )
-    assert calls == [Call(10.0, 10.5, 200, 0.0)]
+def turned_away(arrival: float, status: int = 503) -> TimelineEntry:
+    return TimelineEntry(arrival, arrival + 0.001, status, 0.0, "/legacy")
 
 
 def test_goodput_counts_2xx_from_the_resume_to_the_last_2xx() -> None:
@@ -55,11 +37,6 @@ def test_steady_goodput_leaves_out_the_first_and_last_tenth() -> None:
     assert math.isnan(capacity.steady_goodput(calls[:5]))
 
 
-def test_latency_is_of_served_calls_only_and_includes_the_queue_wait() -> None:
-    calls = [served(0.0, 0.1), served(0.0, 0.25, waited=0.15), turned_away(0.0)]
-    assert sorted(capacity.latencies(calls)) == pytest.approx([0.1, 0.25])
-
-
 def test_drain_summary_reports_p99_refused_share_and_the_ratio_to_unloaded() -> None:
     # 99 calls at 100 ms, one at 300 ms (nearest-rank p99 of 100 values is the 99th: 100 ms
     # would hide nothing here, so use 2 slow ones), 100 refused: 1/3 of all calls.
@@ -73,34 +50,6 @@ def test_drain_summary_reports_p99_refused_share_and_the_ratio_to_unloaded() -> 
     assert summary["p99_ms"] == pytest.approx(300.0)
     assert summary["p99_over_unloaded"] == pytest.approx(3.0)
     assert summary["statuses"] == {"200": 100, "503": 50}
-
-
-def test_peak_concurrency_counts_overlaps_not_back_to_back_calls() -> None:
-    back_to_back = [Call(0.0, 1.0, 200, 0), Call(1.0, 2.0, 200, 0), Call(2.0, 3.0, 200, 0)]
-    assert capacity.peak_concurrency(back_to_back) == 1
-    overlapping = [Call(0.0, 1.0, 200, 0), Call(0.5, 1.5, 200, 0), Call(0.9, 1.2, 503, 0)]
-    assert capacity.peak_concurrency(overlapping) == 3
-    assert capacity.peak_concurrency([]) == 0
-
-
-def test_the_longest_gap_after_a_429_starts_at_its_arrival() -> None:
-    calls = [
-        served(0.0),
-        served(0.5),
-        turned_away(1.0, 429),
-        served(1.01),
-        served(6.2),
-        served(6.3),
-    ]
-    first = capacity.first_refusal(calls, 429)
-    assert first is not None
-    assert first.arrival == 1.0
-    gap, began = capacity.longest_gap(calls, first.arrival)
-    assert gap == pytest.approx(5.19)
-    assert began == pytest.approx(1.01)
-    # Nothing after the start: no gap (the end of the run is not one).
-    assert capacity.longest_gap(calls, 7.0) == (0.0, 7.0)
-    assert capacity.first_refusal(calls, 418) is None
 
 
 def test_bins_give_rates_and_latency_per_half_second() -> None:

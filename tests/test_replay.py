@@ -9,11 +9,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import boto3
+
 from service.aws import AwsClients
 from service.bootstrap import Resources
-from service.settings import QueueSettings, Settings
+from service.settings import AwsSettings, QueueSettings, Settings
 from service.worker.dlq import DeadLetterInfo
-from service.worker.replay import ReplayFilter, replay
+from service.worker.outcomes import Message
+from service.worker.replay import ReplayFilter, discard, replay
 from tests.chain import eventually, mailbox, plant, receive_all, run_cli, running_chain
 
 # (reason, target) of the planted dead letters
@@ -163,6 +166,29 @@ async def test_nothing_leaves_the_dlq_when_the_send_fails(
     visible, in_flight = await depth(aws, fresh.dlq_url)
     assert visible + in_flight == 6  # every copy still in the DLQ
     assert await depth(aws, fresh.queue_url) == (0, 0)
+
+
+async def test_discard_counts_a_refused_delete_as_failed_and_carries_on(
+    aws: AwsClients, fresh: Resources, aws_settings: AwsSettings
+) -> None:
+    await plant_dead_letters(aws, fresh.dlq_url)
+    # Someone else's client: it purges the DLQ while the pass holds the messages it received,
+    # so SQS refuses the deletes of every one but the first (ReceiptHandleIsInvalid).
+    other = boto3.client(
+        "sqs", region_name=aws_settings.region, endpoint_url=aws_settings.endpoint_for("sqs")
+    )
+    listed: list[str] = []
+
+    def purge_on_the_second(message: Message, chosen: bool) -> None:
+        listed.append(message.message_id)
+        if len(listed) == 2:
+            other.purge_queue(QueueUrl=fresh.dlq_url)
+
+    report = await discard(aws.sqs, fresh.dlq_url, ReplayFilter(), on_message=purge_on_the_second)
+    # Every message examined and tried: the failed deletes did not end the pass.
+    assert counts(report) == (6, 6, 1, 0, 5, 5)
+    assert report.chosen == 6
+    assert await depth(aws, fresh.dlq_url) == (0, 0)
 
 
 async def test_cli_dry_run_then_replay(

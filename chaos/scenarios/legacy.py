@@ -43,6 +43,7 @@ from chaos.scenarios.common import Fleet, Scale, Scenario, metric, run_id
 from chaos.scenarios.planted import preload, sealed_messages
 from courier_testkit.courier import CourierProcess
 from courier_testkit.stubs import DEFAULT_BEHAVIOUR
+from courier_testkit.timeline import in_window, latencies, peak, refused, served
 from service.settings import Settings, TargetSettings
 from service.stubs.base import TimelineEntry
 
@@ -50,7 +51,6 @@ LEGACY = "billing"
 PROCESSES = 3
 IN_FLIGHT_GRACE = 0.3  # seconds after the first 429 in which calls already started may arrive
 PAUSE_TOLERANCE = 0.25  # a pause may end this much before Retry-After (clocks, rounding)
-OVERLOAD = (503, 429)
 SAMPLE_SECONDS = 0.5
 LIMIT = "courier_target_concurrency_limit"
 # Planted per phase: this many times what the target can serve in the phase, so it never idles.
@@ -143,48 +143,22 @@ def path_of(index: int) -> str:
     return f"/{LEGACY}/p{index}"
 
 
-def in_window(
-    entries: Iterable[TimelineEntry], start: float, end: float = math.inf
-) -> list[TimelineEntry]:
-    """The calls that arrived and were answered in [start, end): a call that straddles a
-    change of behaviour belongs to neither side (e.g. one that arrived before the 429s began
-    but was answered 429 is no refusal for capacity)."""
-    return [e for e in entries if start <= e.arrival and e.end < end]
-
-
-def served(entries: Iterable[TimelineEntry]) -> list[TimelineEntry]:
-    return [e for e in entries if 200 <= e.status < 300]
-
-
 def measure(
     entries: Sequence[TimelineEntry], seconds: float, capacity: int, latency: float
 ) -> dict[str, Any]:
     """Goodput, refused share and p99 latency at the target of the calls in one window."""
     ok = served(entries)
-    refused = sum(1 for e in entries if e.status in OVERLOAD)
-    p99 = verify.percentile([e.end - e.arrival for e in ok], 99)
+    turned_away = len(refused(entries))
+    p99 = verify.percentile(latencies(entries), 99)
     goodput = len(ok) / seconds if seconds > 0 else 0.0
     return {
         "calls": len(entries),
         "goodput_per_s": round(goodput, 1),
         "goodput_of_max": round(goodput / (capacity / latency), 3),
-        "refused_share": round(refused / len(entries), 4) if entries else 0.0,
+        "refused_share": round(turned_away / len(entries), 4) if entries else 0.0,
         "p99_at_target_ms": round(1000 * p99, 1),
         "p99_vs_unloaded": round(p99 / latency, 2),
     }
-
-
-def peak_open(entries: Iterable[TimelineEntry]) -> int:
-    """Most calls open at once by the timeline (arrival to end), queued ones included."""
-    events = sorted(
-        [(e.arrival, 1) for e in entries if e.status not in OVERLOAD]
-        + [(e.end, -1) for e in entries if e.status not in OVERLOAD]
-    )
-    open_now = peak = 0
-    for _, step in events:  # an end sorts before an arrival at the same instant
-        open_now += step
-        peak = max(peak, open_now)
-    return peak
 
 
 def pauses_after_first_429(
@@ -390,9 +364,9 @@ class LegacyPhases(Scenario):
     def _halved(self, row: Row) -> None:
         sizes, marks = self.sizes, self.marks
         window = in_window(self.timeline, marks["b"], marks["c"])
-        refused = [e.arrival for e in window if e.status in OVERLOAD]
+        refused_at = [e.arrival for e in refused(window)]
         half = (marks["c"] - marks["b"]) / 2
-        row.recover_s = round(max(refused) - marks["b"], 2) if refused else 0.0
+        row.recover_s = round(max(refused_at) - marks["b"], 2) if refused_at else 0.0
         row.notes.update(
             measure(window, marks["c"] - marks["b"], max(1, sizes.capacity // 2), sizes.latency),
             capacity=f"{sizes.capacity} -> {max(1, sizes.capacity // 2)}",
@@ -584,7 +558,9 @@ class FleetCap(Scenario):
                 joiner_first_call_after_start_s=None
                 if joiner is None
                 else round(joiner - self.joined_at, 1),
-                peak_after_scale_out=peak_open(in_window(self.timeline, self.joined_at)),
+                peak_after_scale_out=peak(
+                    in_window(self.timeline, self.joined_at), include_refused=False
+                ),
             )
             row.check(joiner is not None, "the process that joined never called the target")
 

@@ -117,17 +117,8 @@ async def replay(
     show them while it runs; the same report is returned.
     """
     move = partial(_move, sqs, dlq_url=dlq_url, queue_url=queue_url)
-    return await _run(
-        sqs,
-        dlq_url,
-        selection,
-        move,
-        rate_per_second=rate_per_second,
-        dry_run=dry_run,
-        limit=limit,
-        on_message=on_message,
-        report=report,
-    )
+    run = _Replay(sqs, dlq_url, move, selection, limit=limit, on_message=on_message, report=report)
+    return await run.run(rate_per_second, dry_run)
 
 
 async def discard(
@@ -143,40 +134,10 @@ async def discard(
 ) -> ReplayReport:
     """The pass of ``replay``, deleting the matching messages from the DLQ instead (for good)."""
     delete = partial(_delete, sqs, dlq_url=dlq_url)
-    return await _run(
-        sqs,
-        dlq_url,
-        selection,
-        delete,
-        rate_per_second=rate_per_second,
-        dry_run=dry_run,
-        limit=limit,
-        on_message=on_message,
-        report=report,
+    run = _Replay(
+        sqs, dlq_url, delete, selection, limit=limit, on_message=on_message, report=report
     )
-
-
-async def _run(
-    sqs: Any,
-    dlq_url: str,
-    selection: ReplayFilter,
-    action: Action,
-    *,
-    rate_per_second: float,
-    dry_run: bool,
-    limit: int,
-    on_message: OnMessage | None,
-    report: ReplayReport | None,
-) -> ReplayReport:
-    run = _Replay(sqs, dlq_url, action, selection, limit=limit, on_message=on_message)
-    if report is not None:
-        run.report = report
-    limiter = _RateLimiter(rate_per_second)
-    try:
-        await run.examine(limiter, dry_run)
-    finally:
-        await _release(sqs, dlq_url, run.held)
-    return run.report
+    return await run.run(rate_per_second, dry_run)
 
 
 class _Replay:
@@ -191,6 +152,7 @@ class _Replay:
         *,
         limit: int,
         on_message: OnMessage | None,
+        report: ReplayReport | None,
     ) -> None:
         self._sqs = sqs
         self._dlq_url = dlq_url
@@ -202,7 +164,16 @@ class _Replay:
         self._seen: set[str] = set()
         self._sent: set[str] = set()  # message ids of the copies this run put on the work queue
         self.held: list[Message] = []  # received and not moved: released at the end
-        self.report = ReplayReport()
+        # The caller's report when given, so it can show the counts while the pass runs.
+        self.report = report if report is not None else ReplayReport()
+
+    async def run(self, rate_per_second: float, dry_run: bool) -> ReplayReport:
+        """The whole pass: examine, then release what was held back (even on an error)."""
+        try:
+            await self.examine(_RateLimiter(rate_per_second), dry_run)
+        finally:
+            await _release(self._sqs, self._dlq_url, self.held)
+        return self.report
 
     async def examine(self, limiter: _RateLimiter, dry_run: bool) -> None:
         """Receive until nothing new comes back (or the limit is reached); move the chosen."""
