@@ -40,7 +40,7 @@ from aiohttp.web_protocol import RequestHandler
 from .api import health_routes
 from .api.middleware import ProblemAppRunner
 from .app import begin_shutdown, create_app, serves_api
-from .net import bound_port
+from .net import bound_port, serving_app
 from .settings import Settings
 from .state import POLLER, READINESS, SETTINGS
 from .systemd import Notifier, watchdog_running
@@ -122,8 +122,8 @@ async def serving(settings: Settings) -> AsyncIterator[Listening]:
     app.on_response_prepare.append(closing.mark)
     runner = _runner(app, settings)
     await runner.setup()
-    metrics_runner: web.AppRunner | None = None
     site: web.TCPSite | None = None
+    metrics = contextlib.AsyncExitStack()
     console = contextlib.AsyncExitStack()
     try:
         # Only API processes share a port; a worker's health port is its own.
@@ -133,9 +133,7 @@ async def serving(settings: Settings) -> AsyncIterator[Listening]:
         )
         await site.start()
         url = f"http://{settings.http.host}:{bound_port(site)}"
-        metrics_url = None
-        if settings.http.metrics_port:
-            metrics_runner, metrics_url = await _start_metrics(settings)
+        metrics_url = await _start_metrics(metrics, settings)
         console_url = await _start_console(console, app, settings)
         log.info(
             "listening",
@@ -159,8 +157,7 @@ async def serving(settings: Settings) -> AsyncIterator[Listening]:
         if site is not None:
             await _drain_http(runner, site, closing, deadline, settings.http.close_grace_seconds)
         await runner.cleanup()
-        if metrics_runner is not None:
-            await metrics_runner.cleanup()
+        await metrics.aclose()
         log.info("stopped", extra={"fields": {"event": "stopped"}})
 
 
@@ -257,15 +254,15 @@ def _accept_queued(listener: socket.socket) -> list[socket.socket]:
     return accepted
 
 
-async def _start_metrics(settings: Settings) -> tuple[web.AppRunner, str]:
+async def _start_metrics(stack: contextlib.AsyncExitStack, settings: Settings) -> str | None:
+    """The metrics-only port, when ``http.metrics_port`` is set; its /metrics URL."""
+    if not settings.http.metrics_port:
+        return None
     metrics_app = web.Application()
     metrics_app.router.add_get("/metrics", health_routes.metrics_handler)
-    runner = web.AppRunner(metrics_app, access_log=None, shutdown_timeout=CANCEL_SECONDS)
-    await runner.setup()
     port = settings.http.metrics_port + settings.instance
-    site = web.TCPSite(runner, settings.http.host, port)
-    await site.start()
-    return runner, f"http://{settings.http.host}:{port}/metrics"
+    served = serving_app(metrics_app, settings.http.host, port, CANCEL_SECONDS)
+    return f"{await stack.enter_async_context(served)}/metrics"
 
 
 async def _start_console(

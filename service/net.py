@@ -1,6 +1,9 @@
-"""Sockets aiohttp does not expose: the port a started site was bound to."""
+"""Sockets aiohttp does not expose (the port a started site was bound to); side listeners."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -19,3 +22,22 @@ def bound_port(site: web.TCPSite) -> int:
     if not sockets:
         raise RuntimeError("the site is not listening: start it first")
     return int(sockets[0].getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def serving_app(
+    app: web.Application, host: str, port: int, shutdown_timeout: float
+) -> AsyncIterator[str]:
+    """Serve ``app`` on ``host:port`` (0 = any free port) until exit; yields its base URL.
+
+    For the side listeners (metrics, console): no access log, no drain beyond
+    ``shutdown_timeout`` for requests still running at exit.
+    """
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        yield f"http://{host}:{bound_port(site)}"
+    finally:
+        await runner.cleanup()

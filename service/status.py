@@ -72,9 +72,15 @@ class RequestCompletedError(CourierError):
     """A worker's write was refused: another delivery of the request already completed it."""
 
 
+def iso(unix: float) -> str:
+    """A Unix time as UTC ISO 8601 with milliseconds (the status records' format)."""
+    moment = datetime.fromtimestamp(unix, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def now_iso() -> str:
     """Current UTC time, ISO 8601 with milliseconds."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso(time.time())
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import sys
 import time
 import uuid
@@ -236,18 +237,22 @@ async def running_chain(
 
 
 async def eventually(
-    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10, what: str = ""
-) -> None:
-    """Wait until ``condition()`` is true (polling every 50 ms), or fail after ``timeout``."""
+    condition: Callable[[], Any | Awaitable[Any]],
+    timeout: float = 10,
+    what: str = "",
+    interval: float = 0.05,
+) -> Any:
+    """Wait until ``condition()`` is truthy (polling every ``interval`` s) and return that
+    result, or fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
-        if not isinstance(result, bool):
+        if inspect.isawaitable(result):
             result = await result
         if result:
-            return
+            return result
         assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(interval)
 
 
 def event_payload(index: int = 0, **mailbox_overrides: Any) -> dict[str, Any]:

@@ -27,8 +27,11 @@ from service import daemon
 from service.aws import AwsClients
 from service.bootstrap import Resources
 from service.console.app import CONTENT_SECURITY_POLICY
+from service.console.auth import ADMIN_SCOPE as ADMIN
+from service.console.auth import UNMASK_SCOPE as UNMASK
 from service.envelope import EnvelopeCipher
 from service.operations import create_mailbox
+from service.secrets.credstash import CredStash
 from service.settings import ConsoleSettings, Settings
 from service.state import SETTINGS, STATUS
 from service.status import RequestState, StatusRecord, now_iso
@@ -36,8 +39,6 @@ from tests.chain import plant, receive_all
 from tests.conftest import DEMO_SECRETS
 from tests.test_replay import dead_letter, depth
 
-ADMIN = "mailbox:admin"
-UNMASK = "mailbox:admin-unmask"
 CSRF_FIELD = re.compile(r'name="csrf" value="([^"]+)"')
 # (reason, target, op) -> how many of each kind are planted
 PLANTED = {
@@ -177,7 +178,7 @@ async def test_a_missing_or_wrong_token_gets_the_login_page(console: Console) ->
     assert 'id="token"' in page
     status, page, cookies = await console.log_in(token("mailbox:create", "mailbox:read"))
     assert (status, "courier_console=" in cookies) == (403, False)
-    assert "mailbox:admin" in page
+    assert ADMIN in page
     status, page, cookies = await console.log_in(token(ADMIN, exp=1))  # expired
     assert status == 401
 
@@ -257,6 +258,38 @@ async def test_a_session_stops_when_its_token_expires(console: Console) -> None:
         raise AssertionError("the session outlived its token")
 
 
+async def test_tokens_that_cannot_be_verified_now_get_503(
+    settings: Settings, aws: AwsClients, resources: Resources
+) -> None:
+    """The HS256 key cannot be read (its CredStash secret is gone): 503 with the reason, not a
+    401 asking the person to sign in again, since it is not their token's fault."""
+    name = f"console.jwt.{uuid.uuid4().hex}"
+    store = CredStash(aws.dynamodb, aws.kms, resources.secrets_table)
+    version = await store.put(
+        name, DEMO_SECRETS["courier.jwt.hs256"], kms_key=resources.credstash_key_arn
+    )
+    changes = {
+        "auth": dataclasses.replace(settings.auth, hs256_secret=name),
+        # Every use reads the store: the deletion below shows at once.
+        "secrets": dataclasses.replace(settings.secrets, cache_enabled=False),
+    }
+    async with running_console(settings, **changes) as console:
+        assert (await console.log_in(token(ADMIN)))[0] == 303
+        await console.page("/")
+        await aws.dynamodb.delete_item(
+            TableName=resources.secrets_table,
+            Key={"name": {"S": name}, "version": {"S": version}},
+        )
+        reason = "tokens cannot be verified now: SecretNotFoundError"
+        page = await console.page("/", status=503)
+        assert f'id="login-error">{reason}<' in page
+        async with console.http.get(f"{console.url}/overview.json") as response:
+            assert (response.status, await response.json()) == (503, {"error": reason})
+        status, page, cookies = await console.log_in(token(ADMIN))
+        assert (status, "courier_console=" in cookies) == (503, False)
+        assert f'id="login-error">{reason}<' in page
+
+
 def test_sessions_are_bounded_and_pruned() -> None:
     from service.console.auth import Sessions
 
@@ -268,19 +301,6 @@ def test_sessions_are_bounded_and_pruned() -> None:
     assert sessions.token(expired) is None
     sessions.open("new", expires_at=10_000_000_000.0)
     assert len(sessions) == 3
-
-
-def test_over_tls_the_cookie_is_host_prefixed() -> None:
-    """``__Host-``: a browser keeps it only if Secure, Path=/ and without Domain."""
-    import ssl
-
-    from aiohttp.test_utils import make_mocked_request
-
-    from service.console.auth import cookie_name
-
-    tls = make_mocked_request("GET", "/", sslcontext=ssl.create_default_context())
-    assert cookie_name(tls) == "__Host-courier_console"
-    assert cookie_name(make_mocked_request("GET", "/")) == "courier_console"
 
 
 async def test_another_host_name_is_refused(console: Console) -> None:
@@ -860,3 +880,83 @@ async def test_the_last_read_is_served_marked_stale_while_an_action_runs(
         posting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await posting
+
+
+# --- overview queues, an unopenable envelope, a failing secrets read ----------------------------
+
+
+def queue_cells(page: str, queue_url: str) -> list[str]:
+    """The text of each cell of the overview's row for ``queue_url``."""
+    name = queue_url.rsplit("/", 1)[-1]
+    row = re.search(rf'<tr class="queue" data-queue="{re.escape(name)}">(.*?)</tr>', page, re.S)
+    assert row, page[:800]
+    return [
+        re.sub(r"<[^>]+>", "", cell).strip()
+        for cell in re.findall(r"<td[^>]*>(.*?)</td>", row.group(1), re.S)
+    ]
+
+
+async def test_the_overview_shows_each_queue_its_depth_and_oldest_age(
+    settings: Settings, aws: AwsClients, fresh: Resources
+) -> None:
+    """Depths from SQS; moto's CloudWatch has no SQS data, so the DLQ's age comes from the
+    console's last read of it; a queue that does not exist shows its error in its row."""
+    missing = fresh.queue_url.rsplit("/", 1)[0] + f"/no-such-queue-{uuid.uuid4().hex[:8]}"
+    changes = {"console": ConsoleSettings(enabled=True, port=0, extra_queues=(missing,))}
+    import time
+
+    for index in range(2):
+        await plant(aws, fresh.queue_url, f"waiting-{index}")
+    # Two letters, the older failed two hours (and 30 s) ago.
+    for ago in (7230.0, 60.0):
+        failed = dead_letter("target_rejected", "crm", time.time() - ago)
+        await plant(aws, fresh.dlq_url, "sealed", {"op": "create-mailbox", "dlq": failed})
+    async with running_console(settings, **changes) as console:
+        assert (await console.log_in(token(ADMIN)))[0] == 303
+        await console.page("/dead-letters")  # the read the DLQ's age falls back on
+        page = await console.page("/")
+    work = queue_cells(page, fresh.queue_url)
+    assert work[0] == "work queue"
+    assert work[2:] == ["2", "0", "0", "—"]  # visible, in flight, delayed; no age known
+    dead = queue_cells(page, fresh.dlq_url)
+    assert dead[0] == "dead-letter queue"
+    assert dead[-1] == "2h 00m", dead  # the oldest letter's, from the console's read
+    extra = queue_cells(page, missing)
+    assert extra[0] == "extra queue"
+    assert "NonExistentQueue" in extra[2] or "does not exist" in extra[2], extra
+    assert extra[3:] == ["—"]
+
+
+async def test_a_message_whose_envelope_cannot_be_opened_says_so(
+    admin: Console, aws: AwsClients, fresh: Resources
+) -> None:
+    request_id = uuid.uuid4().hex
+    attributes = {"op": create_mailbox.NAME, "request_id": request_id}
+    attributes["dlq"] = dead_letter("undecryptable", "")
+    message_id = await plant(aws, fresh.dlq_url, "not-an-envelope", attributes)
+    page = await admin.page(f"/dead-letters/messages/{message_id}")
+    error = re.search(r'<p[^>]*id="event-error"[^>]*>(.*?)</p>', page, re.S)
+    assert error, page[:800]
+    assert "the envelope cannot be opened" in error.group(1)
+    assert 'id="masked-event"' not in page
+    assert request_id in page  # the rest of the page is still there
+
+
+async def test_the_secrets_page_shows_a_version_it_cannot_read(
+    settings: Settings, aws: AwsClients
+) -> None:
+    """The store fails after the secrets were cached: each row says its version is unreadable."""
+    from service.bootstrap import ResourceNames, bootstrap
+
+    prefix = f"sec-{uuid.uuid4().hex[:8]}"
+    names = ResourceNames(prefix=prefix, secrets_table=f"{prefix}-credential-store")
+    configured = (await bootstrap(aws, names, DEMO_SECRETS)).apply_to(settings)
+    async with running_console(configured) as console:
+        assert (await console.log_in(token(ADMIN)))[0] == 303
+        row = r'data-name="courier.jwt.hs256">\s*<td><code>[^<]+</code></td>\s*<td>{}</td>'
+        assert re.search(row.format("1"), await console.page("/secrets"))
+        await aws.dynamodb.delete_table(TableName=names.secrets_table)
+        page = await console.page("/secrets")
+    assert re.search(row.format(r"unreadable: \w+"), page), page[:1500]
+    for value in DEMO_SECRETS.values():
+        assert value not in page

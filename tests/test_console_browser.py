@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from courier_testkit.browser import DOCS_IMAGES, Browser, chromium, missing, pub
 from courier_testkit.ports import free_port, serving
 from courier_testkit.processes import ManagedProcess, python_env
 from service.aws import AwsClients, open_clients
+from service.console.auth import ADMIN_SCOPE
 from service.envelope import EnvelopeCipher
 from service.local import use_fake_credentials
 from service.operations import create_mailbox
@@ -44,6 +44,7 @@ from service.secrets.credstash import CredStash
 from service.settings import Settings, load_settings
 from service.status import now_iso
 from service.worker.dlq import DeadLetterInfo
+from tests.chain import eventually, plant
 
 pytestmark = [
     pytest.mark.skipif(bool(missing()), reason=missing() or ""),
@@ -52,10 +53,10 @@ pytestmark = [
 ]
 
 REFUSING = "directory"  # the legacy stub that refuses, then is fixed
-ADMIN_SCOPE = "mailbox:admin"
 BANNER = "courier local is running"
 SAMPLE_SECONDS = 1  # how often the console samples its counters (its minimum)
 WAIT = 20.0  # generous: courier, moto and chromium share 2 cores with whatever else runs
+POLL = 0.2  # seconds between checks: a check may drive the browser
 POISON = {"target_rejected": 3, "undecryptable": 2, "unknown_op": 2}
 AFTER_REPLAY = {"undecryptable": 2, "unknown_op": 2}
 AFTER_DISCARD = {"undecryptable": 2}
@@ -201,36 +202,15 @@ async def plant_poison(aws: AwsClients, settings: Settings) -> None:
             event = create_mailbox.event(person(100 + index), "idm-x", "tester", now_iso())
             document = json.loads(await cipher.seal(create_mailbox.NAME, request_id, event))
             document["key"]["ek"] = base64.b64encode(os.urandom(184)).decode()
-            await send(aws, settings, json.dumps(document), create_mailbox.NAME, request_id)
+            attributes = {"op": create_mailbox.NAME, "request_id": request_id}
+            await plant(aws, settings.queue.url, json.dumps(document), attributes)
         for _ in range(POISON["unknown_op"]):
             request_id = uuid.uuid4().hex
             body = await cipher.seal(UNKNOWN_OP, request_id, {"everything": True})
-            await send(aws, settings, body, UNKNOWN_OP, request_id)
+            attributes = {"op": UNKNOWN_OP, "request_id": request_id}
+            await plant(aws, settings.queue.url, body, attributes)
     finally:
         await cipher.aclose()
-
-
-async def send(aws: AwsClients, settings: Settings, body: str, op: str, request_id: str) -> None:
-    """One message on the work queue with the API's attributes ``op`` and ``request_id``."""
-    attributes = {"op": op, "request_id": request_id}
-    await aws.sqs.send_message(
-        QueueUrl=settings.queue.url,
-        MessageBody=body,
-        MessageAttributes={
-            name: {"DataType": "String", "StringValue": value} for name, value in attributes.items()
-        },
-    )
-
-
-async def eventually(condition: Any, what: str, timeout: float = WAIT) -> Any:
-    """``await condition()`` once truthy, polled every 0.2 s; fails after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await condition()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out after {timeout:g}s: {what}"
-        await asyncio.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +285,9 @@ async def dead_letter_groups(browser: Browser, wanted: Mapping[str, int]) -> dic
         counts = {reason: int(row["count"] or 0) for reason, row in rows.items()}
         return rows if counts == dict(wanted) else None
 
-    found: dict[str, Any] = await eventually(shown, f"dead-letter groups {dict(wanted)}")
+    found: dict[str, Any] = await eventually(
+        shown, WAIT, f"dead-letter groups {dict(wanted)}", interval=POLL
+    )
     return found
 
 
@@ -433,7 +415,7 @@ async def test_poison_of_three_kinds_is_grouped_by_reason(console: Console) -> N
         return await console.dlq_reasons() == POISON
 
     # The console caches a read of the DLQ for 10 s: open it once all are in.
-    await eventually(all_dead_lettered, f"the DLQ to hold {POISON}")
+    await eventually(all_dead_lettered, WAIT, f"the DLQ to hold {POISON}", interval=POLL)
     rows = await dead_letter_groups(console.browser, POISON)
     assert rows["target_rejected"]["target"] == REFUSING
     assert rows["target_rejected"]["op"] == create_mailbox.NAME
@@ -490,7 +472,7 @@ async def test_replaying_a_group_after_fixing_its_target_completes_the_requests(
     async def completed() -> bool:
         return {await console.status(rid) for rid in console.rejected} == {"completed"}
 
-    await eventually(completed, "the replayed requests to complete")
+    await eventually(completed, WAIT, "the replayed requests to complete", interval=POLL)
     await dead_letter_groups(browser, AFTER_REPLAY)
 
     # The Requests page tells the operator the same.

@@ -10,7 +10,6 @@
 - ``masking``: personal fields of a decrypted event.
 """
 
-from .auth import ADMIN_SCOPE, UNMASK_SCOPE
-from .server import console_port, serving_console
+from .server import serving_console
 
-__all__ = ["ADMIN_SCOPE", "UNMASK_SCOPE", "console_port", "serving_console"]
+__all__ = ["serving_console"]

@@ -98,10 +98,10 @@ class Jobs:
     ) -> Job:
         """Start a job; it runs after every pass over the DLQ already begun.
 
-        Raises Refused for a rate outside MIN_RATE..MAX_RATE or when MAX_PENDING jobs are
+        Raises Refused (400) for a rate outside MIN_RATE..MAX_RATE (or nan), or (429) when MAX_PENDING jobs are
         already running or waiting.
         """
-        if not MIN_RATE <= rate <= MAX_RATE:
+        if not MIN_RATE <= rate <= MAX_RATE:  # false for nan too (a rate that is not a number)
             raise Refused(400, f"the rate must be {MIN_RATE} to {MAX_RATE:.0f} messages/s")
         if len(self._tasks) >= MAX_PENDING:
             raise Refused(

@@ -5,8 +5,8 @@
 - The cookie holds an opaque random session id, never the token: browsers send a cookie of
   127.0.0.1 to every port of it (the API, stubs, any local server during an SSM forward), and
   any of those can set one. The token stays in this process (``Sessions``: bounded, pruned).
-  The cookie is HttpOnly, SameSite=Strict, Path=/, no longer than the token's ``exp``, and
-  over TLS Secure with the ``__Host-`` prefix (no Domain, so no other host can set it).
+  The cookie is HttpOnly, SameSite=Strict, Path=/ and no longer than the token's ``exp``; the
+  console serves plain HTTP on loopback (reached through SSM), so it is never Secure.
 - Every POST but the login carries ``csrf`` = HMAC(per-process key, session id): a request without
   it, or with another one, gets 403 before any handler runs. The login form itself uses a
   double-submit nonce (a short-lived cookie equal to its hidden field), since there is no
@@ -40,8 +40,6 @@ ADMIN_SCOPE = "mailbox:admin"
 # Seeing personal fields of a decrypted event: a separate scope, and audit-logged.
 UNMASK_SCOPE = "mailbox:admin-unmask"
 COOKIE = "courier_console"
-# Over TLS: a cookie only this host (no Domain), Path=/ and Secure can set.
-SECURE_COOKIE = "__Host-courier_console"
 LOGIN_COOKIE = "courier_console_login"
 LOGIN_NONCE_SECONDS = 600
 # The pasted token: the API's own bound (the cookie holds only the session id now).
@@ -83,14 +81,9 @@ class Sessions:
         self._by_id.pop(session_id, None)
 
 
-def cookie_name(request: web.Request) -> str:
-    """The session cookie's name: ``__Host-`` prefixed when served over TLS."""
-    return SECURE_COOKIE if request.secure else COOKIE
-
-
 def session_token(request: web.Request) -> str:
     """The token of the request's session ("" when it has none)."""
-    session_id = request.cookies.get(cookie_name(request), "")
+    session_id = request.cookies.get(COOKIE, "")
     return (request.app[SESSIONS].token(session_id) if session_id else None) or ""
 
 
@@ -108,7 +101,7 @@ async def require_admin(request: web.Request, handler: Handler) -> web.StreamRes
     """Every page but the login page needs an admin token; every POST its CSRF token."""
     if _public(request):
         return await handler(request)
-    session_id = request.cookies.get(cookie_name(request), "")
+    session_id = request.cookies.get(COOKIE, "")
     try:
         principal = await verify(request, session_token(request))
     except AuthError as exc:
@@ -167,7 +160,6 @@ def login_page(request: web.Request, status: int = 200, detail: str = "") -> web
         path="/login",
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
     )
     return response
 
@@ -215,13 +207,12 @@ async def login(request: web.Request) -> web.StreamResponse:
     expires_at = float(principal.claims.get("exp", 0))
     session_id = request.app[SESSIONS].open(token, expires_at)
     response.set_cookie(
-        cookie_name(request),
+        COOKIE,
         session_id,
         max_age=max(int(expires_at - time.time()), 1),
         path="/",
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
     )
     response.del_cookie(LOGIN_COOKIE, path="/login")
     audit(principal, "login")
@@ -232,7 +223,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     """POST /logout: forget the session, here and in the browser."""
     request.app[SESSIONS].close(request[SESSION])
     response = see_other("/login")
-    response.del_cookie(cookie_name(request), path="/", secure=request.secure)
+    response.del_cookie(COOKIE, path="/")
     audit(request[PRINCIPAL], "sign_out")
     return response
 

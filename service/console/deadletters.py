@@ -97,15 +97,14 @@ class Snapshot:
     letters: tuple[DeadLetterView, ...]
     taken_at: float
     complete: bool  # False when the read stopped at MAX_READ
-    # Served while an action holds the DLQ: the read may no longer be true (``running`` says
-    # which action); with ``taken_at`` 0 there was no read to serve at all.
-    stale: bool = False
+    # Set while an action holds the DLQ: the read is served stale (it may no longer be true)
+    # and ``running`` says which action; with ``taken_at`` 0 there was no read to serve at all.
     running: Running | None = None
 
     @classmethod
     def unread(cls, running: Running) -> Snapshot:
         """No read to show: ``running`` holds the DLQ and the page does not wait for it."""
-        return cls((), 0.0, complete=False, stale=True, running=running)
+        return cls((), 0.0, complete=False, running=running)
 
     @property
     def absent(self) -> bool:
@@ -147,11 +146,11 @@ class Snapshot:
         """The DLQ copies of one request."""
         return [m for m in self.letters if m.request_id == request_id]
 
-    def oldest_age(self) -> float | None:
-        """Seconds since the oldest letter failed, or None when the DLQ was empty."""
+    def oldest_failed_at(self) -> float | None:
+        """When the oldest letter failed (Unix time), or None when the DLQ was empty."""
         if not self.letters:
             return None
-        return max(0.0, self.taken_at - min(m.failed_at for m in self.letters))
+        return min(m.failed_at for m in self.letters)
 
 
 def selection(
@@ -240,7 +239,7 @@ class DeadLetterReader:
             last = self._snapshot
             if last is None:
                 return Snapshot.unread(running)
-            return dataclasses.replace(last, stale=True, running=running)
+            return dataclasses.replace(last, running=running)
         current = self._fresh()
         if current is not None:
             return current

@@ -11,6 +11,7 @@ count as a receive towards its redrive and race the worker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import logging
 import time
@@ -57,35 +58,44 @@ class QueueStats:
         self.queues = [(label, url) for label, url in queues if url]
         self._depths: tuple[float, list[QueueDepth]] | None = None
         self._ages: tuple[float, dict[str, float]] = (0.0, {})
+        self._refreshing = asyncio.Lock()
 
     async def read(self, fallback_ages: Mapping[str, float | None]) -> list[QueueDepth]:
         """Every queue's depth and oldest age (``fallback_ages`` by URL where CloudWatch has none)."""
-        now = time.monotonic()
-        if self._depths is None or now - self._depths[0] >= DEPTH_TTL_SECONDS:
-            ages = await self._oldest_ages()
-            depths = await asyncio.gather(
-                *(self._depth(label, url, ages, fallback_ages) for label, url in self.queues)
+        if (cached := self._cached()) is not None:
+            return cached
+        # Pages loaded together after the cache expired share one refresh.
+        async with self._refreshing:
+            if (cached := self._cached()) is not None:
+                return cached
+            # The CloudWatch ages alongside the depth calls, not before them.
+            ages, depths = await asyncio.gather(
+                self._oldest_ages(),
+                asyncio.gather(*(self._depth(label, url) for label, url in self.queues)),
             )
-            self._depths = (now, list(depths))
+            rows = [
+                dataclasses.replace(depth, oldest_age_seconds=ages.get(url, fallback_ages.get(url)))
+                for (_, url), depth in zip(self.queues, depths, strict=True)
+            ]
+            self._depths = (time.monotonic(), rows)
+            return rows
+
+    def _cached(self) -> list[QueueDepth] | None:
+        if self._depths is None or time.monotonic() - self._depths[0] >= DEPTH_TTL_SECONDS:
+            return None
         return self._depths[1]
 
-    async def _depth(
-        self,
-        label: str,
-        url: str,
-        ages: Mapping[str, float],
-        fallback_ages: Mapping[str, float | None],
-    ) -> QueueDepth:
-        age = ages.get(url, fallback_ages.get(url))
+    async def _depth(self, label: str, url: str) -> QueueDepth:
+        """One queue's depth (its age is filled in by ``read``)."""
         try:
             response = await self._sqs.get_queue_attributes(
                 QueueUrl=url, AttributeNames=list(DEPTH_ATTRIBUTES)
             )
         except Exception as exc:
-            return QueueDepth(label, url, None, None, None, age, f"{type(exc).__name__}: {exc}")
+            return QueueDepth(label, url, None, None, None, None, f"{type(exc).__name__}: {exc}")
         found = response.get("Attributes", {})
         visible, in_flight, delayed = (int(found.get(name, 0)) for name in DEPTH_ATTRIBUTES)
-        return QueueDepth(label, url, visible, in_flight, delayed, age)
+        return QueueDepth(label, url, visible, in_flight, delayed, None)
 
     async def _oldest_ages(self) -> dict[str, float]:
         checked, ages = self._ages

@@ -144,20 +144,15 @@ class CounterSampler:
             self.sample()
             await asyncio.sleep(self.interval)
 
-    def sample(self) -> Sample:
+    def sample(self) -> None:
         """Take a sample now and keep it."""
-        sample = take_sample()
-        self._samples.append(sample)
-        return sample
+        self._samples.append(take_sample())
 
-    def samples(self) -> list[Sample]:
-        """The kept samples, oldest first."""
-        return list(self._samples)
-
-    def series(self) -> dict[str, list[float]]:
+    def series(self, now: Sample) -> dict[str, list[float]]:
         """Per-second rates of the charted outcomes between consecutive samples, plus the
-        time of each point (``t``, Unix seconds), ending with a live point taken now."""
-        points = [*self._samples, take_sample()]
+        time of each point (``t``, Unix seconds), ending with the live point ``now`` (a
+        ``take_sample()`` the caller took for this request)."""
+        points = [*self._samples, now]
         series: dict[str, list[float]] = {"t": [], **{name: [] for name in CHARTED}}
         for before, after in itertools.pairwise(points):
             seconds = after.at - before.at
@@ -169,16 +164,16 @@ class CounterSampler:
                 series[name].append(round(delta / seconds, 3))
         return series
 
-    def recent(self) -> tuple[Sample, Sample]:
-        """(about RECENT_SECONDS ago, now): the span the pages' rates and percentiles cover."""
-        now = take_sample()
+    def recent(self, now: Sample) -> tuple[Sample, Sample]:
+        """(about RECENT_SECONDS before ``now``, ``now``): the span the pages' rates and
+        percentiles cover."""
         earlier = [s for s in self._samples if now.at - s.at >= RECENT_SECONDS]
         start = earlier[-1] if earlier else (self._samples[0] if self._samples else now)
         return start, now
 
-    def api_rates(self) -> Rates:
-        """API requests per second and latency percentiles, recently."""
-        start, end = self.recent()
+    @staticmethod
+    def api_rates(start: Sample, end: Sample) -> Rates:
+        """API requests per second and latency percentiles between two samples."""
         seconds = max(end.at - start.at, 1e-9)
         return Rates(
             seconds,
@@ -187,9 +182,10 @@ class CounterSampler:
             quantile(0.99, start.api_latency, end.api_latency),
         )
 
-    def target_rates(self, target: str) -> Rates:
-        """One target's calls per second, error rate and latency percentiles, recently."""
-        start, end = self.recent()
+    @staticmethod
+    def target_rates(target: str, start: Sample, end: Sample) -> Rates:
+        """One target's calls per second, error rate and latency percentiles between two
+        samples."""
         seconds = max(end.at - start.at, 1e-9)
         before, after = start.target_calls.get(target, {}), end.target_calls.get(target, {})
         deltas = {k: v - before.get(k, 0.0) for k, v in after.items()}

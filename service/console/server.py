@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from ..net import bound_port
+from ..net import serving_app
 from ..settings import Settings
 from .app import create_console_app
 
@@ -26,18 +26,11 @@ def console_port(settings: Settings) -> int:
 @contextlib.asynccontextmanager
 async def serving_console(courier: web.Application, settings: Settings) -> AsyncIterator[str]:
     """Serve the console for the started ``courier`` app; yields its URL."""
-    runner = web.AppRunner(
-        create_console_app(courier), access_log=None, shutdown_timeout=SHUTDOWN_SECONDS
-    )
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, settings.console.host, console_port(settings))
-        await site.start()
-        url = f"http://{settings.console.host}:{bound_port(site)}"
+    console = create_console_app(courier)
+    host = settings.console.host
+    async with serving_app(console, host, console_port(settings), SHUTDOWN_SECONDS) as url:
         log.info(
             "console listening",
             extra={"fields": {"event": "console_listening", "url": url}},
         )
         yield url
-    finally:
-        await runner.cleanup()

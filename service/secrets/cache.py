@@ -52,7 +52,7 @@ class SecretStore(Protocol):
 class _Entry:
     value: str
     expires_at: float
-    fetched_at: float = 0.0
+    fetched_at: float
 
 
 @dataclass(frozen=True, slots=True)

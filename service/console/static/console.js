@@ -62,6 +62,7 @@
     svg.setAttribute("data-updated", String(now));
   }
 
+  // stats' keys are the ids of the elements showing them ("_" for "-").
   function show(stats) {
     Object.keys(stats).forEach(function (key) {
       var node = document.getElementById(key.replace(/_/g, "-"));
@@ -80,8 +81,7 @@
       })
       .then(function (data) {
         draw(svg, data);
-        show({ in_flight: data.stats.in_flight, api_rps: data.stats.api_rps, api_p50: data.stats.api_p50,
-               api_p99: data.stats.api_p99, api_window: data.stats.window });
+        show(data.stats);
       })
       .catch(function () { /* the next poll tries again */ })
       .then(function () { window.setTimeout(function () { poll(svg); }, POLL_MS); });

@@ -8,7 +8,9 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from ..keys import CSRF, PRINCIPAL
+from ...state import STATUS
+from ...status import StatusRecord
+from ..keys import COURIER, CSRF, PRINCIPAL
 
 
 def page(
@@ -26,6 +28,15 @@ def page(
         },
         status=status,
     )
+
+
+async def read_record(request: web.Request, request_id: str) -> tuple[StatusRecord | None, str]:
+    """``request_id``'s status record (None when there is none) and "", or (None, why the
+    status table cannot be read now)."""
+    try:
+        return await request.app[COURIER][STATUS].get(request_id), ""
+    except Exception as exc:
+        return None, f"the status table cannot be read now: {type(exc).__name__}"
 
 
 def when(unix: float | None) -> str:

@@ -11,14 +11,14 @@ from aiohttp import web
 from ...api.auth import AuthError
 from ...envelope import EnvelopeCipher
 from ...errors import EnvelopeError
-from ...state import ENVELOPE, STATUS
+from ...state import ENVELOPE
 from ...status import StatusRecord
 from ..actions import MAX_RATE, MIN_RATE, Kind, Refused
 from ..auth import UNMASK_SCOPE, audit, see_other, session_token, verify
-from ..deadletters import DeadLetterReader, DeadLetterView, Running, Snapshot, selection
+from ..deadletters import DeadLetterReader, DeadLetterView, Running, selection
 from ..keys import COURIER, DEAD_LETTERS, JOBS, PRINCIPAL
 from ..masking import masked_event
-from .common import page
+from .common import page, read_record
 
 DEFAULT_RATE = 10.0
 # An action's POST answers once the job ends, or after this long with a page that follows it.
@@ -38,7 +38,7 @@ def _filter(source: Any) -> dict[str, str]:
     return {name: str(source.get(name, "")).strip() for name in ("reason", "target", "op")}
 
 
-def _busy(request: web.Request, running: Running | None) -> web.Response:
+def _busy(request: web.Request, running: Running) -> web.Response:
     """The page an unread DLQ gets while an action holds it: 503, refreshing itself."""
     response = page(
         request,
@@ -55,7 +55,7 @@ def _busy(request: web.Request, running: Running | None) -> web.Response:
 async def groups(request: web.Request) -> web.Response:
     """GET /dead-letters."""
     snapshot = await _reader(request).snapshot()
-    if snapshot.absent:
+    if snapshot.absent and snapshot.running is not None:
         return _busy(request, snapshot.running)
     return page(
         request, "dead_letters.html", "dead-letters", snapshot=snapshot, groups=snapshot.groups()
@@ -65,7 +65,7 @@ async def groups(request: web.Request) -> web.Response:
 async def listing(request: web.Request) -> web.Response:
     """GET /dead-letters/messages?reason=&target=&op=."""
     snapshot = await _reader(request).snapshot()
-    if snapshot.absent:
+    if snapshot.absent and snapshot.running is not None:
         return _busy(request, snapshot.running)
     chosen = _filter(request.query)
     letters = snapshot.matching(**chosen)
@@ -91,7 +91,7 @@ class _Busy(Exception):
         self.running = running
 
 
-async def _letter(request: web.Request) -> tuple[DeadLetterView, Snapshot]:
+async def _letter(request: web.Request) -> DeadLetterView:
     reader = _reader(request)
     message_id = request.match_info["message_id"]
     snapshot = await reader.snapshot()
@@ -106,13 +106,13 @@ async def _letter(request: web.Request) -> tuple[DeadLetterView, Snapshot]:
         raise web.HTTPNotFound(
             text=f"no message {message_id!r} in the DLQ (replayed or discarded?)"
         )
-    return letter, snapshot
+    return letter
 
 
 async def message(request: web.Request) -> web.Response:
     """GET /dead-letters/messages/{message_id}: the masked event."""
     try:
-        letter, _ = await _letter(request)
+        letter = await _letter(request)
     except _Busy as busy:
         return _busy(request, busy.running)
     return await _message_page(request, letter, unmasked=False)
@@ -121,7 +121,7 @@ async def message(request: web.Request) -> web.Response:
 async def unmask(request: web.Request) -> web.Response:
     """POST /dead-letters/messages/{message_id}/unmask: the event as sent (audit-logged)."""
     try:
-        letter, _ = await _letter(request)
+        letter = await _letter(request)
     except _Busy as busy:
         return _busy(request, busy.running)
     where = {"filter": {"message_ids": [letter.message_id]}, "request_id": letter.request_id}
@@ -174,22 +174,19 @@ async def _open(
 async def _record(request: web.Request, request_id: str) -> tuple[StatusRecord | None, str]:
     if not request_id:
         return None, "the message carries no request id"
-    try:
-        record = await request.app[COURIER][STATUS].get(request_id)
-    except Exception as exc:
-        return None, f"the status table cannot be read now: {type(exc).__name__}"
-    return record, "" if record is not None else "no status record (expired, or never written)"
+    record, error = await read_record(request, request_id)
+    if record is None and not error:
+        error = "no status record (expired, or never written)"
+    return record, error
 
 
 def _rate(form: Any) -> float:
-    """The form's rate (DEFAULT_RATE when it has none); Refused (400) when out of bounds."""
+    """The form's rate (DEFAULT_RATE when it has none; nan when not a number): Jobs.start
+    refuses one out of bounds."""
     try:
-        rate = float(str(form.get("rate", DEFAULT_RATE)))
+        return float(str(form.get("rate", DEFAULT_RATE)))
     except ValueError:
-        rate = math.nan
-    if not (math.isfinite(rate) and MIN_RATE <= rate <= MAX_RATE):
-        raise Refused(400, f"the rate must be {MIN_RATE} to {MAX_RATE:.0f} messages/s")
-    return rate
+        return math.nan
 
 
 async def replay_action(request: web.Request) -> web.Response:

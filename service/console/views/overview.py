@@ -11,7 +11,7 @@ from aiohttp import web
 from ...state import POLLER, SETTINGS
 from ..keys import COURIER, DEAD_LETTERS, QUEUES, SAMPLER
 from ..queues import QueueDepth
-from ..sampler import CHARTED
+from ..sampler import CHARTED, CounterSampler, Sample, take_sample
 from .common import duration, millis, page
 
 
@@ -23,31 +23,33 @@ async def overview(request: web.Request) -> web.Response:
         "overview.html",
         "overview",
         queues=await _queues(request),
-        stats=chart["stats"],
-        points=chart["points"],
-        chart=json.dumps(chart, separators=(",", ":")),
+        chart=chart,
+        chart_json=json.dumps(chart, separators=(",", ":")),
         interval=request.app[SAMPLER].interval,
     )
 
 
 async def overview_json(request: web.Request) -> web.Response:
-    """GET /overview.json: what the chart's script polls."""
-    return web.json_response(_chart(request), headers={"Cache-Control": "no-store"})
+    """GET /overview.json: what the chart's script polls (the app sets ``no-store``)."""
+    return web.json_response(_chart(request))
 
 
 def _chart(request: web.Request) -> dict[str, Any]:
-    """The chart's series, its count of non-zero points, and the numbers beside it."""
-    series = request.app[SAMPLER].series()
+    """The chart's series, its count of non-zero points, and the numbers beside it (``stats``:
+    keyed by the ids of the page's elements, so the script can write them as they come)."""
+    sampler = request.app[SAMPLER]
+    now = take_sample()  # one live sample for the whole response
+    series = sampler.series(now)
     points = sum(
         1 for index in range(len(series["t"])) if any(series[name][index] for name in CHARTED)
     )
-    return {"series": series, "points": points, "stats": _stats(request)}
+    return {"series": series, "points": points, "stats": _stats(request, *sampler.recent(now))}
 
 
-def _stats(request: web.Request) -> dict[str, Any]:
+def _stats(request: web.Request, start: Sample, now: Sample) -> dict[str, Any]:
     courier = request.app[COURIER]
     settings = courier[SETTINGS]
-    api = request.app[SAMPLER].api_rates()
+    api = CounterSampler.api_rates(start, now)
     poller = courier.get(POLLER)
     return {
         "in_flight": poller.in_flight if poller is not None else None,
@@ -55,7 +57,7 @@ def _stats(request: web.Request) -> dict[str, Any]:
         "api_rps": round(api.per_second, 2),
         "api_p50": millis(api.p50),
         "api_p99": millis(api.p99),
-        "window": duration(api.seconds),
+        "api_window": duration(api.seconds),
     }
 
 
@@ -67,8 +69,8 @@ async def _queues(request: web.Request) -> list[QueueDepth]:
     fallback: dict[str, float | None] = {}
     last = reader.last if reader is not None else None
     if reader is not None and last is not None:
-        age = last.oldest_age()
-        fallback[reader.dlq_url] = None if age is None else age + time.time() - last.taken_at
+        failed_at = last.oldest_failed_at()
+        fallback[reader.dlq_url] = None if failed_at is None else max(0.0, time.time() - failed_at)
     return await stats.read(fallback)
 
 

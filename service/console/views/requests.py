@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import datetime
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from ...state import STATUS
-from ...status import StatusRecord
-from ..keys import COURIER, DEAD_LETTERS
-from .common import page
+from ...status import StatusRecord, iso
+from ..keys import DEAD_LETTERS
+from .common import page, read_record
 
 # Request ids are hex (courier's own) or what an Idempotency-Key derived: keep the lookup tame.
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -38,13 +36,8 @@ def timeline(record: StatusRecord | None, dead_letters: list[tuple[float, str]])
             detail = f" ({targets})" if targets else ""
             moments.append((record.updated_at, f"last update: {record.state.value}{detail}"))
     for failed_at, what in dead_letters:
-        moments.append((_iso(failed_at), what))
+        moments.append((iso(failed_at), what))
     return [Moment(at, what) for at, what in sorted(moments)]
-
-
-def _iso(unix: float) -> str:
-    moment = datetime.datetime.fromtimestamp(unix, datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def lookup(request: web.Request) -> web.Response:
@@ -65,10 +58,9 @@ async def lookup(request: web.Request) -> web.Response:
 
 
 async def _found(request: web.Request, request_id: str) -> dict[str, Any]:
-    try:
-        record = await request.app[COURIER][STATUS].get(request_id)
-    except Exception as exc:
-        return {"error": f"the status table cannot be read now: {type(exc).__name__}"}
+    record, error = await read_record(request, request_id)
+    if error:
+        return {"error": error}
     reader = request.app.get(DEAD_LETTERS)
     letters = []
     if reader is not None:

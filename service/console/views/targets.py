@@ -9,7 +9,7 @@ from aiohttp import web
 from ...state import TARGETS as COURIER_TARGETS
 from ...worker.targets import TargetClient
 from ..keys import COURIER, SAMPLER
-from ..sampler import CounterSampler
+from ..sampler import CounterSampler, Sample, take_sample
 from .common import duration, millis, page
 
 
@@ -32,8 +32,8 @@ class TargetRow:
     paused_for: str
 
 
-def _row(client: TargetClient, sampler: CounterSampler) -> TargetRow:
-    rates = sampler.target_rates(client.name)
+def _row(client: TargetClient, start: Sample, end: Sample) -> TargetRow:
+    rates = CounterSampler.target_rates(client.name, start, end)
     limiter = client.limiter
     paused = client.paused_for()
     half_open_in = client.breaker.retry_after()
@@ -58,13 +58,13 @@ def _row(client: TargetClient, sampler: CounterSampler) -> TargetRow:
 async def targets(request: web.Request) -> web.Response:
     """GET /targets."""
     clients = request.app[COURIER].get(COURIER_TARGETS, ())
-    sampler = request.app[SAMPLER]
-    start, end = sampler.recent()
+    # One live sample for the page: every row's rates cover the same span.
+    start, end = request.app[SAMPLER].recent(take_sample())
     return page(
         request,
         "targets.html",
         "targets",
-        rows=[_row(client, sampler) for client in clients],
+        rows=[_row(client, start, end) for client in clients],
         window=duration(end.at - start.at),
     )
 
