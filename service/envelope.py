@@ -46,7 +46,15 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import metrics
-from .errors import AWS_CODES, MISCONFIGURED, REFUSE, EnvelopeError, TransientError, classify
+from .errors import (
+    AWS_CODES,
+    MISCONFIGURED,
+    REFUSE,
+    EnvelopeError,
+    TransientError,
+    aws_error_code,
+    classify,
+)
 from .settings import EnvelopeSettings
 from .singleflight import SingleFlight
 
@@ -402,7 +410,7 @@ class EnvelopeCipher:
         for failure in failures:
             if not _undecryptable(failure):
                 raise _kms_unavailable("Decrypt", failure) from failure
-        code = _error_code(failures[-1])
+        code = aws_error_code(failures[-1])
         raise EnvelopeError(f"KMS cannot decrypt the data key ({code})", "undecryptable")
 
 
@@ -508,10 +516,6 @@ def _payload(plaintext: bytes, message_id: str) -> dict[str, Any]:
     return payload
 
 
-def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
 def _is_alias(key_id: str) -> bool:
     return key_id.startswith("alias/") or (key_id.startswith("arn:") and ":alias/" in key_id)
 
@@ -537,7 +541,7 @@ def _undecryptable(exc: ClientError) -> bool:
     A code no row names falls back to REFUSE in the table, but that is no proof the message is
     at fault, so it is retried rather than dead-lettered.
     """
-    code = _error_code(exc)
+    code = aws_error_code(exc)
     return code in AWS_CODES["kms"] and classify(exc, "kms") is REFUSE
 
 

@@ -209,9 +209,21 @@ def classify_code(source: str, code: str, status: int = 0) -> Decision:
     return MISCONFIGURED if status == 403 else REFUSE
 
 
+def aws_error_code(exc: ClientError) -> str:
+    """The AWS error code of a botocore ``ClientError`` ("" when it has none)."""
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def error_name(exc: BaseException) -> str:
+    """What a log line names a failure by: its AWS error code, or its type's name."""
+    if isinstance(exc, ClientError):
+        return aws_error_code(exc) or type(exc).__name__
+    return type(exc).__name__
+
+
 def classify_aws(exc: ClientError, source: str = "any") -> Decision:
     """The decision for a botocore ``ClientError`` raised by a call to ``source``."""
-    code = str(exc.response.get("Error", {}).get("Code", ""))
+    code = aws_error_code(exc)
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
     return classify_code(source, code, status)
 

@@ -25,7 +25,14 @@ import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .batch_writes import PutBatcher, UnprocessedError
-from .errors import CourierError, PermanentError, TransientError, classify
+from .errors import (
+    CourierError,
+    PermanentError,
+    TransientError,
+    aws_error_code,
+    classify,
+    error_name,
+)
 
 TTL_ATTRIBUTE = "expires_at"
 # What a status-table call raises when it fails: DynamoDB answered an error (ClientError), or
@@ -369,7 +376,7 @@ class StatusStore:
 
     async def _current(self, request_id: str, exc: Exception) -> StatusRecord:
         """After a failed conditional write: the record that failed it; other errors raise."""
-        if not _condition_failed(exc):
+        if not condition_failed(exc):
             raise _status_error(exc) from exc
         item = exc.response.get("Item")
         record = _from_item(item) if item else await self.get(request_id)
@@ -423,7 +430,7 @@ class StatusStore:
                 ExpressionAttributeValues=values,
             )
         except FAILURES as exc:
-            if _condition_failed(exc):
+            if condition_failed(exc):
                 raise RequestCompletedError(f"request {request_id} is already completed") from None
             raise _status_error(exc) from exc
 
@@ -434,23 +441,14 @@ class StatusStore:
             raise _status_error(exc) from exc
 
 
-def _condition_failed(exc: BaseException) -> TypeGuard[ClientError]:
+def condition_failed(exc: BaseException) -> TypeGuard[ClientError]:
     """A conditional write lost: an answer the caller reads, never an error to retry."""
-    return (
-        isinstance(exc, ClientError)
-        and exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
-    )
+    return isinstance(exc, ClientError) and aws_error_code(exc) == "ConditionalCheckFailedException"
 
 
 def _status_error(exc: BaseException) -> StatusUnavailableError | StatusRefusedError:
     """What a failed status-table call raises, as the table in ``service/errors.py`` decides."""
     decision = classify(exc, "dynamodb")
     if not decision.retryable:
-        return StatusRefusedError(f"status table refused the call: {_describe(exc)}")
-    return StatusUnavailableError(f"status table unavailable: {_describe(exc)}", decision=decision)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ClientError):
-        return str(exc.response.get("Error", {}).get("Code", type(exc).__name__))
-    return type(exc).__name__
+        return StatusRefusedError(f"status table refused the call: {error_name(exc)}")
+    return StatusUnavailableError(f"status table unavailable: {error_name(exc)}", decision=decision)

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ from service.settings import AwsSettings, Settings, TargetSettings
 from service.state import TARGETS
 from service.status import StatusStore
 from service.worker.fleet import FLEET_KEY, ITEM_TTL_SECONDS, FleetMembership, shares
-from tests.chain import mailbox, running_chain
+from tests.chain import eventually, mailbox, running_chain
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -113,13 +113,6 @@ def member(dynamodb: Any, table: str, ledger: Ledger, name: str, **kwargs: Any) 
     )
 
 
-async def until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 @contextlib.asynccontextmanager
 async def running(*members: FleetMembership) -> AsyncIterator[None]:
     for one in members:
@@ -152,28 +145,34 @@ async def test_the_fleet_stays_within_the_cap_while_it_scales_out_and_loses_memb
     table = fresh.status_table
     a, b, c = (member(aws.dynamodb, table, ledger, name) for name in "abc")
     async with running(a, b, c):
-        await until(lambda: ledger.total("crm") == 10, "3 members sharing the cap")
+        await eventually(lambda: ledger.total("crm") == 10, DEADLINE, "3 members sharing the cap")
         assert sorted(ledger.shares["crm"].values()) == [3, 3, 4]
         assert [one.live for one in (a, b, c)] == [["a", "b", "c"]] * 3
 
         d = member(aws.dynamodb, table, ledger, "d")
         async with running(d):  # scale out: d counts at once, takes its share later
-            await until(lambda: ledger.shares["crm"].get("d", 0) > 0, "d's share")
-            await until(lambda: ledger.total("crm") == 10, "4 members sharing the cap")
+            await eventually(lambda: ledger.shares["crm"].get("d", 0) > 0, DEADLINE, "d's share")
+            await eventually(
+                lambda: ledger.total("crm") == 10, DEADLINE, "4 members sharing the cap"
+            )
             assert sorted(ledger.shares["crm"].values()) == [2, 2, 3, 3]
 
             await c.stop()  # scale in: c has drained, it leaves
             assert ledger.shares["crm"]["c"] == 0
-            await until(lambda: ledger.total("crm") == 10, "3 members after c left")
+            await eventually(lambda: ledger.total("crm") == 10, DEADLINE, "3 members after c left")
             assert sorted(ledger.shares["crm"].values()) == [0, 3, 3, 4]
 
             await b.abandon()  # b dies: no more beats, no more calls
             ledger.gone("b")
-            await until(lambda: ledger.total("crm") == 10, "a and d after b's lease ran out")
+            await eventually(
+                lambda: ledger.total("crm") == 10, DEADLINE, "a and d after b's lease ran out"
+            )
             assert (ledger.shares["crm"]["a"], ledger.shares["crm"]["d"]) == (5, 5)
             assert a.live == ["a", "d"]
             # b, long gone, is removed from the item by whoever sees it first.
-            await until(lambda: "b" not in a.members and "b" not in d.members, "b removed")
+            await eventually(
+                lambda: "b" not in a.members and "b" not in d.members, DEADLINE, "b removed"
+            )
             item = await _item(aws, table)
 
     assert ledger.over == []
@@ -191,8 +190,10 @@ async def test_a_cap_smaller_than_the_fleet_leaves_some_processes_at_zero(
     ledger = Ledger({"crm": 5, "tiny": 2})
     fleet = [member(aws.dynamodb, fresh.status_table, ledger, name) for name in "xyz"]
     async with running(*fleet):
-        await until(
-            lambda: ledger.total("crm") == 5 and ledger.total("tiny") == 2, "shares of both caps"
+        await eventually(
+            lambda: ledger.total("crm") == 5 and ledger.total("tiny") == 2,
+            DEADLINE,
+            "shares of both caps",
         )
         assert sorted(ledger.shares["crm"].values()) == [1, 2, 2]
         assert sorted(ledger.shares["tiny"].values()) == [0, 1, 1]
@@ -219,25 +220,35 @@ async def test_an_outage_keeps_the_shares_then_fences_the_process_that_cannot_re
         a = member(aws.dynamodb, table, ledger, "a", stale_after_seconds=OUTAGE_STALE_AFTER)
         b = member(cut_off, table, ledger, "b", stale_after_seconds=OUTAGE_STALE_AFTER)
         async with running(a, b):
-            await until(lambda: ledger.shares["crm"] == {"a": 3, "b": 3}, "3 and 3")
+            await eventually(lambda: ledger.shares["crm"] == {"a": 3, "b": 3}, DEADLINE, "3 and 3")
 
             # A blip shorter than the staleness bound: nothing changes, one warning.
             failed = _events(caplog, "fleet_heartbeat_failed", "b")
-            await until(lambda: _events(caplog, "fleet_heartbeat_recovered", "b") == failed, "b up")
+            await eventually(
+                lambda: _events(caplog, "fleet_heartbeat_recovered", "b") == failed,
+                DEADLINE,
+                "b up",
+            )
             await proxy.cut()
-            await until(lambda: _events(caplog, "fleet_heartbeat_failed", "b") > failed, "warned")
+            await eventually(
+                lambda: _events(caplog, "fleet_heartbeat_failed", "b") > failed, DEADLINE, "warned"
+            )
             await asyncio.sleep(1.2)  # more beats fail: still one warning
             assert _events(caplog, "fleet_heartbeat_failed", "b") == failed + 1
             assert ledger.shares["crm"] == {"a": 3, "b": 3}
             await proxy.restore()
-            await until(
-                lambda: _events(caplog, "fleet_heartbeat_recovered", "b") == failed + 1, "recovered"
+            await eventually(
+                lambda: _events(caplog, "fleet_heartbeat_recovered", "b") == failed + 1,
+                DEADLINE,
+                "recovered",
             )
             assert ledger.shares["crm"] == {"a": 3, "b": 3}
 
             # A longer one: b fences itself, a takes the whole cap once b's lease has run out.
             await proxy.cut()
-            await until(lambda: ledger.shares["crm"]["a"] == 6, "a with the whole cap")
+            await eventually(
+                lambda: ledger.shares["crm"]["a"] == 6, DEADLINE, "a with the whole cap"
+            )
             assert ledger.shares["crm"]["b"] == 0  # b had fenced itself before
             assert _events(caplog, "fleet_share_fenced", "b") == 1
             # A process that never managed to join takes nothing.
@@ -246,8 +257,9 @@ async def test_an_outage_keeps_the_shares_then_fences_the_process_that_cannot_re
                 await asyncio.sleep(OUTAGE_STALE_AFTER)
                 assert ledger.shares["crm"]["c"] == 0
                 await proxy.restore()
-                await until(
+                await eventually(
                     lambda: ledger.shares["crm"].get("b") == 2 and ledger.shares["crm"]["c"] == 2,
+                    DEADLINE,
                     "all three sharing again",
                 )
                 assert ledger.total("crm") == 6

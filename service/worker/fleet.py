@@ -114,8 +114,9 @@ from typing import Any, Protocol
 from botocore.exceptions import ClientError
 
 from .. import metrics
+from ..errors import error_name
 from ..settings import TargetSettings
-from ..status import FAILURES, TTL_ATTRIBUTE
+from ..status import FAILURES, TTL_ATTRIBUTE, condition_failed
 
 log = logging.getLogger("courier.fleet")
 
@@ -176,8 +177,12 @@ class Timing:
     heartbeat: float
     stale_after: float  # S
     join_wait: float  # W
-    lease: float  # L
     call_timeout: float  # one beat's UpdateItem, at most
+
+    @property
+    def lease(self) -> float:
+        """L: a lease lasts as long as a joiner waits, S + T + margin (the argument's step 3)."""
+        return self.join_wait
 
     @classmethod
     def for_timeout(
@@ -192,7 +197,7 @@ class Timing:
         wait = stale + longest_timeout + heartbeat  # the margin is one beat
         # A beat slower than S is useless (its view is stale on arrival).
         call = min(call_timeout if call_timeout is not None else heartbeat, stale)
-        return cls(heartbeat, stale_after=stale, join_wait=wait, lease=wait, call_timeout=call)
+        return cls(heartbeat, stale_after=stale, join_wait=wait, call_timeout=call)
 
 
 class FleetMembership:
@@ -270,11 +275,11 @@ class FleetMembership:
                 self.timing.call_timeout,
             )
         except FAILURES as exc:  # our lease runs out by itself
-            if isinstance(exc, ClientError) and _code(exc) == "ConditionalCheckFailedException":
+            if condition_failed(exc):
                 return  # never joined, or already removed as lapsed
             log.warning(
                 "could not leave the fleet: this process counts until its lease runs out",
-                extra={"fields": {"event": "fleet_leave_failed", "error": _describe(exc)}},
+                extra={"fields": {"event": "fleet_leave_failed", "error": error_name(exc)}},
             )
         finally:
             metrics.fleet_members.set(0)
@@ -336,14 +341,14 @@ class FleetMembership:
         """The UpdateItem of a beat; the item as it is after it."""
         now = self._wall()
         lapsed = [
-            attribute
-            for attribute, lease in _attributes(self.members).items()
-            if lease < now - self.timing.lease and attribute != self._attribute
+            MEMBER_PREFIX + member
+            for member, lease in self.members.items()
+            if lease < now - self.timing.lease and member != self.member_id
         ]
         try:
             return await self._update(now, lapsed)
         except ClientError as exc:
-            if not lapsed or _code(exc) != "ConditionalCheckFailedException":
+            if not lapsed or not condition_failed(exc):
                 raise
             # A lapsed member has come back since our last view: leave it, renew only.
             return await self._update(now, [])
@@ -470,7 +475,7 @@ class FleetMembership:
                 "fields": {
                     "event": "fleet_heartbeat_failed",
                     "member": self.member_id,
-                    "error": _describe(exc),
+                    "error": error_name(exc),
                     "table": self.table,
                 }
             },
@@ -502,10 +507,6 @@ def membership_for(
     return FleetMembership(dynamodb, table, targets)
 
 
-def _attributes(members: Mapping[str, float]) -> dict[str, float]:
-    return {MEMBER_PREFIX + member: lease for member, lease in members.items()}
-
-
 def _members(item: Mapping[str, Any]) -> dict[str, float]:
     members: dict[str, float] = {}
     for name, value in item.items():
@@ -516,13 +517,3 @@ def _members(item: Mapping[str, Any]) -> dict[str, float]:
 
 def _number(seconds: float) -> str:
     return f"{seconds:.3f}"
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ClientError):
-        return _code(exc) or type(exc).__name__
-    return type(exc).__name__
