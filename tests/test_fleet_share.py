@@ -185,8 +185,9 @@ async def test_the_fleet_stays_within_the_cap_while_it_scales_out_and_loses_memb
 
 
 async def test_a_cap_smaller_than_the_fleet_leaves_some_processes_at_zero(
-    aws: AwsClients, fresh: Resources
+    aws: AwsClients, fresh: Resources, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "courier.fleet")
     ledger = Ledger({"crm": 5, "tiny": 2})
     fleet = [member(aws.dynamodb, fresh.status_table, ledger, name) for name in "xyz"]
     async with running(*fleet):
@@ -198,6 +199,14 @@ async def test_a_cap_smaller_than_the_fleet_leaves_some_processes_at_zero(
         assert sorted(ledger.shares["crm"].values()) == [1, 2, 2]
         assert sorted(ledger.shares["tiny"].values()) == [0, 1, 1]
         assert [one.share("tiny") for one in fleet].count(0) == 1
+        (left_out,) = [one for one in fleet if one.share("tiny") == 0]
+        await eventually(  # said once, though every beat deals it 0 again
+            lambda: _events(caplog, "fleet_cap_below_members", left_out.member_id) == 1,
+            DEADLINE,
+            "the warning",
+        )
+        await left_out.beat()
+        assert _events(caplog, "fleet_cap_below_members", left_out.member_id) == 1
     assert ledger.over == []
 
 

@@ -237,6 +237,7 @@ class FleetMembership:
         self._fence: asyncio.TimerHandle | None = None
         self._outage_since: float | None = None
         self._applied: dict[str, int] = {}
+        self._without_share: set[str] = set()  # capped targets a granted view gave 0 (warned)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         for target in self._targets:
@@ -390,13 +391,24 @@ class FleetMembership:
         for target in self._targets:
             cap = target.settings.fleet_max_concurrency
             share = shares(cap, live, target.settings.name).get(self.member_id, 0)
-            if granted and share == 0 and self._applied.get(target.settings.name) != 0:
-                self._warn_no_share(target, len(live))
+            if granted:
+                self._note_no_share(target, share, len(live))
             self._apply(target, share if granted else 0, reason="view", members=len(live))
 
-    def _warn_no_share(self, target: CappedTarget, members: int) -> None:
-        """A cap below the fleet's size leaves some processes without a share for good: their
-        messages for that target wait up to 30 s, then go back to the queue."""
+    def _note_no_share(self, target: CappedTarget, share: int, members: int) -> None:
+        """Warn once when a granted view leaves this process no share of ``target``.
+
+        A cap below the fleet's size leaves some processes without a share for good: their
+        messages for that target wait up to 30 s, then go back to the queue. Every share is 0
+        while a process joins, so "once" is kept by target, not read from the last share.
+        """
+        name = target.settings.name
+        if share > 0:
+            self._without_share.discard(name)
+            return
+        if name in self._without_share:
+            return
+        self._without_share.add(name)
         log.warning(
             "target %s: fleet_max_concurrency %d is below the %d live workers; this one has"
             " no share",
@@ -406,6 +418,7 @@ class FleetMembership:
             extra={
                 "fields": {
                     "event": "fleet_cap_below_members",
+                    "member": self.member_id,
                     "target": target.settings.name,
                     "cap": target.settings.fleet_max_concurrency,
                     "members": members,
