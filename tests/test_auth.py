@@ -681,6 +681,8 @@ async def test_removed_key_is_refused_once_the_configured_max_age_passes(
         pytest.param({"Expires": "0"}, 1.0, id="invalid-expires-is-expired"),
         pytest.param({"Cache-Control": "no-cache"}, 1.0, id="no-cache"),
         pytest.param({"Cache-Control": "max-age=soon"}, MAX_AGE_SECONDS, id="unparsable"),
+        # str.isdigit() accepts it and float() refuses it: a crash before the shared parser.
+        pytest.param({"Cache-Control": "max-age=²"}, MAX_AGE_SECONDS, id="non-ascii-digits"),
     ],
 )
 async def test_jwks_cache_headers_set_the_lifetime_within_the_max_age(

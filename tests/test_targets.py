@@ -310,6 +310,7 @@ async def test_a_429_without_retry_after_is_retried_as_before(
         (" 0 ", 0.0),
         ("Thu, 03 Dec 2026 12:00:07 GMT", 7.0),
         ("Thu, 03 Dec 2026 11:59:00 GMT", 0.0),  # already past: no wait
+        ("Thu Dec  3 12:00:07 2026", 7.0),  # the obsolete asctime form: GMT too
         ("-1", None),
         ("²", None),  # str.isdigit() says yes; float() says no
         ("1.5", None),  # delay-seconds are whole (RFC 9110)

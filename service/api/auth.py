@@ -9,8 +9,6 @@ of the same algorithm, and ``none`` or any other algorithm is refused. That clos
 from __future__ import annotations
 
 import asyncio
-import datetime
-import email.utils
 import logging
 import math
 import time
@@ -23,6 +21,7 @@ import jwt
 
 from .. import metrics
 from ..errors import TransientError
+from ..http_headers import delta_seconds, http_date
 from ..settings import AuthSettings
 from .problems import Problem
 
@@ -195,16 +194,16 @@ def freshness_lifetime(headers: Mapping[str, str]) -> float | None:
     directives = _cache_directives(headers.get("Cache-Control", ""))
     if "no-store" in directives or "no-cache" in directives:
         return 0.0
-    max_age = _delta_seconds(directives.get("max-age"))
+    max_age = delta_seconds(directives.get("max-age"))
     if max_age is not None:
-        return max_age - (_delta_seconds(headers.get("Age")) or 0.0)
+        return max_age - (delta_seconds(headers.get("Age")) or 0.0)
     expires = headers.get("Expires")
     if expires is None:
         return None
-    expires_at = _http_date(expires)
+    expires_at = http_date(expires)
     if expires_at is None:
         return 0.0  # RFC 9111 §5.3: an invalid Expires (e.g. "0") means already expired
-    date = _http_date(headers.get("Date", ""))
+    date = http_date(headers.get("Date", ""))
     return expires_at - (date if date is not None else time.time())
 
 
@@ -215,20 +214,6 @@ def _cache_directives(value: str) -> dict[str, str]:
         if name:
             directives[name.lower()] = argument.strip().strip('"')
     return directives
-
-
-def _delta_seconds(value: str | None) -> float | None:
-    return float(value) if value is not None and value.isdigit() else None
-
-
-def _http_date(value: str) -> float | None:
-    try:
-        parsed = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=datetime.UTC)
-    return parsed.timestamp()
 
 
 def _parse_jwks(document: Any) -> dict[str, jwt.PyJWK]:

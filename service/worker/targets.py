@@ -24,7 +24,6 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import NoReturn
 
 import aiohttp
@@ -41,6 +40,7 @@ from ..errors import (
     is_retryable,
     told_wait,
 )
+from ..http_headers import delta_seconds, http_date
 from ..secrets.errors import SecretError
 from ..settings import TargetSettings
 from .circuit import CircuitBreaker, CircuitState
@@ -320,17 +320,13 @@ def parse_retry_after(value: str, now: float) -> float | None:
 
     ``now`` is the Unix time to measure a date against. None when the value is neither.
     """
-    value = value.strip()
-    if value.isascii() and value.isdigit():  # not "²", which isdigit() also accepts
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    seconds = delta_seconds(value)
+    if seconds is not None:
+        return seconds
+    when = http_date(value)
+    if when is None:
         return None
-    if when.tzinfo is None:
-        return None  # an HTTP-date is always GMT; a date without a zone is not one
-    seconds = when.timestamp() - now
-    return max(0.0, math.ceil(seconds * 10) / 10)
+    return max(0.0, math.ceil((when - now) * 10) / 10)
 
 
 def call_outcome(status: int) -> CallOutcome:
