@@ -55,8 +55,8 @@ DROP_FACTOR = 0.75
 # Drops up to this share of a window's calls are taken for a flaky target, not an overloaded
 # one: random failures must not drive the limit to its floor (as random loss does TCP Reno).
 DROP_TOLERANCE = 0.25
-MIN_WINDOW_CALLS = 4
-QUEUEING_MARGIN_SECONDS = 0.01  # latency above min_rtt that counts as queueing, at least  # fewer calls make a share of drops (and a mean latency) mostly noise
+MIN_WINDOW_CALLS = 4  # fewer make a share of drops (and a mean latency) mostly noise
+QUEUEING_MARGIN_SECONDS = 0.01  # latency above min_rtt that counts as queueing, at least
 INITIAL_LIMIT = 4
 SLOW_START_FACTOR = 2.0
 MIN_WINDOW_SECONDS = 0.01
