@@ -159,6 +159,14 @@ def test_invalid_env_values_give_one_line(env: dict[str, str], message: str) -> 
             "invalid setting secrets.prefetch = [1]: expected a list of strings",
         ),
         ("[http\n", "config file"),
+        (
+            '[[targets]]\nname = "crm"\nurl = "http://crm"\nconcurrency = 4\nconcurrency_min = 8\n',
+            "invalid setting targets[0].concurrency_min = 8: more than its concurrency (4)",
+        ),
+        (
+            '[[targets]]\nname = "crm"\nurl = "http://crm"\nlimit = "greedy"\n',
+            "invalid setting targets[0].limit = 'greedy': expected one of adaptive, fixed",
+        ),
     ],
 )
 def test_invalid_toml_values_give_one_line(tmp_path: Path, toml: str, message: str) -> None:
