@@ -107,7 +107,11 @@ class Proxy:
         app.router.add_post("/_proxy/reset", self._reset)
         app.router.add_post("/_proxy/ledger", self._ledger)
         app.router.add_post("/_proxy/behaviour/{name}", self._set_behaviour)
-        app.router.add_route("*", "/{tail:.*}", lambda request: self._forward(name, request))
+
+        async def forward(request: web.Request) -> web.StreamResponse:
+            return await self._forward(name, request)
+
+        app.router.add_route("*", "/{tail:.*}", forward)
         return app
 
     async def _stats(self, _: web.Request) -> web.Response:
@@ -181,9 +185,10 @@ def _aws_error(status: int) -> web.Response:
     )
 
 
-async def serve(upstreams: dict[str, str], *, lenient: bool = False) -> None:
-    """Serve one port per upstream until SIGTERM or SIGINT (the proxy process's body)."""
-    proxy = Proxy(upstreams, lenient=lenient)
+@contextlib.asynccontextmanager
+async def listening(proxy: Proxy) -> AsyncIterator[dict[str, str]]:
+    """``proxy`` served in this event loop, one 127.0.0.1 port per upstream: yields
+    {upstream name: URL}. Tests use it directly, to count and fault requests in their own loop."""
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
     async with aiohttp.ClientSession(
@@ -193,19 +198,27 @@ async def serve(upstreams: dict[str, str], *, lenient: bool = False) -> None:
         skip_auto_headers=("User-Agent",),
     ) as session:
         proxy.session = session
-        runners = []
-        urls = {}
-        for name in upstreams:
-            runner = web.AppRunner(proxy.application(name), access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, LOOPBACK, 0)
-            await site.start()
-            urls[name] = f"http://{LOOPBACK}:{bound_port(site)}"
-            runners.append(runner)
+        runners: list[web.AppRunner] = []
+        urls: dict[str, str] = {}
+        try:
+            for name in proxy.upstreams:
+                runner = web.AppRunner(proxy.application(name), access_log=None)
+                await runner.setup()
+                runners.append(runner)
+                site = web.TCPSite(runner, LOOPBACK, 0)
+                await site.start()
+                urls[name] = f"http://{LOOPBACK}:{bound_port(site)}"
+            yield urls
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+
+
+async def serve(upstreams: dict[str, str], *, lenient: bool = False) -> None:
+    """Serve one port per upstream until SIGTERM or SIGINT (the proxy process's body)."""
+    async with listening(Proxy(upstreams, lenient=lenient)) as urls:
         print("proxy listening " + json.dumps(urls), flush=True)
         await wait_for_stop_signal()
-        for runner in runners:
-            await runner.cleanup()
 
 
 def main() -> None:

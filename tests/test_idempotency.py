@@ -13,20 +13,16 @@ import hashlib
 import json
 import time
 import uuid
-import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp import web
 
-from courier_testkit.proxy import Proxy
+from courier_testkit.proxy import Proxy, listening
 from service.api import openapi
 from service.api.mailboxes import IDEMPOTENCY_NAMESPACE
 from service.aws import AwsClients
 from service.bootstrap import Resources
-from service.net import bound_port
 from service.operations import create_mailbox
 from service.settings import AwsSettings, Settings
 from service.status import RequestState, StatusRecord, StatusStore, now_iso
@@ -61,37 +57,12 @@ def request_id_in(reply: Reply) -> str:
 
 
 @contextlib.asynccontextmanager
-async def counting_proxy(endpoint: str) -> AsyncIterator[tuple[Proxy, dict[str, str]]]:
-    """The counting proxy in this loop: one listener each for SQS and DynamoDB in front of moto."""
-    proxy = Proxy({"sqs": endpoint, "dynamodb": endpoint})
-    runners: list[web.AppRunner] = []
-    urls: dict[str, str] = {}
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        proxy.session = session
-        try:
-            for name in proxy.upstreams:
-                with warnings.catch_warnings():
-                    # The proxy routes through a lambda, which aiohttp calls deprecated.
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    application = proxy.application(name)
-                runner = web.AppRunner(application, access_log=None)
-                await runner.setup()
-                runners.append(runner)
-                site = web.TCPSite(runner, "127.0.0.1", 0)
-                await site.start()
-                port = bound_port(site)
-                urls[name] = f"http://127.0.0.1:{port}"
-            yield proxy, urls
-        finally:
-            for runner in runners:
-                await runner.cleanup()
-
-
-@contextlib.asynccontextmanager
 async def proxied_api(
     settings: Settings, fresh: Resources, aws: AwsClients, aws_settings: AwsSettings
 ) -> AsyncIterator[tuple[Api, Proxy]]:
-    async with counting_proxy(aws_settings.endpoint_url) as (proxy, urls):
+    endpoint = aws_settings.endpoint_url
+    proxy = Proxy({"sqs": endpoint, "dynamodb": endpoint})
+    async with listening(proxy) as urls:
         through_proxy = dataclasses.replace(
             aws_settings,
             sqs_endpoint_url=urls["sqs"],

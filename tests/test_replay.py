@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import json
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import boto3
+import pytest
 
-from service.aws import AwsClients
+from courier_testkit.proxy import Proxy, listening
+from service.aws import AwsClients, open_clients
 from service.bootstrap import Resources
 from service.settings import AwsSettings, QueueSettings, Settings
+from service.worker import replay as replay_module
 from service.worker.dlq import DeadLetterInfo
 from service.worker.outcomes import Message
-from service.worker.replay import ReplayFilter, discard, replay
+from service.worker.replay import ReplayFilter, ReplayReport, discard, replay
 from tests.chain import eventually, mailbox, plant, receive_all, run_cli, running_chain
 
 # (reason, target) of the planted dead letters
@@ -332,3 +339,63 @@ async def test_replay_ends_while_the_target_still_refuses(
         assert all(found.failed_at >= started for found in again), again
         assert len(crm.calls) == 6  # each request moved once: not again and again
         assert await depth(aws, fresh.queue_url) == (0, 0)
+
+
+@contextlib.asynccontextmanager
+async def through_a_proxy(aws_settings: AwsSettings) -> AsyncIterator[tuple[Proxy, AwsClients]]:
+    """Clients whose SQS calls pass an in-loop proxy (``courier_testkit.proxy``) in front of
+    moto: the test can slow them and see each message received and deleted."""
+    endpoint = aws_settings.endpoint_url
+    assert endpoint is not None
+    proxy = Proxy({"sqs": endpoint})
+    proxy.recorder.ledger = True
+    async with listening(proxy) as urls:
+        proxied = dataclasses.replace(aws_settings, sqs_endpoint_url=urls["sqs"])
+        async with open_clients(proxied) as clients:
+            yield proxy, clients
+
+
+async def test_a_slow_replay_deletes_each_message_within_its_listing_visibility(
+    aws: AwsClients, fresh: Resources, aws_settings: AwsSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Scaled down: a 2 s listing visibility at 2 messages/s (as 60 s at 1 every 15 s). Ten at
+    # once would leave the sixth's receipt handle 2.5 s old, expired, when it is deleted.
+    monkeypatch.setattr(replay_module, "LIST_VISIBILITY_SECONDS", 2)
+    await plant_dead_letters(aws, fresh.dlq_url)
+    async with through_a_proxy(aws_settings) as (proxy, proxied):
+        report = await replay(
+            proxied.sqs, fresh.dlq_url, fresh.queue_url, ReplayFilter(), rate_per_second=2
+        )
+    assert counts(report) == (6, 6, 6, 0, 0, 0)
+    events = proxy.recorder.message_events()
+    received = {e.receipt_handle: e.at for e in events if e.event == "received"}
+    held = [e.at - received[e.receipt_handle] for e in events if e.event == "deleted"]
+    assert len(held) == 6
+    assert max(held) < 2, held
+    assert await depth(aws, fresh.dlq_url) == (0, 0)
+    assert len(await receive_all(aws, fresh.queue_url)) == 6
+
+
+async def test_a_stopped_replay_finishes_the_move_under_way_and_releases_the_rest(
+    aws: AwsClients, fresh: Resources, aws_settings: AwsSettings
+) -> None:
+    await plant_dead_letters(aws, fresh.dlq_url)
+    async with through_a_proxy(aws_settings) as (proxy, proxied):
+        proxy.behaviour["sqs"].latency_seconds = 0.5  # every SQS call takes half a second
+        report = ReplayReport()
+        run = asyncio.create_task(
+            replay(proxied.sqs, fresh.dlq_url, fresh.queue_url, ReplayFilter(), report=report)
+        )
+
+        async def sending() -> bool:
+            return proxy.counts["sqs"]["SendMessage"] == 1
+
+        await eventually(sending, 10, "the first copy on its way to the work queue")
+        run.cancel()  # (Ctrl-C, the console's Stop, a shutdown) between the send and the delete
+        with pytest.raises(asyncio.CancelledError):
+            await run
+    # The move under way finished: its copy is on the work queue and its original is gone;
+    # the other five are visible again at once, not 60 s later.
+    assert (report.moved, report.failed) == (1, 0)
+    assert len(await receive_all(aws, fresh.queue_url)) == 1
+    assert await depth(aws, fresh.dlq_url) == (5, 0)

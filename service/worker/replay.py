@@ -9,8 +9,14 @@ coming from a copy this run sent.
 Safety: a message leaves the DLQ only after the work queue accepted its copy. Messages not
 moved (not matching, skipped, beyond the limit, and in a dry run every message) are made
 visible again at the end, untouched; one whose move failed stays in the DLQ and becomes
-visible again when its listing visibility (LIST_VISIBILITY_SECONDS) runs out. The copy keeps the original attributes minus ``dlq``
-and gains ``replayed=1`` so the worker consults the request's status before delivering again.
+visible again when its listing visibility (LIST_VISIBILITY_SECONDS) runs out. The copy keeps
+the original attributes minus ``dlq`` and gains ``replayed=1`` so the worker consults the
+request's status before delivering again.
+
+A slow pass takes no more at a time than it moves in half the listing visibility, so a
+receipt handle is still current when its message is deleted. Cancelling a pass (Ctrl-C, the
+console's Stop, shutdown) lets the move under way finish: a copy sent whose original stayed
+would be replayed twice.
 
 ``discard`` is the same pass deleting the chosen messages instead of moving them. The
 operator console (``service/console/``) acts through these two functions, as the CLI does.
@@ -91,6 +97,13 @@ class _RateLimiter:
     def __init__(self, per_second: float) -> None:
         self._interval = 1.0 / per_second if per_second > 0 else 0.0
         self._next = time.monotonic()
+
+    @property
+    def batch_size(self) -> int:
+        """Messages to take at once: what this rate moves in half the listing visibility."""
+        if not self._interval:
+            return 10
+        return max(1, min(10, int(LIST_VISIBILITY_SECONDS / 2 / self._interval)))
 
     async def wait(self) -> None:
         now = time.monotonic()
@@ -178,22 +191,34 @@ class _Replay:
     async def examine(self, limiter: _RateLimiter, dry_run: bool) -> None:
         """Receive until nothing new comes back (or the limit is reached); move the chosen."""
         while not (self._limit and self.report.chosen >= self._limit):
-            batch = await _receive(self._sqs, self._dlq_url)
+            batch = await _receive(self._sqs, self._dlq_url, limiter.batch_size)
             fresh = [m for m in batch if m.message_id not in self._seen]
             # Seen before: its listing visibility ran out. Released with its new handle.
             self.held += [m for m in batch if m.message_id in self._seen]
             if not fresh:
                 return
-            for message in fresh:
-                self._seen.add(message.message_id)
-                chosen = self._choose(message)
-                if self._on_message is not None:
-                    self._on_message(message, chosen)
-                if not chosen or dry_run:
-                    self.held.append(message)
-                    continue
-                await limiter.wait()
-                await self._move(message)
+            for index, message in enumerate(fresh):
+                try:
+                    await self._consider(message, limiter, dry_run)
+                except BaseException:
+                    # Stopped or failed: the rest of the batch is released with the held.
+                    self.held += fresh[index + 1 :]
+                    raise
+
+    async def _consider(self, message: Message, limiter: _RateLimiter, dry_run: bool) -> None:
+        self._seen.add(message.message_id)
+        chosen = self._choose(message)
+        if self._on_message is not None:
+            self._on_message(message, chosen)
+        if not chosen or dry_run:
+            self.held.append(message)
+            return
+        try:
+            await limiter.wait()
+        except asyncio.CancelledError:
+            self.held.append(message)  # stopped before its turn: released untouched
+            raise
+        await self._move(message)
 
     def _choose(self, message: Message) -> bool:
         report = self.report
@@ -216,7 +241,17 @@ class _Replay:
         return info.source_message_id in self._sent or info.failed_at > self._started
 
     async def _move(self, message: Message) -> None:
-        copy_id = await self._action(message)
+        acting = asyncio.ensure_future(self._action(message))
+        try:
+            copy_id = await asyncio.shield(acting)
+        except asyncio.CancelledError:
+            # Finish the move (send, then delete) before stopping: cut between the two, the
+            # work queue would have the copy and the DLQ the original, replayed again later.
+            self._count(await acting)
+            raise
+        self._count(copy_id)
+
+    def _count(self, copy_id: str | None) -> None:
         if copy_id is None:
             # The DLQ copy stays; it becomes visible again after the listing timeout.
             self.report.failed += 1
@@ -225,10 +260,10 @@ class _Replay:
         self.report.moved += 1
 
 
-async def _receive(sqs: Any, dlq_url: str) -> list[Message]:
+async def _receive(sqs: Any, dlq_url: str, count: int) -> list[Message]:
     response = await sqs.receive_message(
         QueueUrl=dlq_url,
-        MaxNumberOfMessages=10,
+        MaxNumberOfMessages=count,
         WaitTimeSeconds=1,
         VisibilityTimeout=LIST_VISIBILITY_SECONDS,
         MessageAttributeNames=["All"],
