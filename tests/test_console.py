@@ -792,6 +792,49 @@ async def test_pages_answer_at_once_while_a_slow_replay_runs(
     assert visible + in_flight == 5
 
 
+async def test_stop_ends_a_slow_replay_and_releases_what_it_held(
+    admin: Console, aws: AwsClients, fresh: Resources, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    caplog.set_level(logging.INFO, logger="courier.console")
+    await plant_dead_letters(aws, fresh.dlq_url)
+    # 0.1/s: one move at once, the next 10 s later (a replay that would outlast the shift).
+    posting = asyncio.create_task(
+        admin.submit("/", "/dead-letters/replay", reason="undecryptable", rate="0.1")
+    )
+    try:
+        await dlq_held(aws, fresh.dlq_url)
+        busy = await admin.page("/dead-letters", status=503)
+        found = re.search(r'href="(/actions/[^"]+)"', busy)
+        assert found, busy[:800]
+        job = found.group(1)
+        for _ in range(50):
+            running = await admin.page(job)
+            if action_result(running)["moved"] == "1":
+                break
+            await asyncio.sleep(0.1)
+        assert 'id="stop-form"' in running
+        async with admin.http.post(f"{admin.url}{job}/stop") as response:
+            assert response.status == 403  # no CSRF token: still running
+        assert action_result(await admin.page(job))["state"] == "running"
+        status, stopped = await asyncio.wait_for(admin.submit(job, f"{job}/stop"), 10)
+    finally:
+        posting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await posting
+    assert status == 200
+    result = action_result(stopped)
+    assert (result["state"], result["moved"], result["chosen"]) == ("cancelled", "1", "2")
+    assert "Stopped by operator" in stopped
+    assert 'id="stop-form"' not in stopped
+    [ended] = [a for a in audit_lines(caplog) if a["what"] == "replay"]
+    assert (ended["outcome"], ended["count"], ended["stopped_by"]) == ("cancelled", 1, "operator")
+    # The other undecryptable one and the rest are visible again at once, not 60 s later.
+    assert await depth(aws, fresh.dlq_url) == (5, 0)
+    assert len(await receive_all(aws, fresh.queue_url)) == 1
+
+
 async def test_too_slow_a_rate_or_too_many_actions_are_refused(
     admin: Console, aws: AwsClients, fresh: Resources
 ) -> None:

@@ -6,7 +6,9 @@ request open; its page follows it until it ends, with the counts so far (``repla
 the job's report as it goes). A DLQ copy leaves the DLQ only after the work queue accepted the
 replayed message: that is ``replay``'s rule, not this module's. Every job writes two
 ``console_audit`` lines: ``<kind>_started`` when accepted (who, what, the filter), and
-``<kind>`` when it ends, done, failed or cancelled, with the counts it reached.
+``<kind>`` when it ends, done, failed or cancelled, with the counts it reached (and who
+stopped it, when someone pressed Stop: the pass finishes the move under way, then releases
+what it held).
 
 At most MAX_PENDING jobs run or wait at once (one runs: they share the DLQ's one pass), and
 none slower than MIN_RATE: a job holds the DLQ for its whole run.
@@ -65,6 +67,7 @@ class Job:
     report: ReplayReport = field(default_factory=ReplayReport)
     listed: list[DeadLetterView] = field(default_factory=list)
     error: str = ""
+    stopped_by: str = ""  # who pressed Stop ("" when it was not stopped, or the console stopped)
     ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def described_filter(self) -> dict[str, object]:
@@ -83,7 +86,7 @@ class Jobs:
     def __init__(self, reader: DeadLetterReader) -> None:
         self._reader = reader
         self._jobs: dict[str, Job] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # job id -> task, while it runs or waits
         self._ids = itertools.count(1)
 
     def start(
@@ -124,7 +127,7 @@ class Jobs:
         _audit_start(job, principal)
         self._reader.reserve(job.id, job.kind, job.report)
         task = asyncio.create_task(self._run(job), name=f"console-{kind}")
-        self._tasks.add(task)
+        self._tasks[job.id] = task
         # The end is recorded here, not in _run: a task cancelled before it began never runs.
         task.add_done_callback(partial(self._ended, job, principal))
         return job
@@ -138,6 +141,14 @@ class Jobs:
         """A job by id."""
         return self._jobs.get(job_id)
 
+    def stop(self, job: Job, principal: Principal) -> None:
+        """Stop ``job`` if it still runs or waits; its end is audited with who stopped it."""
+        task = self._tasks.get(job.id)
+        if task is None or task.done():
+            return
+        job.stopped_by = principal.subject
+        task.cancel()
+
     async def wait(self, job: Job, within: float) -> None:
         """Until ``job`` has ended or ``within`` seconds have passed, whichever is first."""
         with contextlib.suppress(TimeoutError):
@@ -145,10 +156,11 @@ class Jobs:
 
     async def aclose(self) -> None:
         """Cancel running jobs: each releases what it held before it ends."""
-        for task in list(self._tasks):
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self, job: Job) -> None:
         def listed(message: Message, chosen: bool) -> None:
@@ -173,13 +185,14 @@ class Jobs:
                 )
             job.state = "done"
         except asyncio.CancelledError:
-            job.state = "cancelled"  # the process is stopping: replay released what it held
+            # Stop pressed, or the process is stopping: replay released what it held.
+            job.state = "cancelled"
             raise
         except Exception as exc:
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"[:300]
 
     def _ended(self, job: Job, principal: Principal, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        self._tasks.pop(job.id, None)
         if job.state == "running":  # cancelled before it began
             job.state = "cancelled"
         report = job.report
@@ -216,4 +229,5 @@ def _audit(job: Job, principal: Principal) -> None:
         skipped=report.skipped,
         outcome=job.state if not job.error else f"failed: {job.error}",
         job=job.id,
+        **({"stopped_by": job.stopped_by} if job.stopped_by else {}),
     )

@@ -13,7 +13,7 @@ from ...envelope import EnvelopeCipher
 from ...errors import EnvelopeError
 from ...state import ENVELOPE
 from ...status import StatusRecord
-from ..actions import MAX_RATE, MIN_RATE, Kind, Refused
+from ..actions import MAX_RATE, MIN_RATE, Job, Kind, Refused
 from ..auth import UNMASK_SCOPE, audit, see_other, session_token, verify
 from ..deadletters import DeadLetterReader, DeadLetterView, Running, selection
 from ..keys import COURIER, DEAD_LETTERS, JOBS, PRINCIPAL
@@ -241,12 +241,26 @@ async def _start(
     return see_other(f"/actions/{job.id}")
 
 
-async def action(request: web.Request) -> web.Response:
-    """GET /actions/{job_id}: a job's progress and result."""
+def _job(request: web.Request) -> Job:
     job = request.app[JOBS].get(request.match_info["job_id"])
     if job is None:
         raise web.HTTPNotFound(text="no such action (the console keeps the last 50)")
-    return page(request, "action.html", "dead-letters", job=job)
+    return job
+
+
+async def action(request: web.Request) -> web.Response:
+    """GET /actions/{job_id}: a job's progress and result."""
+    return page(request, "action.html", "dead-letters", job=_job(request))
+
+
+async def stop_action(request: web.Request) -> web.Response:
+    """POST /actions/{job_id}/stop: stop a running or waiting job; its page once it has ended
+    (a move under way finishes first). Stopping an ended job changes nothing."""
+    job = _job(request)
+    jobs = request.app[JOBS]
+    jobs.stop(job, request[PRINCIPAL])
+    await jobs.wait(job, ACTION_WAIT_SECONDS)
+    return see_other(f"/actions/{job.id}")
 
 
 def setup(app: web.Application) -> None:
@@ -258,3 +272,4 @@ def setup(app: web.Application) -> None:
     app.router.add_post("/dead-letters/replay", replay_action)
     app.router.add_post("/dead-letters/discard", discard_action)
     app.router.add_get("/actions/{job_id}", action)
+    app.router.add_post("/actions/{job_id}/stop", stop_action)
