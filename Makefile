@@ -21,8 +21,8 @@ $(NODE_STAMP): package.json package-lock.json $(STAMP)
 
 install: $(STAMP) $(NODE_STAMP) ## the virtualenv (courier + dev tools) and node_modules (fauxqs)
 
-run: install ## the whole chain locally: embedded AWS, stubs, API and worker
-	$(BIN)/courier local
+run: install ## the whole chain locally: embedded AWS, stubs, API and worker (ARGS="--port 0" etc.)
+	$(BIN)/courier local $(ARGS)
 
 test: lint typecheck terraform-check pytest ## everything CI runs
 

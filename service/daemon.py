@@ -40,7 +40,7 @@ from aiohttp.web_protocol import RequestHandler
 from .api import health_routes
 from .api.middleware import ProblemAppRunner
 from .app import begin_shutdown, create_app, serves_api
-from .net import bound_port, serving_app
+from .net import bound_port, serving_app, start_site
 from .settings import Settings
 from .state import POLLER, READINESS, SETTINGS
 from .systemd import Notifier, watchdog_running
@@ -77,6 +77,12 @@ def stop_bound_seconds(settings: Settings) -> float:
     """The longest a stop can take from SIGTERM to exit: keep it below ``TimeoutStopSec``."""
     cancel = 2 * CANCEL_SECONDS
     return settings.http.drain_seconds + max(settings.worker.release_seconds, cancel) + EXIT_SECONDS
+
+
+def _port_setting(settings: Settings) -> str:
+    if serves_api(settings):
+        return "[http] port (COURIER_HTTP_PORT, or courier local --port; 0 = any free port)"
+    return "[http] health_port (COURIER_HTTP_HEALTH_PORT)"
 
 
 def serving_port(settings: Settings) -> int:
@@ -128,10 +134,9 @@ async def serving(settings: Settings) -> AsyncIterator[Listening]:
     try:
         # Only API processes share a port; a worker's health port is its own.
         reuse_port = settings.http.reuse_port if serves_api(settings) else False
-        site = web.TCPSite(
-            runner, settings.http.host, serving_port(settings), reuse_port=reuse_port
-        )
-        await site.start()
+        port = serving_port(settings)
+        site = web.TCPSite(runner, settings.http.host, port, reuse_port=reuse_port)
+        await start_site(site, settings.http.host, port, _port_setting(settings))
         url = f"http://{settings.http.host}:{bound_port(site)}"
         metrics_url = await _start_metrics(metrics, settings)
         console_url = await _start_console(console, app, settings)
@@ -261,7 +266,8 @@ async def _start_metrics(stack: contextlib.AsyncExitStack, settings: Settings) -
     metrics_app = web.Application()
     metrics_app.router.add_get("/metrics", health_routes.metrics_handler)
     port = settings.http.metrics_port + settings.instance
-    served = serving_app(metrics_app, settings.http.host, port, CANCEL_SECONDS)
+    setting = "[http] metrics_port (COURIER_HTTP_METRICS_PORT)"
+    served = serving_app(metrics_app, settings.http.host, port, CANCEL_SECONDS, setting=setting)
     return f"{await stack.enter_async_context(served)}/metrics"
 
 

@@ -266,6 +266,10 @@ class SettingsError(CourierError):
     """A setting has a value courier cannot run with; the message is one line for the operator."""
 
 
+class PortInUseError(SettingsError):
+    """A port courier is told to listen on is held by another process."""
+
+
 class TransientError(CourierError):
     """A failure that may succeed if tried again later (timeouts, 5xx, throttling, outages).
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .aws import open_clients
 from .bootstrap import ResourceNames, Resources, bootstrap
+from .net import ensure_free
 from .settings import AwsSettings, Settings, TargetFormat, TargetSettings, to_toml
 
 if TYPE_CHECKING:
@@ -33,6 +34,9 @@ def use_fake_credentials() -> None:
         os.environ.setdefault(name, value)
 
 
+LOOPBACK = "127.0.0.1"  # the embedded AWS never listens beyond this machine
+
+
 class EmbeddedAws:
     """moto's server (SQS, DynamoDB, KMS, ...) in a thread, on 127.0.0.1 only."""
 
@@ -45,12 +49,14 @@ class EmbeddedAws:
         # werkzeug logs every request at INFO: thousands of lines that drown courier's own.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
-        self._server: Any = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self._port = port
+        self._server: Any = ThreadedMotoServer(ip_address=LOOPBACK, port=port, verbose=False)
         self._middleware = wsgi_middleware
         self.endpoint_url = ""
 
     def start(self) -> str:
         """Start serving; returns the endpoint URL."""
+        ensure_free(LOOPBACK, self._port, "courier local --aws-port (0 = any free port)")
         self._server.start()
         if self._middleware is not None:
             # werkzeug reads ``server.app`` per request; nothing is served before we return.

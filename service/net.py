@@ -1,11 +1,16 @@
-"""Sockets aiohttp does not expose (the port a started site was bound to); side listeners."""
+"""Sockets aiohttp does not expose (the port a started site was bound to); side listeners;
+a port another process holds, said in one line."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import socket
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+
+from .errors import PortInUseError
 
 
 def bound_port(site: web.TCPSite) -> int:
@@ -24,20 +29,53 @@ def bound_port(site: web.TCPSite) -> int:
     return int(sockets[0].getsockname()[1])
 
 
+def port_in_use(host: str, port: int, setting: str) -> PortInUseError:
+    """The error for ``host:port`` held by another process; ``setting`` says how to change it."""
+    return PortInUseError(
+        f"{host}:{port} is in use by another process: stop that process, or change {setting}"
+    )
+
+
+async def start_site(site: web.TCPSite, host: str, port: int, setting: str) -> None:
+    """``site.start()``; a port another process holds raises PortInUseError naming ``setting``."""
+    try:
+        await site.start()
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise port_in_use(host, port, setting) from exc
+
+
+def ensure_free(host: str, port: int, setting: str) -> None:
+    """Raise PortInUseError if ``host:port`` cannot be bound now, for a server that would
+    not say so itself (moto's thread exits and leaves its caller waiting)."""
+    if not port:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise port_in_use(host, port, setting) from exc
+
+
 @contextlib.asynccontextmanager
 async def serving_app(
-    app: web.Application, host: str, port: int, shutdown_timeout: float
+    app: web.Application, host: str, port: int, shutdown_timeout: float, *, setting: str
 ) -> AsyncIterator[str]:
     """Serve ``app`` on ``host:port`` (0 = any free port) until exit; yields its base URL.
 
     For the side listeners (metrics, console): no access log, no drain beyond
-    ``shutdown_timeout`` for requests still running at exit.
+    ``shutdown_timeout`` for requests still running at exit. ``setting`` names where the port
+    comes from, for the error when another process holds it.
     """
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        await start_site(site, host, port, setting)
         yield f"http://{host}:{bound_port(site)}"
     finally:
         await runner.cleanup()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import tomllib
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -121,6 +123,51 @@ def test_local_without_moto_names_what_to_install(tmp_path: Path) -> None:
     assert result.stderr == (
         "courier: courier local needs moto, a development dependency: pip install 'courier[dev]'\n"
     )
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A port on 127.0.0.1 another process (this one) listens on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "env_name", "setting"),
+    [
+        (
+            ["--aws-port", "{port}", "--port", "0"],
+            "",
+            "courier local --aws-port (0 = any free port)",
+        ),
+        (
+            ["--aws-port", "0", "--port", "0"],
+            "COURIER_CONSOLE_PORT",
+            "[console] port (COURIER_CONSOLE_PORT; 0 = any free port)",
+        ),
+        (
+            ["--aws-port", "0", "--port", "{port}"],
+            "",
+            "[http] port (COURIER_HTTP_PORT, or courier local --port; 0 = any free port)",
+        ),
+    ],
+    ids=["aws", "console", "api"],
+)
+def test_local_with_a_port_in_use_says_which_and_exits_2(
+    tmp_path: Path, held_port: int, args: list[str], env_name: str, setting: str
+) -> None:
+    """One line naming the port and what sets it; no traceback, no hang (moto's would)."""
+    env = {env_name: str(held_port)} if env_name else {"COURIER_CONSOLE_PORT": "0"}
+    argv = [arg.format(port=held_port) for arg in args]
+    result = courier("local", *argv, env=env, cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1] == (
+        f"courier: 127.0.0.1:{held_port} is in use by another process: stop that process,"
+        f" or change {setting}"
+    )
+    assert "Traceback" not in result.stderr
 
 
 def test_bootstrap_creates_resources_and_is_idempotent(moto_endpoint: str, tmp_path: Path) -> None:

@@ -28,7 +28,9 @@ async def serving_console(courier: web.Application, settings: Settings) -> Async
     """Serve the console for the started ``courier`` app; yields its URL."""
     console = create_console_app(courier)
     host = settings.console.host
-    async with serving_app(console, host, console_port(settings), SHUTDOWN_SECONDS) as url:
+    port = console_port(settings)
+    setting = "[console] port (COURIER_CONSOLE_PORT; 0 = any free port)"
+    async with serving_app(console, host, port, SHUTDOWN_SECONDS, setting=setting) as url:
         log.info(
             "console listening",
             extra={"fields": {"event": "console_listening", "url": url}},
