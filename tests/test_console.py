@@ -777,7 +777,9 @@ async def test_pages_answer_at_once_while_a_slow_replay_runs(
                 await asyncio.sleep(0.1)
             assert (running["state"], running["chosen"], running["moved"]) == ("running", "2", "1")
             await asyncio.wait_for(console.page("/dead-letters/messages", status=503), 5)
-            await asyncio.wait_for(console.page(f"/requests?id={uuid.uuid4().hex}"), 5)
+            lookup = f"/requests?id={uuid.uuid4().hex}"
+            unknown = await asyncio.wait_for(console.page(lookup), 5)
+            assert "no such request (or its record expired); the DLQ was not checked" in unknown
         finally:
             posting.cancel()
             with contextlib.suppress(asyncio.CancelledError):

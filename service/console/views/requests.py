@@ -63,18 +63,22 @@ async def _found(request: web.Request, request_id: str) -> dict[str, Any]:
         return {"error": error}
     reader = request.app.get(DEAD_LETTERS)
     letters = []
+    unchecked = ""
     if reader is not None:
         snapshot = await reader.snapshot()
         letters = snapshot.for_request(request_id)
+        if snapshot.absent:
+            unchecked = "; the DLQ was not checked: an action holds it, look again when it ends"
     copies = [
         (m.failed_at, f"dead-lettered: {m.reason}" + (f" at {m.target}" if m.target else ""))
         for m in letters
     ]
+    missing = f"no such request (or its record expired){unchecked}"
     return {
         "record": record,
         "letters": letters,
         "timeline": timeline(record, copies),
-        "error": "" if record is not None or letters else "no such request (or its record expired)",
+        "error": "" if record is not None or letters else missing,
     }
 
 
