@@ -13,10 +13,11 @@ visible again when its listing visibility (LIST_VISIBILITY_SECONDS) runs out. Th
 the original attributes minus ``dlq`` and gains ``replayed=1`` so the worker consults the
 request's status before delivering again.
 
-A slow pass takes no more at a time than it moves in half the listing visibility, so a
-receipt handle is still current when its message is deleted. Cancelling a pass (Ctrl-C, the
-console's Stop, shutdown) lets the move under way finish: a copy sent whose original stayed
-would be replayed twice.
+A slow pass receives only when its next move may start, and no more at a time than it moves
+in half the listing visibility, so a receipt handle is still current when its message is
+deleted. Cancelling a pass (Ctrl-C, the console's Stop, shutdown), once or repeatedly, lets the
+receive or move under way finish (a copy sent whose original stayed would be replayed twice)
+and releases everything the pass held at once.
 
 ``discard`` is the same pass deleting the chosen messages instead of moving them. The
 operator console (``service/console/``) acts through these two functions, as the CLI does.
@@ -79,7 +80,8 @@ class ReplayReport:
     examined: int = 0
     # Passed the filters, among the messages the DLQ held when the replay began.
     matched: int = 0
-    # Matched and within the limit: moved or tried (listed, in a dry run).
+    # Matched and within the limit: moved or tried (listed, in a dry run; released untouched
+    # when the pass was stopped before its turn).
     chosen: int = 0
     moved: int = 0  # for a discard: deleted
     # Chosen, but the work queue did not take the copy: still in the DLQ.
@@ -104,6 +106,13 @@ class _RateLimiter:
         if not self._interval:
             return 10
         return max(1, min(10, int(LIST_VISIBILITY_SECONDS / 2 / self._interval)))
+
+    async def ready(self) -> None:
+        """Until the next move may start (without taking its turn): a pass receives only then,
+        so a batch's first move follows its receipt at once."""
+        delay = self._next - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     async def wait(self) -> None:
         now = time.monotonic()
@@ -185,13 +194,24 @@ class _Replay:
         try:
             await self.examine(_RateLimiter(rate_per_second), dry_run)
         finally:
-            await _release(self._sqs, self._dlq_url, self.held)
+            # Released even when stopped meanwhile: the pass ends right after either way.
+            releasing = asyncio.ensure_future(_release(self._sqs, self._dlq_url, self.held))
+            await _unstoppable(releasing)
+            releasing.result()
         return self.report
 
     async def examine(self, limiter: _RateLimiter, dry_run: bool) -> None:
         """Receive until nothing new comes back (or the limit is reached); move the chosen."""
         while not (self._limit and self.report.chosen >= self._limit):
-            batch = await _receive(self._sqs, self._dlq_url, limiter.batch_size)
+            await limiter.ready()
+            receiving = asyncio.ensure_future(
+                _receive(self._sqs, self._dlq_url, limiter.batch_size)
+            )
+            stopped = await _unstoppable(receiving)
+            batch = receiving.result()
+            if stopped:  # SQS hid these from everyone else: release them, not in 60 s
+                self.held += batch
+                raise asyncio.CancelledError
             fresh = [m for m in batch if m.message_id not in self._seen]
             # Seen before: its listing visibility ran out. Released with its new handle.
             self.held += [m for m in batch if m.message_id in self._seen]
@@ -241,15 +261,18 @@ class _Replay:
         return info.source_message_id in self._sent or info.failed_at > self._started
 
     async def _move(self, message: Message) -> None:
+        # Finished even when stopped meanwhile (send, then delete): cut between the two, the
+        # work queue would have the copy and the DLQ the original, replayed again later.
         acting = asyncio.ensure_future(self._action(message))
-        try:
-            copy_id = await asyncio.shield(acting)
-        except asyncio.CancelledError:
-            # Finish the move (send, then delete) before stopping: cut between the two, the
-            # work queue would have the copy and the DLQ the original, replayed again later.
-            self._count(await acting)
-            raise
-        self._count(copy_id)
+        stopped = await _unstoppable(acting)
+        if acting.exception() is None:
+            self._count(acting.result())
+        elif stopped:  # a failed delete while stopping: counted, and the stop goes on
+            self.report.failed += 1
+        else:
+            acting.result()  # a failed delete ends the pass
+        if stopped:
+            raise asyncio.CancelledError
 
     def _count(self, copy_id: str | None) -> None:
         if copy_id is None:
@@ -258,6 +281,18 @@ class _Replay:
             return
         self._sent.add(copy_id)
         self.report.moved += 1
+
+
+async def _unstoppable(work: asyncio.Future[Any]) -> bool:
+    """Wait for ``work`` to end, however often the caller is cancelled meanwhile; whether it
+    was. The caller honours the cancellation once it has used what ``work`` did."""
+    stopped = False
+    while not work.done():
+        try:
+            await asyncio.wait({work})  # unlike awaiting it, never cancels ``work``
+        except asyncio.CancelledError:
+            stopped = True
+    return stopped
 
 
 async def _receive(sqs: Any, dlq_url: str, count: int) -> list[Message]:
