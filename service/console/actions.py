@@ -142,9 +142,10 @@ class Jobs:
         return self._jobs.get(job_id)
 
     def stop(self, job: Job, principal: Principal) -> None:
-        """Stop ``job`` if it still runs or waits; its end is audited with who stopped it."""
+        """Stop ``job`` if it still runs or waits; its end is audited with who stopped it
+        (the first to ask: asking again changes nothing)."""
         task = self._tasks.get(job.id)
-        if task is None or task.done():
+        if task is None or task.done() or job.stopped_by:
             return
         job.stopped_by = principal.subject
         task.cancel()

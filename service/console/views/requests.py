@@ -9,8 +9,9 @@ from typing import Any
 from aiohttp import web
 
 from ...status import StatusRecord, iso
+from ..deadletters import Snapshot
 from ..keys import DEAD_LETTERS
-from .common import page, read_record
+from .common import page, read_record, when
 
 # Request ids are hex (courier's own) or what an Idempotency-Key derived: keep the lookup tame.
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -49,6 +50,7 @@ async def lookup(request: web.Request) -> web.Response:
         "letters": [],
         "timeline": [],
         "error": "",
+        "dlq_caveat": "",
     }
     if request_id and not REQUEST_ID.match(request_id):
         context["error"] = "not a request id"
@@ -63,23 +65,33 @@ async def _found(request: web.Request, request_id: str) -> dict[str, Any]:
         return {"error": error}
     reader = request.app.get(DEAD_LETTERS)
     letters = []
-    unchecked = ""
+    caveat = ""
     if reader is not None:
         snapshot = await reader.snapshot()
         letters = snapshot.for_request(request_id)
-        if snapshot.absent:
-            unchecked = "; the DLQ was not checked: an action holds it, look again when it ends"
+        caveat = _dlq_caveat(snapshot)
     copies = [
         (m.failed_at, f"dead-lettered: {m.reason}" + (f" at {m.target}" if m.target else ""))
         for m in letters
     ]
-    missing = f"no such request (or its record expired){unchecked}"
     return {
         "record": record,
         "letters": letters,
         "timeline": timeline(record, copies),
-        "error": "" if record is not None or letters else missing,
+        "dlq_caveat": caveat,
+        "error": "" if record is not None or letters else "no such request (or its record expired)",
     }
+
+
+def _dlq_caveat(snapshot: Snapshot) -> str:
+    """How far the DLQ copies shown fall short of the DLQ now ("" when they do not)."""
+    if snapshot.absent:
+        return "The DLQ was not checked: an action holds it; look again when it ends."
+    if not snapshot.complete:
+        return f"Only the first {len(snapshot.letters)} DLQ messages were checked."
+    if snapshot.running is not None:
+        return f"DLQ copies as read at {when(snapshot.taken_at)}, before the action now running."
+    return ""
 
 
 def setup(app: web.Application) -> None:
