@@ -130,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``courier`` console script.
 
     Exit status: 0 done; 2 an invalid setting or argument, with one line on stderr, before
-    anything starts; 1 a failure while running; 130 interrupted.
+    anything starts, or a port courier cannot listen on, as it starts; 1 a failure while
+    running; 130 interrupted.
     """
     args = _parser().parse_args(argv)
     try:
@@ -218,7 +219,8 @@ async def _local(args: argparse.Namespace, settings: Settings) -> int:
             "courier local needs moto, a development dependency: pip install 'courier[dev]'"
         ) from None
 
-    http = replace(settings.http, port=args.port)
+    # One courier local per port: a second one must not silently share the first's (SO_REUSEPORT).
+    http = replace(settings.http, port=args.port, reuse_port=False)
     await run_local(settings.replace(http=http), aws_port=args.aws_port)
     return 0
 

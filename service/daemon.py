@@ -79,10 +79,14 @@ def stop_bound_seconds(settings: Settings) -> float:
     return settings.http.drain_seconds + max(settings.worker.release_seconds, cancel) + EXIT_SECONDS
 
 
+# Where each port comes from, for the one line a port another process holds gets.
+API_PORT_SETTING = "[http] port (COURIER_HTTP_PORT, or courier local --port; 0 = any free port)"
+HEALTH_PORT_SETTING = "[http] health_port + instance (COURIER_HTTP_HEALTH_PORT)"
+METRICS_PORT_SETTING = "[http] metrics_port + instance (COURIER_HTTP_METRICS_PORT)"
+
+
 def _port_setting(settings: Settings) -> str:
-    if serves_api(settings):
-        return "[http] port (COURIER_HTTP_PORT, or courier local --port; 0 = any free port)"
-    return "[http] health_port (COURIER_HTTP_HEALTH_PORT)"
+    return API_PORT_SETTING if serves_api(settings) else HEALTH_PORT_SETTING
 
 
 def serving_port(settings: Settings) -> int:
@@ -266,8 +270,8 @@ async def _start_metrics(stack: contextlib.AsyncExitStack, settings: Settings) -
     metrics_app = web.Application()
     metrics_app.router.add_get("/metrics", health_routes.metrics_handler)
     port = settings.http.metrics_port + settings.instance
-    setting = "[http] metrics_port (COURIER_HTTP_METRICS_PORT)"
-    served = serving_app(metrics_app, settings.http.host, port, CANCEL_SECONDS, setting=setting)
+    host = settings.http.host
+    served = serving_app(metrics_app, host, port, CANCEL_SECONDS, setting=METRICS_PORT_SETTING)
     return f"{await stack.enter_async_context(served)}/metrics"
 
 

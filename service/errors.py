@@ -266,8 +266,9 @@ class SettingsError(CourierError):
     """A setting has a value courier cannot run with; the message is one line for the operator."""
 
 
-class PortInUseError(SettingsError):
-    """A port courier is told to listen on is held by another process."""
+class ListenError(SettingsError):
+    """courier cannot listen where its settings say: another process holds the port, or the
+    address is not this machine's, or a port below 1024 needs privileges courier lacks."""
 
 
 class TransientError(CourierError):

@@ -35,6 +35,7 @@ def use_fake_credentials() -> None:
 
 
 LOOPBACK = "127.0.0.1"  # the embedded AWS never listens beyond this machine
+AWS_PORT_SETTING = "courier local --aws-port (0 = any free port)"
 
 
 class EmbeddedAws:
@@ -56,7 +57,7 @@ class EmbeddedAws:
 
     def start(self) -> str:
         """Start serving; returns the endpoint URL."""
-        ensure_free(LOOPBACK, self._port, "courier local --aws-port (0 = any free port)")
+        ensure_free(LOOPBACK, self._port, AWS_PORT_SETTING)
         self._server.start()
         if self._middleware is not None:
             # werkzeug reads ``server.app`` per request; nothing is served before we return.
@@ -98,6 +99,7 @@ async def run_local(base: Settings, aws_port: int, config_out: Path = LOCAL_CONF
     from . import daemon
     from .stubs import IdmStub, LegacyStub
 
+    _check_ports(base, aws_port)
     use_fake_credentials()
     values = demo_secrets()
     idm = IdmStub(api_key=values["courier.idm.api_key"])
@@ -120,6 +122,17 @@ async def run_local(base: Settings, aws_port: int, config_out: Path = LOCAL_CONF
             listening = await stack.enter_async_context(daemon.serving(settings))
             _print_banner(settings, resources, listening, config_out)
             await _until_interrupted()
+
+
+def _check_ports(settings: Settings, aws_port: int) -> None:
+    """Every fixed port, before moto starts or the settings file is rewritten: the usual
+    holder is another ``courier local``, whose ``.courier/local.toml`` must stay true."""
+    from .console.server import CONSOLE_PORT_SETTING, console_port
+    from .daemon import API_PORT_SETTING
+
+    ensure_free(LOOPBACK, aws_port, AWS_PORT_SETTING)
+    ensure_free(settings.http.host, settings.http.port, API_PORT_SETTING)
+    ensure_free(settings.console.host, console_port(settings), CONSOLE_PORT_SETTING)
 
 
 def _local_settings(

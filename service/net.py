@@ -1,5 +1,5 @@
 """Sockets aiohttp does not expose (the port a started site was bound to); side listeners;
-a port another process holds, said in one line."""
+a port courier cannot listen on, said in one line."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import contextlib
 import errno
 import socket
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 from aiohttp import web
 
-from .errors import PortInUseError
+from .errors import ListenError
 
 
 def bound_port(site: web.TCPSite) -> int:
@@ -29,36 +30,47 @@ def bound_port(site: web.TCPSite) -> int:
     return int(sockets[0].getsockname()[1])
 
 
-def port_in_use(host: str, port: int, setting: str) -> PortInUseError:
-    """The error for ``host:port`` held by another process; ``setting`` says how to change it."""
-    return PortInUseError(
-        f"{host}:{port} is in use by another process: stop that process, or change {setting}"
-    )
+def cannot_listen(host: str, port: int, setting: str, error: OSError) -> ListenError | None:
+    """The one-line error for a failed bind of ``host:port`` (None for an error a setting
+    does not cause); ``setting`` says where the port comes from."""
+    if error.errno == errno.EADDRINUSE:
+        why = f"is in use by another process: stop that process, or change {setting}"
+    elif error.errno == errno.EACCES:
+        why = f"needs privileges courier lacks (a port below 1024?): change {setting}"
+    elif error.errno == errno.EADDRNOTAVAIL:
+        why = f"is not an address of this machine: change the host beside {setting}"
+    else:
+        return None
+    return ListenError(f"{host}:{port} {why}")
+
+
+def _raise_listen_error(host: str, port: int, setting: str, error: OSError) -> NoReturn:
+    refused = cannot_listen(host, port, setting, error)
+    if refused is None:
+        raise error
+    raise refused from error
 
 
 async def start_site(site: web.TCPSite, host: str, port: int, setting: str) -> None:
-    """``site.start()``; a port another process holds raises PortInUseError naming ``setting``."""
+    """``site.start()``; a bind refused because of a setting raises ListenError naming it."""
     try:
         await site.start()
     except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        raise port_in_use(host, port, setting) from exc
+        _raise_listen_error(host, port, setting, exc)
 
 
 def ensure_free(host: str, port: int, setting: str) -> None:
-    """Raise PortInUseError if ``host:port`` cannot be bound now, for a server that would
-    not say so itself (moto's thread exits and leaves its caller waiting)."""
+    """Raise ListenError if ``host:port`` cannot be bound now, for a server that would not
+    say so itself (moto's thread exits and leaves its caller waiting). 0 passes."""
     if not port:
         return
+    # SO_REUSEADDR as werkzeug and asyncio bind: a port in TIME_WAIT is free for them too.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            raise port_in_use(host, port, setting) from exc
+            _raise_listen_error(host, port, setting, exc)
 
 
 @contextlib.asynccontextmanager
@@ -69,7 +81,7 @@ async def serving_app(
 
     For the side listeners (metrics, console): no access log, no drain beyond
     ``shutdown_timeout`` for requests still running at exit. ``setting`` names where the port
-    comes from, for the error when another process holds it.
+    comes from, for the error when it cannot be listened on.
     """
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -14,6 +15,7 @@ from aiohttp import web
 
 from courier_testkit.ports import free_port, serving
 from service import daemon
+from service.errors import ListenError
 from service.net import bound_port
 from service.settings import Settings, load_settings, to_toml
 
@@ -189,6 +191,34 @@ async def test_metrics_port_serves_only_metrics(
             assert response.status == 200
         async with http.get(f"http://127.0.0.1:{free}/healthz") as response:
             assert response.status == 404
+
+
+async def test_a_metrics_port_in_use_is_one_line_naming_the_setting(settings: Settings) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        held = holder.getsockname()[1]
+        http_settings = dataclasses.replace(settings.http, port=0, metrics_port=held)
+        with pytest.raises(ListenError) as refused:
+            async with daemon.serving(settings.replace(role="api", http=http_settings)):
+                pass
+    assert str(refused.value) == (
+        f"127.0.0.1:{held} is in use by another process: stop that process,"
+        " or change [http] metrics_port + instance (COURIER_HTTP_METRICS_PORT)"
+    )
+
+
+async def test_an_address_not_on_this_machine_is_one_line_naming_the_setting(
+    settings: Settings,
+) -> None:
+    http_settings = dataclasses.replace(settings.http, host="192.0.2.1", port=8080)
+    with pytest.raises(ListenError) as refused:
+        async with daemon.serving(settings.replace(role="api", http=http_settings)):
+            pass
+    assert str(refused.value) == (
+        "192.0.2.1:8080 is not an address of this machine: change the host beside"
+        " [http] port (COURIER_HTTP_PORT, or courier local --port; 0 = any free port)"
+    )
 
 
 async def test_stop_event_ends_run(settings: Settings) -> None:

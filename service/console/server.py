@@ -15,6 +15,7 @@ from .app import create_console_app
 log = logging.getLogger("courier.console")
 
 SHUTDOWN_SECONDS = 1.0
+CONSOLE_PORT_SETTING = "[console] port + instance (COURIER_CONSOLE_PORT; 0 = any free port)"
 
 
 def console_port(settings: Settings) -> int:
@@ -29,8 +30,9 @@ async def serving_console(courier: web.Application, settings: Settings) -> Async
     console = create_console_app(courier)
     host = settings.console.host
     port = console_port(settings)
-    setting = "[console] port (COURIER_CONSOLE_PORT; 0 = any free port)"
-    async with serving_app(console, host, port, SHUTDOWN_SECONDS, setting=setting) as url:
+    async with serving_app(
+        console, host, port, SHUTDOWN_SECONDS, setting=CONSOLE_PORT_SETTING
+    ) as url:
         log.info(
             "console listening",
             extra={"fields": {"event": "console_listening", "url": url}},
