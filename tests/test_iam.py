@@ -80,6 +80,8 @@ NEEDED_ACTIONS = {
     "dynamodb:Query",
     "dynamodb:BatchWriteItem",
     "dynamodb:UpdateItem",
+    "dynamodb:PutItem",  # the claim of a request sent with an Idempotency-Key
+    "dynamodb:GetItem",  # GET /v1/requests/{id}
     "kms:GenerateDataKey",
     "kms:Decrypt",
 }
@@ -417,8 +419,11 @@ async def test_every_call_of_the_run_is_granted_and_courier_needs_what_it_is_gra
     iam: IamChain,
 ) -> None:
     """The whole run's record: nothing refused, and the core actions were all exercised."""
-    async with iam.granted():  # one request of its own, so that it also runs alone
+    async with iam.granted():  # requests of its own, so that it also runs alone
         await iam.wait_status(await iam.chain.create(mailbox(300)), "completed")
+        status, document = await _post(iam.chain, mailbox(301), f"iam-all-{uuid.uuid4().hex}")
+        assert status == 202, document
+        await iam.wait_status(document["request_id"], "completed")
     calls = await iam.assert_granted()
     used = actions_used(calls, iam.account)
     assert used >= NEEDED_ACTIONS, f"never called: {sorted(NEEDED_ACTIONS - used)}"
@@ -436,6 +441,8 @@ async def test_every_call_of_the_run_is_granted_and_courier_needs_what_it_is_gra
         ("sqs:DeleteMessage", ":sqs:"),
         ("dynamodb:UpdateItem", ":table/courier-iam-status"),
         ("dynamodb:BatchWriteItem", ":table/courier-iam-status"),
+        ("dynamodb:PutItem", ":table/courier-iam-status"),
+        ("dynamodb:GetItem", ":table/courier-iam-status"),
         ("kms:GenerateDataKey", ":key/"),
         ("dynamodb:Query", ":table/credential-store"),
     ],
