@@ -477,6 +477,16 @@ async def test_schema_violations_are_422_with_every_error(rejecting_api: Api) ->
             ],
             id="array-item",
         ),
+        pytest.param(
+            {**VALID_BODY, "username": "jane\n"},
+            [
+                {
+                    "pointer": "/username",
+                    "message": "'jane\\n' does not match '^[a-z][a-z0-9._-]{2,31}$'",
+                }
+            ],
+            id="trailing-newline",
+        ),
     ],
 )
 async def test_schema_violation_pointers(

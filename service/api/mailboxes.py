@@ -61,8 +61,8 @@ log = logging.getLogger("courier.api")
 
 ADMIN_SCOPE = "mailbox:admin"
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f0c2f55-8d43-4a9b-9d0b-8c1f5f3c2a11")
-_VALID_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-_TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_VALID_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 # A duplicate waits this long for the claimer's answer before it gets 409 (the claimer's
 # happy path is one IdM call and one send: well under a second).
@@ -144,7 +144,7 @@ def _body_hash(payload: dict[str, Any]) -> str:
 def _request_id(subject: str, idempotency_key: str | None) -> str:
     if idempotency_key is None:
         return uuid.uuid4().hex
-    if not _VALID_IDEMPOTENCY_KEY.match(idempotency_key):
+    if not _VALID_IDEMPOTENCY_KEY.fullmatch(idempotency_key):
         raise Problem(
             400,
             "invalid-idempotency-key",
@@ -358,7 +358,7 @@ async def _enqueue(request: web.Request, record: StatusRecord, payload: dict[str
 
 
 def _traceparent(incoming: str | None) -> str:
-    if incoming and _TRACEPARENT.match(incoming):
+    if incoming and _TRACEPARENT.fullmatch(incoming):
         return incoming
     return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
 

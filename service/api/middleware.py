@@ -27,7 +27,7 @@ errors_log = logging.getLogger("courier.api")
 REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 # A caller-chosen id is echoed and logged: keep it short and printable.
-_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 _requests = metrics.LabelCache(metrics.http_requests)
@@ -48,7 +48,7 @@ def _route_name(request: web.Request) -> str:
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost: correlation id, problem+json conversion, metrics, access log."""
     supplied = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = supplied if _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+    request_id = supplied if _VALID_REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
     request[REQUEST_ID_KEY] = request_id
     bind_context(request_id=request_id)
     started = time.perf_counter()

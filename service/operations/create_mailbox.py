@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable, Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from xml.sax.saxutils import escape
 
 import fastjsonschema
-from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema import Draft202012Validator, FormatChecker, ValidationError, validators
 
 NAME = "create-mailbox"
 
@@ -66,7 +68,44 @@ DEFAULT_QUOTA_MB = {"basic": 1024, "standard": 10240, "premium": 51200}
 # in a decrypted event unless the operator holds the unmask scope.
 PERSONAL_FIELDS = ("username", "display_name", "contact_email", "msisdn", "aliases")
 
-_validator = Draft202012Validator(REQUEST_SCHEMA, format_checker=FormatChecker())
+
+@functools.cache
+def _ecma_pattern(pattern: str) -> re.Pattern[str]:
+    r"""``pattern`` as JSON Schema means it (ECMA-262): ``$`` ends the string.
+
+    Python's ``$`` also matches before a final newline, so ``^[a-z]+$`` would let
+    ``"jane\n"`` through to the IdM and the legacy systems. Every unescaped ``$`` outside a
+    character class becomes ``\Z``.
+    """
+    translated: list[str] = []
+    escaped = in_class = False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "[":
+            in_class = True
+        elif char == "]":
+            in_class = False
+        elif char == "$" and not in_class:
+            translated.append("\\Z")
+            continue
+        translated.append(char)
+    return re.compile("".join(translated))
+
+
+def _pattern(
+    validator: Any, pattern: str, instance: Any, schema: Mapping[str, Any]
+) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not _ecma_pattern(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+# jsonschema words every error; its ``pattern`` keyword is given ECMA-262's ``$``.
+_Validator = validators.extend(Draft202012Validator, {"pattern": _pattern})
+
+_validator = _Validator(REQUEST_SCHEMA, format_checker=FormatChecker())
 
 
 def _compiled(schema: dict[str, Any]) -> Callable[[Any], Any]:
@@ -75,8 +114,8 @@ def _compiled(schema: dict[str, Any]) -> Callable[[Any], Any]:
 
     It must never pass what jsonschema refuses (it may refuse more: a caller then asks
     jsonschema, whose verdict stands). Its ``format: email`` is jsonschema's own check ("@" in
-    the string); its patterns use Python's ``re`` with ``$`` as ``\\Z`` (stricter: no trailing
-    newline); ``use_default=False`` so it never writes defaults into the payload.
+    the string); its patterns read ``$`` as ``\\Z``, as ``_ecma_pattern`` does;
+    ``use_default=False`` so it never writes defaults into the payload.
     """
     return fastjsonschema.compile(
         schema,
@@ -161,7 +200,9 @@ EVENT_SCHEMA: dict[str, Any] = {
     "required": ["mailbox", "identity_id", "requested_by", "requested_at"],
     "properties": {
         "mailbox": {
-            **REQUEST_SCHEMA,
+            # Without "$schema": jsonschema would validate a subschema naming its dialect with
+            # that dialect's stock class, and lose ``_Validator``'s pattern keyword.
+            **{key: value for key, value in REQUEST_SCHEMA.items() if key != "$schema"},
             "required": [*REQUEST_SCHEMA["required"], "quota_mb", "locale"],
         },
         "identity_id": {"type": "string", "minLength": 1},
@@ -169,7 +210,7 @@ EVENT_SCHEMA: dict[str, Any] = {
         "requested_at": {"type": "string"},
     },
 }
-_event_validator = Draft202012Validator(EVENT_SCHEMA, format_checker=FormatChecker())
+_event_validator = _Validator(EVENT_SCHEMA, format_checker=FormatChecker())
 _event_fast = _compiled(EVENT_SCHEMA)
 
 

@@ -14,7 +14,7 @@ from ..keys import DEAD_LETTERS
 from .common import page, read_record, when
 
 # Request ids are hex (courier's own) or what an Idempotency-Key derived: keep the lookup tame.
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +52,7 @@ async def lookup(request: web.Request) -> web.Response:
         "error": "",
         "dlq_caveat": "",
     }
-    if request_id and not REQUEST_ID.match(request_id):
+    if request_id and not REQUEST_ID.fullmatch(request_id):
         context["error"] = "not a request id"
     elif request_id:
         context.update(await _found(request, request_id))
