@@ -23,7 +23,12 @@ The API (``from courier_testkit import X``; each name lives in the module named)
 ``counting_proxy()`` ->            (``proxy``) the counting, strict-limits reverse proxy
 ``CountingProxy``                  (``python -m courier_testkit.proxy``) and its client;
                                    ``counter_delta``
-``TcpProxy``, ``tcp_proxy()``      (``tcpproxy``) a TCP relay that can be cut and restored
+``TcpProxy``, ``tcp_proxy()``      (``tcpproxy``) a TCP relay that can be cut and restored,
+                                   optionally terminating TLS (an HTTPS front for an emulator)
+``local_tls()`` -> ``LocalTls``    (``tls``) a CA made for the test (the ``AWS_CA_BUNDLE``
+                                   file) and a server context with a ``localhost`` certificate
+``tinyproxy()`` -> ``TinyProxy``   (``tinyproxy``) Debian's tinyproxy as an egress proxy with
+                                   Basic authentication; the requests it forwarded, from its log
 ``haproxy()`` -> ``HAProxy``,      (``haproxy``) HAProxy as the ALB stand-in: configured from a
 ``TargetGroup``,                   ``TargetGroup`` (health check, deregistration delay) read from
 ``target_group_from_terraform``    terraform/alb.tf; register, drain/deregister, state over its
@@ -129,6 +134,8 @@ if TYPE_CHECKING:
     from .sampling import ProcessSampler, machine
     from .stubs import EffectRecorder, StubIdm, StubProcess, StubTarget, stub_process
     from .tcpproxy import TcpProxy, tcp_proxy
+    from .tinyproxy import TinyProxy, tinyproxy
+    from .tls import LocalTls, local_tls
     from .tokens import mint_token
 
 # module -> the names it gives the kit's API. Imported on first use, so that
@@ -147,6 +154,8 @@ _MODULES = {
     ".sampling": "ProcessSampler machine",
     ".stubs": "EffectRecorder StubIdm StubProcess StubTarget stub_process",
     ".tcpproxy": "TcpProxy tcp_proxy",
+    ".tinyproxy": "TinyProxy tinyproxy",
+    ".tls": "LocalTls local_tls",
     ".tokens": "mint_token",
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names.split()}
@@ -159,6 +168,7 @@ __all__ = [
     "EmbeddedAws",
     "HAProxy",
     "HarnessError",
+    "LocalTls",
     "ManagedProcess",
     "ProcessSampler",
     "StubIdm",
@@ -166,6 +176,7 @@ __all__ = [
     "StubTarget",
     "TargetGroup",
     "TcpProxy",
+    "TinyProxy",
     "aws_stack",
     "bootstrap",
     "bound_port",
@@ -177,6 +188,7 @@ __all__ = [
     "fauxqs",
     "free_port",
     "haproxy",
+    "local_tls",
     "machine",
     "managed",
     "mint_token",
@@ -188,6 +200,7 @@ __all__ = [
     "stub_process",
     "target_group_from_terraform",
     "tcp_proxy",
+    "tinyproxy",
     "wait_http",
 ]
 

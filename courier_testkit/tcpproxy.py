@@ -5,6 +5,8 @@
 SQS, DynamoDB or KMS looks like from courier's side. ``restore()`` listens again on the same
 port. The proxy forwards bytes unchanged; it runs in the caller's event loop.
 ``response_delay`` holds every chunk from the backend that long (a response in flight).
+Given a server ``tls`` context it terminates TLS (``https://localhost:<port>``) and forwards
+the plain bytes: an HTTPS endpoint in front of an emulator that speaks HTTP.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
 from urllib.parse import urlparse
@@ -22,9 +25,12 @@ READ_CHUNK = 65536
 class TcpProxy:
     """Forwards ``127.0.0.1:<port>`` to ``backend`` (a URL) until ``cut``; ``url`` is its address."""
 
-    def __init__(self, backend: str, name: str = "proxy") -> None:
+    def __init__(
+        self, backend: str, name: str = "proxy", tls: ssl.SSLContext | None = None
+    ) -> None:
         parsed = urlparse(backend)
         self.name = name
+        self._tls = tls
         self._backend = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -32,6 +38,7 @@ class TcpProxy:
         self._port = 0
         self.url = ""
         self.cuts: list[tuple[float, float | None]] = []  # (cut at, restored at), monotonic
+        self.accepted = 0  # connections accepted (and, with TLS, handshaken)
         # Seconds every chunk from the backend waits before it reaches the client: a response
         # the backend already committed to (e.g. messages SQS handed to a receive) is in flight
         # that long.
@@ -42,13 +49,18 @@ class TcpProxy:
         return self._server is None and bool(self._port)
 
     async def start(self) -> str:
-        """Listen (first on a free port, later on the same one); returns ``http://127.0.0.1:<port>``."""
+        """Listen (first on a free port, later on the same one); returns ``http://127.0.0.1:<port>``
+        (``https://localhost:<port>`` with TLS: the name its certificate carries)."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self._port))
-        self._server = await asyncio.start_server(self._accept, sock=sock, backlog=1024)
+        self._server = await asyncio.start_server(
+            self._accept, sock=sock, backlog=1024, ssl=self._tls
+        )
         self._port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self._port}"
+        self.url = (
+            f"https://localhost:{self._port}" if self._tls else f"http://127.0.0.1:{self._port}"
+        )
         return self.url
 
     async def cut(self) -> None:
@@ -79,6 +91,7 @@ class TcpProxy:
         if self._server is None:
             writer.transport.abort()
             return
+        self.accepted += 1
         try:
             up_reader, up_writer = await asyncio.open_connection(*self._backend)
         except OSError:
@@ -112,9 +125,11 @@ class TcpProxy:
 
 
 @contextlib.asynccontextmanager
-async def tcp_proxy(backend: str, name: str = "proxy") -> AsyncIterator[TcpProxy]:
+async def tcp_proxy(
+    backend: str, name: str = "proxy", tls: ssl.SSLContext | None = None
+) -> AsyncIterator[TcpProxy]:
     """A started ``TcpProxy``, closed on exit."""
-    proxy = TcpProxy(backend, name)
+    proxy = TcpProxy(backend, name, tls)
     await proxy.start()
     try:
         yield proxy

@@ -44,6 +44,7 @@ from botocore.exceptions import ClientError
 from yarl import URL
 
 from . import metrics
+from .egress import open_http
 from .settings import AwsSettings
 
 _TARGET_PREFIX = "DynamoDB_20120810."
@@ -197,22 +198,20 @@ async def open_dynamodb(
     ``endpoint_url`` is best the one the aiobotocore client resolved (``client.meta``: it
     knows partitions, FIPS and dual-stack); by default the configured one or aiodynamo's
     standard endpoint. It must be ``scheme://host[:port]``: aiodynamo signs the path ``/``.
-    Credentials come from ``session``'s provider chain (a new session's by default).
+    Requests go through the proxy botocore would use (``service/egress.py``). Credentials come
+    from ``session``'s provider chain (a new session's by default).
     """
-    connector = aiohttp.TCPConnector(limit=settings.max_pool_connections, ttl_dns_cache=300)
+    configured = endpoint_url or settings.endpoint_for("dynamodb")
+    endpoint = URL(configured) if configured else make_default_endpoint(settings.region)
+    session = session or get_session()
     # DynamoDB answers in milliseconds: a read stalled longer than this is retried (within
     # _StandardRetry's budget) or fails, instead of holding a whole batch of writers for the
     # 25 s that SQS's long polls need.
-    timeout = aiohttp.ClientTimeout(
-        sock_connect=settings.connect_timeout_seconds,
-        sock_read=min(settings.read_timeout_seconds, READ_TIMEOUT_SECONDS),
-    )
-    configured = endpoint_url or settings.endpoint_for("dynamodb")
-    endpoint = URL(configured) if configured else make_default_endpoint(settings.region)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+    read_timeout = min(settings.read_timeout_seconds, READ_TIMEOUT_SECONDS)
+    async with open_http(settings, str(endpoint), session, read_timeout) as http:
         client = Client(
             _Transport(http, endpoint.host or ""),
-            BotocoreCredentials(session or get_session()),
+            BotocoreCredentials(session),
             settings.region,
             endpoint=endpoint,
             throttle_config=_StandardRetry(),

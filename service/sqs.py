@@ -38,6 +38,7 @@ from botocore.exceptions import (
 )
 
 from . import metrics
+from .egress import open_http
 from .errors import RETRY, classify
 from .settings import AwsSettings
 
@@ -155,12 +156,9 @@ async def open_lean_sqs(
     """A LeanSqs on its own connection pool, with the AWS settings' timeouts.
 
     ``endpoint_url`` is the one the aiobotocore SQS client resolved (``client.meta``), so both
-    clients talk to the same endpoint. Credentials come from ``session``'s provider chain (a
-    new session's by default).
+    clients talk to the same endpoint, through the same proxy (``service/egress.py``).
+    Credentials come from ``session``'s provider chain (a new session's by default).
     """
-    connector = aiohttp.TCPConnector(limit=settings.max_pool_connections, ttl_dns_cache=300)
-    timeout = aiohttp.ClientTimeout(
-        sock_connect=settings.connect_timeout_seconds, sock_read=settings.read_timeout_seconds
-    )
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-        yield LeanSqs(http, endpoint_url, settings.region, session or get_session())
+    session = session or get_session()
+    async with open_http(settings, endpoint_url, session, settings.read_timeout_seconds) as http:
+        yield LeanSqs(http, endpoint_url, settings.region, session)
