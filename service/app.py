@@ -56,6 +56,7 @@ from .worker.dlq import DeadLetterQueue
 from .worker.fleet import membership_for
 from .worker.pipeline import Pipeline
 from .worker.poller import Poller
+from .worker.redrive import RedriveLimit
 from .worker.targets import TargetClient
 
 log = logging.getLogger("courier.app")
@@ -278,7 +279,15 @@ async def _worker_context(app: web.Application) -> AsyncIterator[None]:
     pipeline = Pipeline(app[ENVELOPE], app[STATUS], targets, settings.worker)
     # Receives and acks per message batch go the lean way; DLQ moves are rare, aiobotocore's.
     dlq = DeadLetterQueue(app[AWS].sqs, settings.queue.dlq_url, settings.queue.url)
-    poller = Poller(app[HOT_SQS], settings.queue.url, pipeline.handle, settings.worker, dlq.move)
+    redrive = RedriveLimit(app[AWS].sqs, settings.queue.url)
+    poller = Poller(
+        app[HOT_SQS],
+        settings.queue.url,
+        pipeline.handle,
+        settings.worker,
+        dlq.move,
+        redrive=redrive,
+    )
     app[POLLER] = poller
     # Fleet-wide caps (worker/fleet.py): joined before the first message, left once drained.
     fleet = membership_for(app[AWS].dynamodb, settings.status.table, targets)

@@ -26,10 +26,12 @@ MISCONFIGURED is courier's deployment refusing the call (IAM, a disabled key, a 
 that does not exist, a skewed clock). It is never the input's fault, so courier neither
 dead-letters nor refuses for it, and it is not retried in the same call either: it clears when
 an operator fixes the deployment, and the backed-off retries then go through. ``is_retryable``
-is true for it. What courier keeps retrying (MISCONFIGURED, or a refused status write) is
-still bounded by SQS: after the queue's ``maxReceiveCount`` receives (20 by default, hours with
-the default backoff) SQS's redrive moves the message to the DLQ without a reason attribute, and
-its status record stays where it was.
+is true for it. What courier keeps retrying (MISCONFIGURED, a refused status write, a target
+down) is still bounded by the queue: on its ``maxReceiveCount``-th receive (20 by default, hours
+with the default backoff) a message that fails again is dead-lettered by courier as
+``retries_exhausted``, with the last failure as its detail and the request ``failed`` when its
+record can be written (``service/worker/redrive.py``), rather than redriven by SQS without a
+reason.
 
 The IdM is called synchronously, with its own immediate retries for RETRY answers; its
 answers map to 409 (conflict), 502 + Retry-After (unavailable), 504 + Retry-After (timeout) or

@@ -70,8 +70,8 @@ class StatusRefusedError(PermanentError):
 
     Retrying the same call cannot help. The API answers 500; in the worker it escapes the
     pipeline, the poller logs ``handler_error`` and retries the message with backoff (the
-    message is not at fault, so courier does not dead-letter it; SQS's redrive does after
-    ``maxReceiveCount`` receives).
+    message is not at fault, so courier does not dead-letter it until the queue's last
+    receive, as ``retries_exhausted``: ``service/worker/redrive.py``).
     """
 
 

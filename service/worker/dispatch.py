@@ -20,6 +20,7 @@ from ..logs import log_context
 from ..settings import WorkerSettings
 from .outcomes import Ack, DeadLetter, Handler, Message, Outcome, Release, Retry, backoff_seconds
 from .receive import Capacity
+from .redrive import RedriveLimit
 
 # The poller and its parts (receive, dispatch, acknowledge) log as one: "courier.poller".
 log = logging.getLogger("courier.poller")
@@ -47,6 +48,7 @@ class Dispatcher:
         apply: Apply,
         *,
         fifo: bool,
+        redrive: RedriveLimit | None = None,
     ) -> None:
         self.handler = handler
         # Keyed by receipt handle: what the heartbeat extends and stopping releases.
@@ -55,6 +57,7 @@ class Dispatcher:
         self._capacity = capacity
         self._apply = apply
         self._fifo = fifo
+        self._redrive = redrive
 
     def dispatch(self, batch: list[Message]) -> None:
         """Track every message of ``batch`` and start the tasks that run them."""
@@ -105,7 +108,7 @@ class Dispatcher:
         with log_context(
             message_id=message.message_id, request_id=message.attributes.get("request_id", "")
         ):
-            outcome = await self._run_handler(message)
+            outcome = self._unless_last(message, await self._run_handler(message))
             metrics.processing_latency.observe(time.perf_counter() - started)
             await self._finish(message, outcome)
         return outcome
@@ -123,6 +126,25 @@ class Dispatcher:
                 self._settings.backoff_max_seconds,
             )
             return Retry(delay, f"error: {type(exc).__name__}")
+
+    def _unless_last(self, message: Message, outcome: Outcome) -> Outcome:
+        """A retry on the queue's last receive is dead-lettered here, with its reason, rather
+        than redriven by SQS without one (``service/worker/redrive.py``)."""
+        if not isinstance(outcome, Retry) or self._redrive is None:
+            return outcome
+        if not self._redrive.is_last(message):
+            return outcome
+        log.warning(
+            "retries exhausted, dead-lettering the message",
+            extra={
+                "fields": {
+                    "event": "retries_exhausted",
+                    "receive_count": message.receive_count,
+                    "reason": outcome.reason[:300],
+                }
+            },
+        )
+        return outcome.exhausted()
 
     async def _finish(self, message: Message, outcome: Outcome) -> None:
         # Untracked before the outcome is applied, so the heartbeat cannot extend the message

@@ -56,7 +56,9 @@ class DeadLetterInfo:
     def of(cls, attributes: Mapping[str, str]) -> DeadLetterInfo | None:
         """Parse a DLQ copy's (string) attributes; None when courier did not put it there.
 
-        SQS's own redrive (after maxReceiveCount) moves a message without any of this.
+        SQS's own redrive (after maxReceiveCount) moves a message without any of this: courier
+        dead-letters a message still failing on its last receive itself, so that happens only
+        when the worker stopped (or crashed) during that receive, or could not read the limit.
         """
         raw = attributes.get(DLQ_ATTRIBUTE)
         if raw:

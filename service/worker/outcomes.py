@@ -1,8 +1,8 @@
 """What the worker decides for one message: the received ``Message`` and its ``Outcome``.
 
 The pipeline returns an outcome, the poller applies it: ``Ack`` deletes, ``Retry`` makes the
-message visible again later, ``DeadLetter`` moves it to the DLQ then deletes it, ``Release``
-gives it back at once.
+message visible again later (on the queue's last receive it becomes a ``DeadLetter``),
+``DeadLetter`` moves it to the DLQ then deletes it, ``Release`` gives it back at once.
 """
 
 from __future__ import annotations
@@ -52,12 +52,33 @@ class Ack:
     outcome: str = "completed"
 
 
+RETRIES_EXHAUSTED = "retries_exhausted"
+
+
 @dataclass(frozen=True, slots=True)
 class Retry:
-    """Transient failure: make the message visible again after ``delay_seconds``."""
+    """Transient failure: make the message visible again after ``delay_seconds``.
+
+    On the queue's last receive (``service/worker/redrive.py``) it is dead-lettered instead,
+    as ``exhausted()``: ``reason`` becomes the detail, ``target`` names the (first) target
+    that failed, and ``after_move`` records the request as ``failed``.
+    """
 
     delay_seconds: float
     reason: str
+    target: str = ""
+    after_move: Callable[[], Awaitable[None]] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def exhausted(self) -> DeadLetter:
+        """The dead letter this retry becomes when SQS would deliver the message no more."""
+        return DeadLetter(
+            RETRIES_EXHAUSTED,
+            target=self.target,
+            detail=self.reason[:256],
+            after_move=self.after_move,
+        )
 
 
 @dataclass(frozen=True, slots=True)

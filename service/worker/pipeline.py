@@ -9,11 +9,13 @@ its answer, in two spots:
   dead-lettered; any other failure to open it (KMS unavailable, or refusing courier's own role)
   and a retryable failure of the status table retry the message with backoff; a refusal of the
   status table (``StatusRefusedError``: courier's bug) escapes to the poller, which logs
-  ``handler_error`` and retries with backoff: the message is not at fault (SQS's redrive
-  moves it to the DLQ after ``maxReceiveCount`` receives if nobody fixes the cause);
+  ``handler_error`` and retries with backoff: the message is not at fault (on the queue's
+  last receive it is dead-lettered as ``retries_exhausted`` if nobody fixed the cause);
 - ``_verdict``, per target: any target that refused (REFUSE: a 4xx other than 408/425/429)
   dead-letters the message, anything else (RETRY, or MISCONFIGURED: a target whose secret
-  cannot be read) retries it with backoff, all delivered acknowledges it.
+  cannot be read) retries it with backoff, all delivered acknowledges it. A retry on the
+  queue's last receive is dead-lettered instead (``Retry.exhausted``, applied by the
+  dispatcher), and the request recorded ``failed`` with why.
 
 Status writes: one per finished request: ``completed`` before the ack (the whole record, from
 the fields the API sealed into the event, sharing a BatchWriteItem with the other messages
@@ -170,7 +172,7 @@ class Pipeline:
                     await self._status.update(
                         opened.id, state=RequestState.PROCESSING, targets=states, op=opened.op
                     )
-                return self._retry(message, failures)
+                return self._retry(message, opened, states, failures)
             await self._complete(opened, states)
         except RequestCompletedError:
             # Another copy finished the request while this one ran: nothing is left to do.
@@ -208,13 +210,34 @@ class Pipeline:
             "target_rejected", target=name, detail=str(exc)[:256], after_move=mark_failed
         )
 
-    def _retry(self, message: Message, failures: Mapping[str, BaseException]) -> Retry:
+    def _retry(
+        self,
+        message: Message,
+        opened: OpenedEnvelope,
+        states: Mapping[str, str],
+        failures: Mapping[str, BaseException],
+    ) -> Retry:
         reasons = ", ".join(f"{name}: {_describe(exc)}" for name, exc in failures.items())
         log.info(
             "delivery incomplete, retrying",
             extra={"fields": {"event": "delivery_retry", "reasons": reasons[:300]}},
         )
-        return Retry(retry_delay(message, failures.values(), self._settings), reasons)
+        # Used only if this was the queue's last receive (Retry.exhausted): then the request
+        # is failed, with the targets still failing marked so and the delivered ones kept.
+        mark_failed = functools.partial(
+            self._status.update,
+            opened.id,
+            state=RequestState.FAILED,
+            targets={**states, **dict.fromkeys(failures, FAILED)},
+            error=f"retries exhausted: {reasons}"[:256],
+            op=opened.op,
+        )
+        return Retry(
+            retry_delay(message, failures.values(), self._settings),
+            reasons,
+            target=next(iter(failures)),
+            after_move=mark_failed,
+        )
 
     def _transient(self, message: Message, exc: BaseException) -> Retry:
         """Back to the queue with backoff: courier's own call failed, the message is not at fault."""

@@ -5,7 +5,8 @@
 - ``receive``: the long-poll loops, how many run, and the in-flight bound they respect;
 - ``dispatch``: one task per message (per group on FIFO queues) running the handler;
 - ``acknowledge``: applying each outcome (delete, visibility change, DLQ move), batched;
-- ``heartbeat``: keeping long-running messages invisible.
+- ``heartbeat``: keeping long-running messages invisible;
+- ``redrive``: the queue's ``maxReceiveCount``, on which a retry is dead-lettered instead.
 
 ``start`` begins polling; ``stop`` stops it, lets in-flight work finish within a bound,
 releases what did not, and flushes pending deletes.
@@ -24,6 +25,7 @@ from .dispatch import Dispatcher
 from .heartbeat import Heartbeat
 from .outcomes import DeadLetterSink, Handler, Message, Release
 from .receive import Capacity, Receiver
+from .redrive import RedriveLimit
 
 log = logging.getLogger("courier.poller")
 
@@ -38,15 +40,19 @@ class Poller:
         handler: Handler,
         settings: WorkerSettings,
         dead_letter: DeadLetterSink,
+        *,
+        redrive: RedriveLimit | None = None,
     ) -> None:
+        """``redrive``: the queue's receive limit; without one, retries never end early."""
         self.sqs = sqs
         self.queue_url = queue_url
         self.settings = settings
         self.fifo = is_fifo(queue_url)
         capacity = Capacity(settings.max_in_flight)
         self._acknowledger = Acknowledger(sqs, queue_url, dead_letter, settings.ack_linger_seconds)
+        self._redrive = redrive
         self._dispatcher = Dispatcher(
-            handler, settings, capacity, self._acknowledger.apply, fifo=self.fifo
+            handler, settings, capacity, self._acknowledger.apply, fifo=self.fifo, redrive=redrive
         )
         self._receiver = Receiver(sqs, queue_url, settings, capacity, self._dispatcher.dispatch)
         self._heartbeat = Heartbeat(
@@ -79,7 +85,9 @@ class Poller:
         return len(self._dispatcher.tracked)
 
     def start(self) -> None:
-        """Start the pollers and the heartbeat."""
+        """Start the pollers, the heartbeat and the redrive policy's reads."""
+        if self._redrive is not None:
+            self._redrive.start()
         self._receiver.start()
         self._heartbeat.start()
 
@@ -90,6 +98,8 @@ class Poller:
     async def stop(self, drain_seconds: float) -> None:
         """Stop polling, finish in-flight work within ``drain_seconds``, release the rest, flush."""
         self.stop_polling()
+        if self._redrive is not None:  # the limit it read stays in use for what is in flight
+            await self._redrive.stop()
         await self._receiver.join()
         interrupted = await self._receiver.take_interrupted()
         await self._release(interrupted)
