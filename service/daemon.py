@@ -157,8 +157,11 @@ async def serving(settings: Settings) -> AsyncIterator[Listening]:
         )
         yield Listening(app, url, metrics_url, console_url)
     finally:
-        await console.aclose()  # first: its jobs and pages use the app's clients
-        deadline = begin_shutdown(app)
+        deadline = begin_shutdown(app)  # the worker drains in a task of its own from now
+        # Before the clients close (its jobs and pages use them). Its jobs' wait is bounded
+        # (console/actions.CLOSE_SECONDS) and overlaps the worker's drain: it adds nothing to
+        # stop_bound_seconds while http.drain_seconds is longer.
+        await console.aclose()
         # An Auto Scaling lifecycle drain may have set the worker's deadline long before this
         # SIGTERM; requests (normally none by then: the target was deregistered first) still
         # get the bound from now, which keeps the stop within stop_bound_seconds.

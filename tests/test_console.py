@@ -22,10 +22,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from courier_testkit.proxy import Proxy, listening
 from courier_testkit.tokens import mint_token
 from service import daemon
 from service.aws import AwsClients
 from service.bootstrap import Resources
+from service.console.actions import CLOSE_SECONDS
 from service.console.app import CONTENT_SECURITY_POLICY
 from service.console.auth import ADMIN_SCOPE as ADMIN
 from service.console.auth import UNMASK_SCOPE as UNMASK
@@ -843,6 +845,69 @@ async def test_stop_ends_a_slow_replay_and_releases_what_it_held(
     # The other undecryptable one and the rest are visible again at once, not 60 s later.
     assert await depth(aws, fresh.dlq_url) == (5, 0)
     assert len(await receive_all(aws, fresh.queue_url)) == 1
+
+
+async def test_a_move_stuck_in_sqs_holds_the_stop_for_seconds_and_loses_nothing(
+    settings: Settings, aws: AwsClients, fresh: Resources, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQS hangs while a console replay moves a message: the daemon still stops within the
+    console's bound (its jobs wait CLOSE_SECONDS while the worker and API drain), says which
+    action it left, and every planted message is still in the DLQ or on the work queue."""
+    import asyncio
+    import time
+
+    caplog.set_level(logging.INFO, logger="courier.console")
+    await plant_dead_letters(aws, fresh.dlq_url)
+    stuck_seconds = 8.0  # longer than the whole bounded stop; the proxy's cleanup waits it out
+    proxy = Proxy({"sqs": str(settings.aws.endpoint_for("sqs"))}, lenient=True)
+    async with listening(proxy) as urls:
+        through = dataclasses.replace(settings.aws, sqs_endpoint_url=urls["sqs"])
+        async with contextlib.AsyncExitStack() as stack:
+            console = await stack.enter_async_context(
+                running_console(settings.replace(aws=through))
+            )
+            assert (await console.log_in(token(ADMIN)))[0] == 303
+            posting = asyncio.create_task(  # 1/s: the second move starts a second after the first
+                console.submit("/", "/dead-letters/replay", reason="target_rejected", rate="1")
+            )
+            stack.push_async_callback(_cancelled, posting)
+            await dlq_held(aws, fresh.dlq_url)
+            busy = await console.page("/dead-letters", status=503)
+            found = re.search(r'href="(/actions/[^"]+)"', busy)
+            assert found, busy[:800]
+            for _ in range(50):
+                if action_result(await console.page(found.group(1)))["moved"] == "1":
+                    break
+                await asyncio.sleep(0.1)
+            proxy.behaviour["sqs"].latency_seconds = stuck_seconds
+            sends = proxy.counts["sqs"]["SendMessage"]
+            for _ in range(50):  # the next move's send arrives, and is held at the proxy
+                if proxy.counts["sqs"]["SendMessage"] > sends:
+                    break
+                await asyncio.sleep(0.1)
+            assert proxy.counts["sqs"]["SendMessage"] > sends, dict(proxy.counts["sqs"])
+            stopping = time.monotonic()
+        stopped_in = time.monotonic() - stopping
+    assert stopped_in < CLOSE_SECONDS + 3, f"the stop took {stopped_in:.1f} s"
+    [left] = [
+        fields
+        for record in caplog.records
+        if (fields := getattr(record, "fields", {})).get("event") == "console_action_unfinished"
+    ]
+    assert left["jobs"]
+    assert left["waited_seconds"] == CLOSE_SECONDS
+    # The held send reached SQS after the stop or never did; the original stays in the DLQ
+    # either way (at worst replayed twice): nothing planted is lost.
+    dlq = sum(await depth(aws, fresh.dlq_url))
+    work = sum(await depth(aws, fresh.queue_url))
+    assert dlq == sum(PLANTED.values()) - 1, (dlq, work)
+    assert work in (1, 2), (dlq, work)
+
+
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def test_too_slow_a_rate_or_too_many_actions_are_refused(

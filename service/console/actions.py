@@ -39,6 +39,8 @@ LISTED_PER_JOB = 200  # messages a job's page lists (the counts cover them all)
 MIN_RATE = 0.1  # messages/s: slower would hold the DLQ (and every other action) for days
 MAX_RATE = 1000.0
 MAX_PENDING = 2  # one running and one waiting
+# How long a stopping process waits for its jobs: the worker and the API drain meanwhile.
+CLOSE_SECONDS = 2.0
 
 
 class Refused(Exception):
@@ -155,13 +157,35 @@ class Jobs:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(job.ended.wait(), within)
 
-    async def aclose(self) -> None:
-        """Cancel running jobs: each releases what it held before it ends."""
+    async def aclose(self, within: float = CLOSE_SECONDS) -> None:
+        """Cancel running jobs and wait ``within`` seconds for them to end.
+
+        A job first finishes the move under way (send, then delete), then releases what it
+        held: milliseconds as a rule, but bounded only by the SQS client's timeouts while SQS
+        is slow, and the process must stop within systemd's TimeoutStopSec. A job still
+        running then is logged and left to end as the process does: a move cut between its
+        send and its delete replays that message twice (the second copy finds the request
+        completed, or the targets' Idempotency-Key absorbs it); nothing is lost, and what it
+        held is visible again within 60 s.
+        """
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=within)
+        if pending:
+            running = [job_id for job_id, task in self._tasks.items() if task in pending]
+            log.warning(
+                "console action still running at shutdown, left to end with the process",
+                extra={
+                    "fields": {
+                        "event": "console_action_unfinished",
+                        "jobs": running,
+                        "waited_seconds": within,
+                    }
+                },
+            )
 
     async def _run(self, job: Job) -> None:
         def listed(message: Message, chosen: bool) -> None:
