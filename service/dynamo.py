@@ -28,7 +28,7 @@ import contextlib
 import json
 import random
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -36,15 +36,14 @@ from aiobotocore.session import AioSession, get_session
 from aiodynamo.client import Client
 from aiodynamo.credentials import Credentials, Key
 from aiodynamo.errors import AIODynamoError, UnknownError
-from aiodynamo.http.aiohttp import AIOHTTP
-from aiodynamo.http.types import HttpImplementation, Request, Response
+from aiodynamo.http.types import HttpImplementation, Request, RequestFailed, Response
 from aiodynamo.models import RetryConfig
 from aiodynamo.sign import make_default_endpoint
 from botocore.exceptions import ClientError
 from yarl import URL
 
 from . import metrics
-from .egress import open_http
+from .egress import AwsHttp, open_http
 from .settings import AwsSettings
 
 _TARGET_PREFIX = "DynamoDB_20120810."
@@ -109,8 +108,8 @@ class _Transport:
     makes the two agree; for AWS's own endpoints (port 443) nothing changes.
     """
 
-    def __init__(self, session: aiohttp.ClientSession, signed_host: str) -> None:
-        self._http = AIOHTTP(session)
+    def __init__(self, http: AwsHttp, signed_host: str) -> None:
+        self._http = http
         self._signed_host = signed_host
 
     async def __call__(self, request: Request) -> Response:
@@ -118,7 +117,14 @@ class _Transport:
         target = headers.get("X-Amz-Target", "")
         metrics.aws_requests.labels("dynamodb", target.removeprefix(_TARGET_PREFIX)).inc()
         headers["Host"] = self._signed_host
-        return await self._http(replace(request, headers=headers))
+        # aiodynamo's AIOHTTP transport, with the route's proxy (service/egress.py).
+        try:
+            async with self._http.request(
+                request.method, request.url, headers=headers, data=request.body
+            ) as response:
+                return Response(response.status, await response.read())
+        except aiohttp.ClientError as exc:
+            raise RequestFailed(exc) from exc
 
 
 class DynamoDB:

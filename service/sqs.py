@@ -38,7 +38,7 @@ from botocore.exceptions import (
 )
 
 from . import metrics
-from .egress import open_http
+from .egress import AwsHttp, open_http
 from .errors import RETRY, classify
 from .settings import AwsSettings
 
@@ -49,9 +49,7 @@ _CONTENT_TYPE = "application/x-amz-json-1.0"
 class LeanSqs:
     """SQS's hot-path operations in botocore's call style, without botocore's request pipeline."""
 
-    def __init__(
-        self, http: aiohttp.ClientSession, endpoint_url: str, region: str, session: AioSession
-    ) -> None:
+    def __init__(self, http: AwsHttp, endpoint_url: str, region: str, session: AioSession) -> None:
         self._http = http
         self._url = endpoint_url.rstrip("/") + "/"
         self._region = region

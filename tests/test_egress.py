@@ -13,20 +13,21 @@ came through the proxy" is a count that any client going direct would break.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 from aiobotocore.session import get_session
-from botocore.exceptions import HTTPClientError
+from botocore.exceptions import HTTPClientError, SSLError
 from yarl import URL
 
 from courier_testkit.tcpproxy import TcpProxy, tcp_proxy
-from courier_testkit.tinyproxy import TinyProxy, tinyproxy, tinyproxy_binary
+from courier_testkit.tinyproxy import PASSWORD, TinyProxy, tinyproxy, tinyproxy_binary
 from courier_testkit.tls import LocalTls, local_tls
 from service import daemon
-from service.aws import AwsClients
+from service.aws import AwsClients, open_client
 from service.bootstrap import Resources
 from service.egress import Route, route
 from service.errors import SettingsError
@@ -114,6 +115,7 @@ async def test_no_proxy_naming_the_endpoint_goes_direct(
     await _deliver(_through(settings, egress), fresh, aws)
     assert egress.front.accepted >= 3
     assert egress.connects() == 0
+    assert "GET /" in egress.proxy.requests()  # its log is read: the start-up probe is in it
 
 
 async def test_without_the_ca_bundle_the_hot_client_refuses_the_certificate(
@@ -157,15 +159,63 @@ async def test_an_unusable_ca_bundle_is_one_line_before_the_daemon_serves(
 
 
 def test_the_route_is_botocores(clean_environment: pytest.MonkeyPatch) -> None:
-    """Scheme by scheme, NO_PROXY by host suffix, a proxy without a scheme taken as http."""
+    """Scheme by scheme, NO_PROXY by host suffix, a proxy without a scheme taken as http, and
+    the proxy's credentials out of its URL (into Proxy-Authorization, never a repr)."""
     clean_environment.setenv("HTTPS_PROXY", "proxy.corp:3128")
     clean_environment.setenv("HTTP_PROXY", "http://u%40corp:p%3Aw@plain.corp:8080")
     clean_environment.setenv("NO_PROXY", ".internal.corp")
     clean_environment.setenv("AWS_CA_BUNDLE", "/etc/ssl/corp.pem")
     session = get_session()
     secure = route("https://sqs.eu-west-1.amazonaws.com", session)
-    assert secure == Route(URL("http://proxy.corp:3128"), "/etc/ssl/corp.pem")
-    plain = route("http://sqs.eu-west-1.amazonaws.com", session).proxy
-    assert plain is not None
-    assert (plain.host, plain.user, plain.password) == ("plain.corp", "u@corp", "p:w")
-    assert route("https://vpce.internal.corp", session).proxy is None
+    assert (secure.proxy, secure.proxy_headers) == (URL("http://proxy.corp:3128"), {})
+    assert secure.ca_bundle == "/etc/ssl/corp.pem"
+    plain = route("http://sqs.eu-west-1.amazonaws.com", session)
+    assert plain.proxy == URL("http://plain.corp:8080")
+    assert plain.proxy_headers is not None
+    scheme, _, encoded = plain.proxy_headers["Proxy-Authorization"].partition(" ")
+    assert (scheme, base64.b64decode(encoded)) == ("Basic", b"u@corp:p:w")
+    assert "p:w" not in repr(plain)
+    assert "p%3Aw" not in repr(plain)
+    assert route("https://vpce.internal.corp", session) == Route(None, None, "/etc/ssl/corp.pem")
+
+
+async def test_a_refused_proxy_password_is_in_no_error_or_log_line(
+    aws_settings: AwsSettings,
+    resources: Resources,
+    egress: Egress,
+    clean_environment: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    wrong = "rotated-pw-9f3"
+    clean_environment.setenv("HTTPS_PROXY", egress.proxy.url.replace(PASSWORD, wrong))
+    clean_environment.setenv("AWS_CA_BUNDLE", str(egress.tls.ca_path))
+    through = replace(aws_settings, endpoint_url=egress.front.url)
+    async with open_lean_sqs(through, egress.front.url, get_session()) as sqs:
+        with pytest.raises(HTTPClientError) as refused:
+            await sqs.send_message(QueueUrl=resources.queue_url, MessageBody="x")
+    assert "401" in str(refused.value)  # tinyproxy's answer to wrong credentials
+    assert wrong not in str(refused.value)
+    assert all(wrong not in record.getMessage() for record in caplog.records)
+    assert egress.front.accepted == 0
+
+
+async def test_the_hot_client_trusts_what_botocore_trusts_and_no_more(
+    aws_settings: AwsSettings,
+    resources: Resources,
+    egress: Egress,
+    tmp_path: Path,
+    clean_environment: pytest.MonkeyPatch,
+) -> None:
+    """The CA is in the system's store (SSL_CERT_FILE) but AWS_CA_BUNDLE names another: botocore
+    trusts the bundle alone, so both clients refuse the endpoint's certificate."""
+    other = local_tls(tmp_path / "other")
+    clean_environment.setenv("SSL_CERT_FILE", str(egress.tls.ca_path))
+    clean_environment.setenv("AWS_CA_BUNDLE", str(other.ca_path))
+    through = replace(aws_settings, endpoint_url=egress.front.url)
+    session = get_session()
+    async with open_lean_sqs(through, egress.front.url, session) as sqs:
+        with pytest.raises(HTTPClientError, match="certificate verify failed"):
+            await sqs.send_message(QueueUrl=resources.queue_url, MessageBody="x")
+    async with open_client("sqs", through, session=session) as cold:
+        with pytest.raises(SSLError):
+            await cold.get_queue_url(QueueName="any")
