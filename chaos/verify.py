@@ -139,7 +139,8 @@ async def dlq_messages(rig: Rig, resources: Resources) -> list[dict[str, Any]]:
 
 
 def dlq_reasons(messages: Iterable[dict[str, Any]]) -> Counter[str]:
-    """Reason per DLQ message; '(redrive)' for those SQS moved after maxReceiveCount."""
+    """Reason per DLQ message; '(redrive)' for those SQS moved after maxReceiveCount (what
+    courier's own last-receive dead-lettering missed)."""
     reasons: Counter[str] = Counter()
     for raw in messages:
         reasons[dlq_reason(raw)] += 1

@@ -29,9 +29,9 @@ an operator fixes the deployment, and the backed-off retries then go through. ``
 is true for it. What courier keeps retrying (MISCONFIGURED, a refused status write, a target
 down) is still bounded by the queue: on its ``maxReceiveCount``-th receive (20 by default, hours
 with the default backoff) a message that fails again is dead-lettered by courier as
-``retries_exhausted``, with the last failure as its detail and the request ``failed`` when its
-record can be written (``service/worker/redrive.py``), rather than redriven by SQS without a
-reason.
+``retries_exhausted``, with the last failure as its detail (``service/worker/redrive.py``),
+rather than redriven by SQS without a reason. The request is then recorded ``failed``, except
+after a refused status write (the write would be refused too).
 
 The IdM is called synchronously, with its own immediate retries for RETRY answers; its
 answers map to 409 (conflict), 502 + Retry-After (unavailable), 504 + Retry-After (timeout) or

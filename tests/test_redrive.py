@@ -8,19 +8,24 @@ the RedrivePolicy as SQS does, so the old behaviour shows here as ``(redrive)``.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from service.aws import AwsClients
+from courier_testkit.ports import free_port
+from service.aws import AwsClients, open_client
 from service.bootstrap import Resources
+from service.envelope import EnvelopeCipher
 from service.settings import Settings
+from service.status import RequestState, StatusStore
 from service.worker.dlq import DeadLetterInfo
-from service.worker.outcomes import RETRIES_EXHAUSTED, DeadLetter, Message, Outcome
+from service.worker.outcomes import RETRIES_EXHAUSTED, DeadLetter, Message, Outcome, Retry
+from service.worker.pipeline import Pipeline
 from service.worker.poller import Poller
 from service.worker.redrive import RedriveLimit, parse_max_receive_count
 from service.worker.replay import ReplayFilter, replay
-from tests.chain import eventually, mailbox, plant, running_chain
+from tests.chain import eventually, mailbox, plant, plant_request, running_chain
 from tests.test_poller import worker_settings
 
 
@@ -114,6 +119,39 @@ async def test_a_handler_error_on_the_last_receive_is_dead_lettered_too(
     assert verdict.detail == "error: RuntimeError"
 
 
+async def test_courier_own_failure_on_the_last_receive_fails_the_request_by_its_attributes(
+    settings: Settings, fresh: Resources, aws: AwsClients
+) -> None:
+    """KMS unreachable, so the envelope cannot be opened: the dead letter says why, and the
+    request, named by the message's attributes, is recorded ``failed``."""
+    request_id = await plant_request(aws, settings, 50)
+    response = await aws.sqs.receive_message(
+        QueueUrl=fresh.queue_url,
+        MessageAttributeNames=["All"],
+        MessageSystemAttributeNames=["All"],
+        WaitTimeSeconds=1,
+    )
+    [message] = [Message.from_sqs(raw) for raw in response["Messages"]]
+    store = StatusStore(aws.dynamodb, fresh.status_table, 1)
+    unreachable = replace(settings.aws, kms_endpoint_url=f"http://127.0.0.1:{free_port()}")
+    async with open_client("kms", unreachable) as kms:
+        pipeline = Pipeline(EnvelopeCipher(kms, settings.envelope), store, [], settings.worker)
+        outcome = await pipeline.handle(message)
+    assert isinstance(outcome, Retry), outcome
+    verdict = outcome.exhausted()
+    assert (verdict.reason, verdict.target, verdict.detail) == (
+        RETRIES_EXHAUSTED,
+        "",
+        outcome.reason,
+    )
+    assert verdict.after_move is not None
+    await verdict.after_move()
+    record = await store.get(request_id)
+    assert record is not None
+    assert record.state is RequestState.FAILED
+    assert record.error == f"retries exhausted: {outcome.reason}"
+
+
 async def test_the_limit_follows_the_queue_and_survives_a_failed_read(
     aws: AwsClients, fresh: Resources, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -130,8 +168,11 @@ async def test_the_limit_follows_the_queue_and_survives_a_failed_read(
     with caplog.at_level("WARNING", logger="courier.poller"):
         await limit.refresh()
     assert limit.max_receive_count == 5  # what was known stays
-    [event] = [getattr(r, "fields", {}) for r in caplog.records]
-    assert event["event"] == "redrive_policy_unread"
+    [event] = [
+        fields
+        for record in caplog.records
+        if (fields := getattr(record, "fields", {})).get("event") == "redrive_policy_unread"
+    ]
     assert "NonExistentQueue" in event["error"] or "QueueDoesNotExist" in event["error"]
 
 

@@ -26,7 +26,8 @@ from ..worker.replay import ReplayFilter, ReplayReport, replay
 # every message (they make their own pass).
 MAX_READ = 2000
 SNAPSHOT_TTL_SECONDS = 10.0
-# SQS's redrive (after maxReceiveCount) moves a message without courier's ``dlq`` attribute.
+# SQS's redrive (after maxReceiveCount) moves a message without courier's ``dlq`` attribute:
+# the cases courier's own last-receive dead-lettering misses (service/worker/dlq.py).
 REDRIVE = "(redrive)"
 
 

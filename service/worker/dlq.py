@@ -56,9 +56,11 @@ class DeadLetterInfo:
     def of(cls, attributes: Mapping[str, str]) -> DeadLetterInfo | None:
         """Parse a DLQ copy's (string) attributes; None when courier did not put it there.
 
-        SQS's own redrive (after maxReceiveCount) moves a message without any of this: courier
-        dead-letters a message still failing on its last receive itself, so that happens only
-        when the worker stopped (or crashed) during that receive, or could not read the limit.
+        SQS's own redrive (after maxReceiveCount) moves a message without any of this. courier
+        dead-letters a message still failing on its last receive itself
+        (``service/worker/redrive.py``), so this is left for a last receive whose move or
+        delete failed, that was released (stopping, a FIFO group behind it), or that a stopped
+        or crashed worker held, and for a limit courier could not read.
         """
         raw = attributes.get(DLQ_ATTRIBUTE)
         if raw:

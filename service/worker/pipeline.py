@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ..envelope import EnvelopeCipher, OpenedEnvelope
@@ -260,7 +260,23 @@ class Pipeline:
                 }
             },
         )
-        return Retry(delay, _describe(exc))
+        return Retry(delay, _describe(exc), after_move=self._fail_by_attributes(message, exc))
+
+    def _fail_by_attributes(
+        self, message: Message, exc: BaseException
+    ) -> Callable[[], Awaitable[None]] | None:
+        """Records the request ``failed`` if this was the last receive (``Retry.exhausted``),
+        named by the message's attributes: the envelope may be what could not be opened."""
+        request_id = message.attributes.get("request_id")
+        if not request_id:
+            return None
+        return functools.partial(
+            self._status.update,
+            request_id,
+            state=RequestState.FAILED,
+            error=f"retries exhausted: {_describe(exc)}"[:256],
+            op=message.attributes.get("op") or None,
+        )
 
 
 def retry_delay(
