@@ -76,7 +76,12 @@ class Listening:
 def stop_bound_seconds(settings: Settings) -> float:
     """The longest a stop can take from SIGTERM to exit: keep it below ``TimeoutStopSec``."""
     cancel = 2 * CANCEL_SECONDS
-    return settings.http.drain_seconds + max(settings.worker.release_seconds, cancel) + EXIT_SECONDS
+    drain = settings.http.drain_seconds
+    if settings.console.enabled:  # its jobs are waited for alongside the drains
+        from .console.actions import CLOSE_SECONDS  # imported only where a console runs
+
+        drain = max(drain, CLOSE_SECONDS)
+    return drain + max(settings.worker.release_seconds, cancel) + EXIT_SECONDS
 
 
 # Where each port comes from, for the one line a port another process holds gets.
@@ -158,16 +163,20 @@ async def serving(settings: Settings) -> AsyncIterator[Listening]:
         yield Listening(app, url, metrics_url, console_url)
     finally:
         deadline = begin_shutdown(app)  # the worker drains in a task of its own from now
-        # Before the clients close (its jobs and pages use them). Its jobs' wait is bounded
-        # (console/actions.CLOSE_SECONDS) and overlaps the worker's drain: it adds nothing to
-        # stop_bound_seconds while http.drain_seconds is longer.
-        await console.aclose()
         # An Auto Scaling lifecycle drain may have set the worker's deadline long before this
         # SIGTERM; requests (normally none by then: the target was deregistered first) still
         # get the bound from now, which keeps the stop within stop_bound_seconds.
         deadline = max(deadline, asyncio.get_running_loop().time() + settings.http.drain_seconds)
-        if site is not None:
-            await _drain_http(runner, site, closing, deadline, settings.http.close_grace_seconds)
+        # The console closes alongside both drains (its jobs' wait is bounded:
+        # console/actions.CLOSE_SECONDS), and before the clients it uses close.
+        closing_console = asyncio.ensure_future(console.aclose())
+        try:
+            if site is not None:
+                await _drain_http(
+                    runner, site, closing, deadline, settings.http.close_grace_seconds
+                )
+        finally:
+            await closing_console
         await runner.cleanup()
         await metrics.aclose()
         log.info("stopped", extra={"fields": {"event": "stopped"}})

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from courier_testkit.proxy import Proxy, listening
 from courier_testkit.tokens import mint_token
@@ -84,6 +85,7 @@ class Console:
     url: str
     http: aiohttp.ClientSession
     app: web.Application
+    api_url: str = ""
 
     @property
     def settings(self) -> Settings:
@@ -121,7 +123,7 @@ async def running_console(settings: Settings, **changes: Any) -> AsyncIterator[C
         aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http,
     ):
         assert listening.console_url is not None
-        yield Console(listening.console_url, http, listening.app)
+        yield Console(listening.console_url, http, listening.app, listening.url)
 
 
 @pytest.fixture
@@ -887,6 +889,13 @@ async def test_a_move_stuck_in_sqs_holds_the_stop_for_seconds_and_loses_nothing(
                 await asyncio.sleep(0.1)
             assert proxy.counts["sqs"]["SendMessage"] > sends, dict(proxy.counts["sqs"])
             stopping = time.monotonic()
+            exiting = asyncio.create_task(stack.aclose())
+            # The API's drain does not wait for the console: its port closes after the close
+            # grace (0.1 s here), while the console still waits for its job.
+            api = URL(console.api_url)
+            refused_after = await _refused_within(api.host or "", api.port or 0, CLOSE_SECONDS)
+            assert refused_after is not None, "the API kept listening while the console closed"
+            await exiting
         stopped_in = time.monotonic() - stopping
     assert stopped_in < CLOSE_SECONDS + 3, f"the stop took {stopped_in:.1f} s"
     [left] = [
@@ -902,6 +911,20 @@ async def test_a_move_stuck_in_sqs_holds_the_stop_for_seconds_and_loses_nothing(
     work = sum(await depth(aws, fresh.queue_url))
     assert dlq == sum(PLANTED.values()) - 1, (dlq, work)
     assert work in (1, 2), (dlq, work)
+
+
+async def _refused_within(host: str, port: int, seconds: float) -> float | None:
+    """Seconds until ``host:port`` refuses a connection, or None if it never did by then."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while loop.time() - started < seconds:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            return loop.time() - started
+        writer.close()
+        await asyncio.sleep(0.05)
+    return None
 
 
 async def _cancelled(task: asyncio.Task[Any]) -> None:
