@@ -142,6 +142,8 @@ def test_a_trailing_newline_is_refused_in_words() -> None:
         ("^a\\$$", "a$", "a$\n"),  # an escaped $ is a dollar sign
         ("^[$a]+$", "a$", "a$\n"),  # so is one in a character class
         ("^[\\]$]+$", "]$", "]$\n"),  # an escaped ] does not end the class
+        ("^[]$]+$", "]$", "]$\n"),  # nor does one first in the class
+        ("^[^]$]+$", "ab", "a$"),  # or first after its ^
         ("^(a|b$)c?$", "b", "b\n"),
     ],
 )

@@ -71,24 +71,30 @@ PERSONAL_FIELDS = ("username", "display_name", "contact_email", "msisdn", "alias
 
 @functools.cache
 def _ecma_pattern(pattern: str) -> re.Pattern[str]:
-    r"""``pattern`` as JSON Schema means it (ECMA-262): ``$`` ends the string.
+    r"""``pattern`` with ``$`` as JSON Schema (ECMA-262) means it: the end of the string.
 
     Python's ``$`` also matches before a final newline, so ``^[a-z]+$`` would let
     ``"jane\n"`` through to the IdM and the legacy systems. Every unescaped ``$`` outside a
-    character class becomes ``\Z``.
+    character class becomes ``\Z``. Only ``$`` is translated: the schema's other escapes
+    (``\s`` in ``contact_email``, which in Python omits a few Unicode spaces ECMA includes)
+    keep Python's meaning, and ``format: email`` and the printable-text pattern refuse more.
     """
     translated: list[str] = []
     escaped = in_class = False
+    class_start = -1  # where the current class's members begin: a "]" there is a member
     for char in pattern:
         if escaped:
             escaped = False
         elif char == "\\":
             escaped = True
+        elif in_class:
+            if char == "^" and len(translated) == class_start:
+                class_start += 1
+            elif char == "]" and len(translated) > class_start:
+                in_class = False
         elif char == "[":
-            in_class = True
-        elif char == "]":
-            in_class = False
-        elif char == "$" and not in_class:
+            in_class, class_start = True, len(translated) + 1
+        elif char == "$":
             translated.append("\\Z")
             continue
         translated.append(char)
