@@ -4,7 +4,8 @@ Run by ``make terraform-check`` (terraform/check.sh) as
 ``python -m courier_testkit.terraform_moto --plugin-dir <mirror>``. One cycle:
 
 1. moto's server in a thread on 127.0.0.1, with AWS managed IAM policies loaded and the
-   SQS ``RedriveAllowPolicy`` read-back patched in (moto's gaps, see ``patch_moto``);
+   SQS ``RedriveAllowPolicy`` read-back and EC2's error for an unknown rule id patched in
+   (moto's gaps, see ``patch_moto``);
 2. the module's inputs created in moto with boto3: a VPC, subnets in two Availability
    Zones, an ACM certificate, an SNS topic, and one of moto's built-in EBS AMIs;
 3. a copy of terraform/ in a temporary directory, with an override file pointing every
@@ -134,6 +135,12 @@ class CheckFailed(Exception):
 
 
 def patch_moto() -> None:
+    """Close the two gaps of moto's that a terraform apply/destroy cycle falls into."""
+    _return_redrive_allow_policy()
+    _reject_unknown_rule_ids_as_aws_does()
+
+
+def _return_redrive_allow_policy() -> None:
     """Make moto's SQS return the ``RedriveAllowPolicy`` it stores.
 
     moto keeps the attribute when it is set but never lists it in GetQueueAttributes, so
@@ -158,6 +165,47 @@ def patch_moto() -> None:
         return result
 
     queue.attributes = property(attributes)
+
+
+def _reject_unknown_rule_ids_as_aws_does() -> None:
+    """Revoking a security group rule by an id the group lacks: AWS's error code, not moto's.
+
+    EC2 answers ``InvalidSecurityGroupRuleId.NotFound``, which the provider's delete of
+    ``aws_vpc_security_group_{ingress,egress}_rule`` takes as "already gone". moto answers
+    ``InvalidPermission.NotFound``. In a destroy a revoke by id meets a missing rule only
+    when the same call is sent twice (an SDK retry whose first attempt did reach moto); CI
+    saw one fail ``terraform destroy`` on a rule that was already gone.
+    """
+    from moto.ec2.models.security_groups import SecurityGroupBackend
+
+    backend: Any = SecurityGroupBackend
+    for direction in ("ingress", "egress"):
+        name = f"revoke_security_group_{direction}"
+        original = getattr(backend, name)
+        if not getattr(original, "checks_rule_ids", False):
+            setattr(backend, name, _checking_rule_ids(original, f"{direction}_rules"))
+
+
+def _checking_rule_ids(revoke: Any, rules: str) -> Any:
+    """moto's ``revoke``, first raising EC2's error for an id not in the group's ``rules``."""
+    import inspect
+
+    from moto.ec2.exceptions import InvalidSecurityGroupRuleIdNotFoundError
+
+    signature = inspect.signature(revoke)
+
+    def checked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        call = signature.bind(self, *args, **kwargs).arguments
+        group = self.get_security_group_by_name_or_id(call["group_name_or_id"], call.get("vpc_id"))
+        if group is not None:
+            known = {rule.id for rule in getattr(group, rules)}
+            for rule_id in call.get("security_rule_ids") or ():
+                if rule_id not in known:
+                    raise InvalidSecurityGroupRuleIdNotFoundError(rule_id)
+        return revoke(self, *args, **kwargs)
+
+    checked.checks_rule_ids = True  # type: ignore[attr-defined]
+    return checked
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 The full cycle (apply, plan, destroy against moto; ~3-5 minutes) runs in
 `make terraform-check`, not here. These tests check its judgement: how a second plan's
 changes become (address, attribute, kind) triples compared with KNOWN_DRIFT, how the apply
-summary is read, and that the moto patch makes SQS return RedriveAllowPolicy.
+summary is read, and that the moto patches make SQS return RedriveAllowPolicy and EC2
+answer a revoke of a gone rule id with its own error code.
 """
 
 from __future__ import annotations
@@ -162,6 +163,65 @@ def test_moto_alone_does_not_return_redrive_allow_policy() -> None:
 
 def test_patched_moto_returns_redrive_allow_policy_until_cleared() -> None:
     assert redrive_allow_policy_read_back("patched") == ['{"redrivePermission": "denyAll"}', False]
+
+
+RULE_ID_SCRIPT = """
+import json, sys
+from botocore.exceptions import ClientError
+from courier_testkit import terraform_moto as tm
+if sys.argv[1] == "patched":
+    tm.patch_moto()
+from service.local import EmbeddedAws
+with EmbeddedAws() as aws:
+    ec2 = tm.client(aws.endpoint_url, "ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    group = ec2.create_security_group(GroupName="g", Description="g", VpcId=vpc)["GroupId"]
+    seen = []
+    for direction in ("ingress", "egress"):
+        authorize = getattr(ec2, f"authorize_security_group_{direction}")
+        revoke = getattr(ec2, f"revoke_security_group_{direction}")
+        permission = {"IpProtocol": "tcp", "FromPort": 8080, "ToPort": 8080,
+                      "IpRanges": [{"CidrIp": "10.1.0.0/16"}]}
+        rule = authorize(GroupId=group, IpPermissions=[permission])["SecurityGroupRules"][0]
+        revoke(GroupId=group, SecurityGroupRuleIds=[rule["SecurityGroupRuleId"]])
+        try:
+            revoke(GroupId=group, SecurityGroupRuleIds=[rule["SecurityGroupRuleId"]])
+            seen.append(None)
+        except ClientError as error:
+            seen.append(error.response["Error"]["Code"])
+        # Revoking by the rule's content, not its id, keeps moto's own answer.
+        try:
+            revoke(GroupId=group, IpPermissions=[permission])
+            seen.append(None)
+        except ClientError as error:
+            seen.append(error.response["Error"]["Code"])
+    print(json.dumps(seen))
+"""
+
+
+def revoke_twice(mode: str) -> list[object]:
+    """Per direction: the error of revoking a rule by id again, then by its content."""
+    result = subprocess.run(
+        [sys.executable, "-c", RULE_ID_SCRIPT, mode],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    parsed: list[object] = json.loads(result.stdout.strip().splitlines()[-1])
+    return parsed
+
+
+def test_moto_alone_answers_a_gone_rule_id_with_the_wrong_error_code() -> None:
+    # The gap: the provider's destroy takes only EC2's code as "already gone".
+    assert revoke_twice("plain") == ["InvalidPermission.NotFound"] * 4
+
+
+def test_patched_moto_answers_a_gone_rule_id_as_ec2_does() -> None:
+    gone, by_content = "InvalidSecurityGroupRuleId.NotFound", "InvalidPermission.NotFound"
+    assert revoke_twice("patched") == [gone, by_content, gone, by_content]
 
 
 # A terraform that hangs like a provider waiter, with a child that ignores SIGINT (as a
