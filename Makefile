@@ -61,10 +61,10 @@ $(VENV)/.bench: $(STAMP) constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
 	touch $(VENV)/.bench
 
-bench: install $(VENV)/.bench ## courier against its peers side by side (~20 min, the legacy-capacity section included): bench/results/, bench/plots/
+bench: install $(VENV)/.bench ## courier against its peers side by side (~25 min, the console and legacy-capacity sections included): bench/results/, bench/plots/
 	$(BIN)/python -m bench
 
-bench-quick: install $(VENV)/.bench ## the same comparison in about 4.5 minutes (one run each, targets at 20 ms, short profiles, the capacity section without its fleet cap)
+bench-quick: install $(VENV)/.bench ## the same comparison in about 5 minutes (one run each, targets at 20 ms, short profiles, the console off/on section, the capacity section without its fleet cap)
 	$(BIN)/python -m bench --quick
 
 format: install

@@ -1,7 +1,7 @@
 """``python -m bench [--quick]``: run every comparison, write the JSON report and the plots.
 
-Quick mode (``make bench-quick``, about 3 minutes): one run of each consumer with targets at
-20 ms, short windows, 30 s idle. Full mode (``make bench``, about 20 minutes): three
+Quick mode (``make bench-quick``, about 5 minutes): one run of each consumer with targets at
+20 ms, short windows, 30 s idle. Full mode (``make bench``, about 25 minutes): three
 interleaved repetitions at 20 ms and at 100 ms, 10 minutes idle.
 After the measured runs a profiling pass (``bench.profiling``; ``--no-profile`` skips it)
 records courier's worker and API with py-spy on fresh processes: flame graphs and a 'where the
@@ -9,6 +9,10 @@ CPU goes' table scaled to the measured CPU per message and per request.
 Reports go to ``bench/results/<timestamp>-<mode>.json`` (git-ignored); ``--publish`` (the
 default in full mode) also writes ``bench/results-latest.json``, ``bench/plots/*.png``,
 ``bench/plots/flame-*.svg`` (with their collapsed stacks) and ``bench/README-section.md``.
+The console section (``bench.console``, issue 17: courier with the operator console off and
+on, nobody looking: idle side by side, then under load in ABBA order; about 2 minutes quick)
+runs after the API phase;
+``--no-console`` skips it.
 The capacity section (``bench.capacity``, issue 16: 3 processes against a target with a real
 capacity; about 1 minute quick, 5 full) runs after the API phase; ``--no-capacity`` skips it,
 ``--only capacity`` runs only it (and with ``--publish`` merges it into
@@ -36,7 +40,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import api, capacity, consumers, cost, plots, profiling, report, workers, workload
+from bench import (
+    api,
+    capacity,
+    console,
+    consumers,
+    cost,
+    plots,
+    profiling,
+    report,
+    workers,
+    workload,
+)
 from courier_testkit.aws import aws_stack, demo_secrets, node_binary
 from courier_testkit.processes import REPO
 from courier_testkit.sampling import machine
@@ -65,10 +80,14 @@ class Mode:
     idle_seconds: float
     ttl_seconds: float
     profile_seconds: float  # each py-spy recording of the profiling pass; 0: no profiling
+    console_rounds: int = 1  # bench.console: off, on, on, off per round
+    console_idle_seconds: float = 30.0  # bench.console: two idle workers, console off and on
 
 
 QUICK = Mode("quick", 1, (0.02,), 3000, 6, 3, 4, 1, 1, (0.5,), 2, 30, 8, 6)
-FULL = Mode("full", 3, (0.02, 0.1), 10000, 12, 6, 10, 2, 3, (0.25, 0.5, 0.75), 5, 600, 20, 15)
+FULL = Mode(
+    "full", 3, (0.02, 0.1), 10000, 12, 6, 10, 2, 3, (0.25, 0.5, 0.75), 5, 600, 20, 15, 1, 60
+)
 
 
 def log(message: str) -> None:
@@ -154,7 +173,8 @@ async def worker_phase(bench: workers.WorkerBench, mode: Mode) -> dict[str, Any]
 async def api_phase(bench: api.ApiBench, mode: Mode) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for rep in range(mode.api_repetitions):
-        order = list(api.VARIANTS[rep % 4 :] + api.VARIANTS[: rep % 4])
+        shift = rep % len(api.VARIANTS)
+        order = list(api.VARIANTS[shift:] + api.VARIANTS[:shift])
         for variant in order:
             result = await api.saturation(bench, variant)
             result["repetition"] = rep
@@ -260,7 +280,9 @@ def capacity_mode(mode: Mode) -> capacity.CapacityMode:
     return capacity.QUICK if mode.name == "quick" else capacity.FULL
 
 
-async def run(mode: Mode, out_dir: Path, *, with_capacity: bool = True) -> dict[str, Any]:
+async def run(
+    mode: Mode, out_dir: Path, *, with_capacity: bool = True, with_console: bool = True
+) -> dict[str, Any]:
     started = time.monotonic()
     started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     base = load_settings(environ={})
@@ -287,6 +309,18 @@ async def run(mode: Mode, out_dir: Path, *, with_capacity: bool = True) -> dict[
             )
             worker_results = await worker_phase(bench, mode)
             api_results = await api_phase(api_bench, mode)
+            console_results = (
+                await console.run_section(
+                    bench,
+                    api_bench,
+                    mode.target_latencies[0],
+                    mode.console_rounds,
+                    mode.console_idle_seconds,
+                    log,
+                )
+                if with_console
+                else None
+            )
             capacity_results = (
                 await capacity.run_section(stack, base, capacity_mode(mode), log)
                 if with_capacity
@@ -323,6 +357,8 @@ async def run(mode: Mode, out_dir: Path, *, with_capacity: bool = True) -> dict[
     }
     if capacity_results is not None:
         result["capacity"] = capacity_results
+    if console_results is not None:
+        result["console"] = console_results
     _scale_profile(result)
     result["goals"] = report.goals(result)
     result["cost"] = cost.compare(cost.from_report_data(result, cost.Workload()), cost.Prices())
@@ -377,11 +413,12 @@ def readme_section(result: dict[str, Any]) -> str:
             "",
             report.goals_table(result["goals"]),
             "",
+            *([console.table(result["console"]), ""] if "console" in result else []),
             *([capacity.table(result["capacity"]), ""] if "capacity" in result else []),
             "**Cost** (`python -m bench.cost --report bench/results-latest.json --daily-messages N`): "
             + cost.render(result["cost"]).replace("\n", "; "),
             "",
-            "Reproduce: `make bench` (full, ~20 min) or `make bench-quick` (~3 min; "
+            "Reproduce: `make bench` (full, ~20 min) or `make bench-quick` (~5 min; "
             "`python -m bench --quick --no-profile` skips the profiling pass). Plots and flame "
             "graphs (with their collapsed stacks): `bench/plots/`; the numbers: "
             "`bench/results-latest.json`.",
@@ -447,6 +484,8 @@ def main() -> None:
                         "'where the CPU goes'); --no-profile skips it")  # fmt: skip
     parser.add_argument("--capacity", action=argparse.BooleanOptionalAction, default=True,
                         help="the capacity section (issue 16; bench.capacity); --no-capacity skips it")  # fmt: skip
+    parser.add_argument("--console", action=argparse.BooleanOptionalAction, default=True,
+                        help="the console-off/on section (issue 17; bench.console); --no-console skips it")  # fmt: skip
     parser.add_argument("--only", choices=("capacity",),
                         help="run only this section (needs no wrk); see bench.capacity")  # fmt: skip
     parser.add_argument(
@@ -467,7 +506,9 @@ def main() -> None:
     publish = (not args.quick) if args.publish is None else args.publish
     log(f"bench {mode.name}: {machine()}")
 
-    result = _run_until_signalled(lambda: run(mode, args.out, with_capacity=args.capacity))
+    result = _run_until_signalled(
+        lambda: run(mode, args.out, with_capacity=args.capacity, with_console=args.console)
+    )
     write_outputs(result, args.out, publish)
     print()
     print(report.worker_table(result))
@@ -476,6 +517,9 @@ def main() -> None:
     print(report.cpu_table(result))
     print()
     print(report.goals_table(result["goals"]))
+    if "console" in result:
+        print()
+        print(console.table(result["console"]))
     print()
     print(cost.render(result["cost"]))
     if "capacity" in result:

@@ -7,7 +7,9 @@ seal, SQS via the counting proxy in front of fauxqs). Variants:
 - ``courier-nobatch``: ``COURIER_QUEUE_BATCH_SENDS=false``;
 - ``stateless``: no secret cache, a data key per message, no decrypt cache: what a function
   that keeps nothing between invocations pays (secrets and data keys from KMS every time);
-- ``bare``: an aiohttp handler answering 202 (the framework's ceiling on this machine).
+- ``bare``: an aiohttp handler answering 202 (the framework's ceiling on this machine);
+- ``courier-console``: default settings with the operator console on and nobody opening it
+  (``bench.console`` only, not one of ``VARIANTS``).
 
 Saturation is wrk (closed loop, one thread, ``connections`` connections); fixed offered rates
 are ``bench.loadgen`` (open loop). Cold start: process start -> READY=1 on a fake
@@ -36,6 +38,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.consumers import CONSOLE_ON_ENV
 from courier_testkit.aws import AwsStack
 from courier_testkit.courier import CourierProcess, courier_config, courier_process
 from courier_testkit.ports import LOOPBACK, free_port
@@ -54,6 +57,7 @@ VARIANT_ENV: dict[str, dict[str, str]] = {
         "COURIER_ENVELOPE_DATA_KEY_MAX_MESSAGES": "1",
         "COURIER_ENVELOPE_DECRYPT_CACHE_SIZE": "0",
     },
+    "courier-console": CONSOLE_ON_ENV,  # bench.console: not one of VARIANTS
 }
 VARIANTS = ("courier", "courier-nobatch", "stateless", "bare")
 QUIET_POLL_SECONDS = 0.25
@@ -63,6 +67,7 @@ LABELS = {
     "stateless-1": "courier API, stateless, 1 connection",
     "courier": "courier API, full path",
     "courier-nobatch": "courier API, batch sends off",
+    "courier-console": "courier API, console on",
     "stateless": "courier API, stateless (no caches)",
     "bare": "bare aiohttp 202 handler",
 }

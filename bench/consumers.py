@@ -38,7 +38,10 @@ LABELS = {
     "courier": "courier, 1 process",
     "courier-2p": "courier, 2 processes",
     "ceiling": "ceiling: receive+delete only",
+    "courier-console": "courier, 1 process, console on",
 }
+# The console on, on a free port, and nobody opening it (bench.console; not one of KINDS).
+CONSOLE_ON_ENV = {"COURIER_CONSOLE_ENABLED": "true", "COURIER_CONSOLE_PORT": "0"}
 CEILING_LOOPS = 4  # courier's default worker.pollers: "the same concurrency"
 READY_SETTLE_SECONDS = 0.5
 
@@ -108,15 +111,16 @@ async def start(
 ) -> AsyncIterator[Consumer]:
     """Start ``kind`` on ``queue``; yields once it polls (and has had a moment to settle)."""
     async with contextlib.AsyncExitStack() as stack_:
-        if kind in ("courier", "courier-2p"):
+        if kind in ("courier", "courier-2p", "courier-console"):
             settings = courier_worker_settings(
                 base, stack.settings, stack.resources, queue, stub_urls
             )
             count = 2 if kind == "courier-2p" else 1
+            env = CONSOLE_ON_ENV if kind == "courier-console" else None
             couriers = await asyncio.gather(
                 *(
                     stack_.enter_async_context(
-                        courier_process(settings, name=f"courier-worker-{i}")
+                        courier_process(settings, env=env, name=f"courier-worker-{i}")
                     )
                     for i in range(count)
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,36 @@ def api(report: Mapping[str, Any], out: Path) -> Path:
     return path
 
 
+def console_cost(report: Mapping[str, Any], out: Path) -> Path:
+    """CPU per unit of every console-off and console-on run, in the order they ran."""
+    section = report["console"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 2.6))
+    parts = (("worker", "worker: CPU ms per message"), ("api", "API: CPU ms per request"))
+    for ax, (part, title) in zip(axes, parts, strict=True):
+        runs = section[part]["runs"]
+        for setting, colour, label in (
+            (False, "#999999", "console off"),
+            (True, "#0072b2", "console on"),
+        ):
+            chosen = [(i, r["value"]) for i, r in enumerate(runs) if r["console"] == setting]
+            if not chosen:
+                continue
+            ax.plot(*zip(*chosen, strict=True), "o", color=colour, label=label)
+            ax.axhline(
+                statistics.median(v for _, v in chosen), color=colour, linewidth=1, alpha=0.6
+            )
+        ax.set_ylim(bottom=0)
+        ax.set_xticks(range(len(runs)), [f"run {i + 1}" for i in range(len(runs))], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = out / "console-cost.png"
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
 def _time_axes(axes: Any) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -245,7 +276,10 @@ def render_all(report: Mapping[str, Any], out: Path) -> list[Path]:
     """Every plot of ``report`` into ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     made = render_capacity(report, out) if "capacity" in report else []
-    for plot in (worker_throughput, worker_latency, worker_costs, api):
+    plots = [worker_throughput, worker_latency, worker_costs, api]
+    if "console" in report:
+        plots.append(console_cost)
+    for plot in plots:
         try:
             made.append(plot(report, out))
         except (KeyError, ValueError) as exc:  # a partial report still gets the plots it can

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from bench import console
 from bench.api import LABELS as API_LABELS
 from bench.attribution import COMPONENTS
 from bench.consumers import KINDS, LABELS
@@ -31,7 +32,7 @@ def _spread(stat: Mapping[str, float], digits: int = 0) -> str:
 
 
 def goals(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Each goal (issues 7 and 15) with the measured value, met or not, and the measured reason."""
+    """Each goal (issues 7, 15 and 17) with the measured value, met or not, and the measured reason."""
     w20 = report["workers"]["summary"].get("20", {})
     api = report["api"]
     sat = api["saturation"]["summary"]
@@ -156,6 +157,9 @@ def goals(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         f"{idle.get('first_after_idle_ms', float('nan')):.1f} ms after {idle.get('idle_seconds', 0):.0f} s idle "
         f"vs steady p50 {idle.get('steady_p50_ms', float('nan')):.1f} ms",
     )
+    if "console" in report:
+        for goal, measured, met, detail in console.goal_rows(report["console"]):
+            add(goal, measured, met, detail)
     return rows
 
 

@@ -14,6 +14,7 @@ import pytest
 
 import courier_testkit
 from courier_testkit import ProcessSampler, StubIdm, StubTarget, free_port, mint_token
+from courier_testkit.sampling import scheduled_cpu_seconds
 from service.api.auth import issue_token
 from service.settings import load_settings
 
@@ -120,6 +121,17 @@ def test_process_sampler_reads_cpu_and_memory_of_a_pid() -> None:
     assert sampler.pid == os.getpid()
     assert sampler.cpu_seconds() > 0
     assert sampler.memory()["peak_rss"] >= sampler.memory()["rss"] > 0
+
+
+def test_scheduled_cpu_counts_what_clock_ticks_cannot_see() -> None:
+    me = os.getpid()
+    before = scheduled_cpu_seconds(me)
+    spin_until = time.process_time() + 0.003  # under one 10 ms clock tick
+    while time.process_time() < spin_until:
+        pass
+    spent = scheduled_cpu_seconds(me) - before
+    assert 0.002 < spent < 0.5
+    assert scheduled_cpu_seconds(2**22 + 1) == 0.0  # above Linux's pid_max: no such process
 
 
 def test_free_port_refuses_connections() -> None:
