@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -172,9 +173,9 @@ def _reject_unknown_rule_ids_as_aws_does() -> None:
 
     EC2 answers ``InvalidSecurityGroupRuleId.NotFound``, which the provider's delete of
     ``aws_vpc_security_group_{ingress,egress}_rule`` takes as "already gone". moto answers
-    ``InvalidPermission.NotFound``. In a destroy a revoke by id meets a missing rule only
-    when the same call is sent twice (an SDK retry whose first attempt did reach moto); CI
-    saw one fail ``terraform destroy`` on a rule that was already gone.
+    ``InvalidPermission.NotFound``. CI saw that fail ``terraform destroy`` on a rule that was
+    already gone, most likely because the SDK retried a revoke whose first attempt had
+    reached moto.
     """
     from moto.ec2.models.security_groups import SecurityGroupBackend
 
@@ -193,7 +194,11 @@ def _checking_rule_ids(revoke: Any, rules: str) -> Any:
     from moto.ec2.exceptions import InvalidSecurityGroupRuleIdNotFoundError
 
     signature = inspect.signature(revoke)
+    missing = {"group_name_or_id", "security_rule_ids", "vpc_id"} - set(signature.parameters)
+    if missing:  # moto changed its backend: say so here, not as a 500 in the middle of a destroy
+        raise RuntimeError(f"moto's {revoke.__qualname__} has no {sorted(missing)} any more")
 
+    @functools.wraps(revoke)
     def checked(self: Any, *args: Any, **kwargs: Any) -> Any:
         call = signature.bind(self, *args, **kwargs).arguments
         group = self.get_security_group_by_name_or_id(call["group_name_or_id"], call.get("vpc_id"))
