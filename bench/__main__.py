@@ -9,14 +9,14 @@ CPU goes' table scaled to the measured CPU per message and per request.
 Reports go to ``bench/results/<timestamp>-<mode>.json`` (git-ignored); ``--publish`` (the
 default in full mode) also writes ``bench/results-latest.json``, ``bench/plots/*.png``,
 ``bench/plots/flame-*.svg`` (with their collapsed stacks) and ``bench/README-section.md``.
-The console section (``bench.console``, issue 17: courier with the operator console off and
-on, nobody looking: idle side by side, then under load in ABBA order; about 2 minutes quick)
-runs after the API phase;
-``--no-console`` skips it.
-The capacity section (``bench.capacity``, issue 16: 3 processes against a target with a real
-capacity; about 1 minute quick, 5 full) runs after the API phase; ``--no-capacity`` skips it,
-``--only capacity`` runs only it (and with ``--publish`` merges it into
-``results-latest.json`` and ``README-section.md``).
+After the API phase come two sections:
+
+- console (``bench.console``, issue 17): courier with the operator console off and on, nobody
+  looking, idle side by side and then under load in ABBA order; about 1.5 minutes quick,
+  4 full; ``--no-console`` skips it;
+- capacity (``bench.capacity``, issue 16): 3 processes against a target with a real capacity;
+  about 1 minute quick, 5 full; ``--no-capacity`` skips it, ``--only capacity`` runs only it
+  (and with ``--publish`` merges it into ``results-latest.json`` and ``README-section.md``).
 """
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ class Mode:
 
 QUICK = Mode("quick", 1, (0.02,), 3000, 6, 3, 4, 1, 1, (0.5,), 2, 30, 8, 6)
 FULL = Mode(
-    "full", 3, (0.02, 0.1), 10000, 12, 6, 10, 2, 3, (0.25, 0.5, 0.75), 5, 600, 20, 15, 1, 60
-)
+    "full", 3, (0.02, 0.1), 10000, 12, 6, 10, 2, 3, (0.25, 0.5, 0.75), 5, 600, 20, 15,
+    console_rounds=1, console_idle_seconds=60,
+)  # fmt: skip
 
 
 def log(message: str) -> None:
@@ -418,7 +419,7 @@ def readme_section(result: dict[str, Any]) -> str:
             "**Cost** (`python -m bench.cost --report bench/results-latest.json --daily-messages N`): "
             + cost.render(result["cost"]).replace("\n", "; "),
             "",
-            "Reproduce: `make bench` (full, ~20 min) or `make bench-quick` (~5 min; "
+            "Reproduce: `make bench` (full, ~25 min) or `make bench-quick` (~5 min; "
             "`python -m bench --quick --no-profile` skips the profiling pass). Plots and flame "
             "graphs (with their collapsed stacks): `bench/plots/`; the numbers: "
             "`bench/results-latest.json`.",

@@ -67,7 +67,6 @@ LABELS = {
     "stateless-1": "courier API, stateless, 1 connection",
     "courier": "courier API, full path",
     "courier-nobatch": "courier API, batch sends off",
-    "courier-console": "courier API, console on",
     "stateless": "courier API, stateless (no caches)",
     "bare": "bare aiohttp 202 handler",
 }

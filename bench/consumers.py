@@ -38,7 +38,6 @@ LABELS = {
     "courier": "courier, 1 process",
     "courier-2p": "courier, 2 processes",
     "ceiling": "ceiling: receive+delete only",
-    "courier-console": "courier, 1 process, console on",
 }
 # The console on, on a free port, and nobody opening it (bench.console; not one of KINDS).
 CONSOLE_ON_ENV = {"COURIER_CONSOLE_ENABLED": "true", "COURIER_CONSOLE_PORT": "0"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +19,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def scheduled_cpu_seconds(pid: int) -> float:
-    """CPU time the scheduler gave ``pid``'s live threads so far, to the nanosecond.
+def thread_cpu_ns(pid: int) -> dict[int, int]:
+    """Each live thread of ``pid`` -> the CPU time the scheduler has given it so far, in ns.
 
     ``cpu_seconds`` counts in clock ticks (10 ms): too coarse for an idle process, which may
-    use one tick in half a minute. ``/proc/<pid>/task/*/schedstat`` starts with each thread's
-    time on a CPU in ns; a thread that has ended is no longer counted. 0.0 once it is gone.
+    use one tick in half a minute. ``/proc/<pid>/task/<tid>/schedstat`` starts with the
+    thread's time on a CPU in ns. Empty once the process is gone.
     """
-    total = 0
+    found: dict[int, int] = {}
     for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            total += int(stat.read_text().split()[0])
-    return total / 1e9
+            found[int(stat.parent.name)] = int(stat.read_text().split()[0])
+    return found
+
+
+def cpu_seconds_between(before: Mapping[int, int], after: Mapping[int, int]) -> float:
+    """CPU seconds the threads of ``after`` used since ``before`` (two ``thread_cpu_ns``).
+
+    Per thread, so a thread that ended in between subtracts nothing (its last moments are
+    not counted) and one that started in between counts whole.
+    """
+    return sum(ns - before.get(tid, 0) for tid, ns in after.items()) / 1e9
 
 
 def memory_bytes(pid: int) -> dict[str, int]:

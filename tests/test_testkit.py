@@ -14,7 +14,7 @@ import pytest
 
 import courier_testkit
 from courier_testkit import ProcessSampler, StubIdm, StubTarget, free_port, mint_token
-from courier_testkit.sampling import scheduled_cpu_seconds
+from courier_testkit.sampling import cpu_seconds_between, thread_cpu_ns
 from service.api.auth import issue_token
 from service.settings import load_settings
 
@@ -123,15 +123,22 @@ def test_process_sampler_reads_cpu_and_memory_of_a_pid() -> None:
     assert sampler.memory()["peak_rss"] >= sampler.memory()["rss"] > 0
 
 
-def test_scheduled_cpu_counts_what_clock_ticks_cannot_see() -> None:
+def test_thread_cpu_counts_what_clock_ticks_cannot_see() -> None:
     me = os.getpid()
-    before = scheduled_cpu_seconds(me)
+    before = thread_cpu_ns(me)
     spin_until = time.process_time() + 0.003  # under one 10 ms clock tick
     while time.process_time() < spin_until:
         pass
-    spent = scheduled_cpu_seconds(me) - before
+    spent = cpu_seconds_between(before, thread_cpu_ns(me))
     assert 0.002 < spent < 0.5
-    assert scheduled_cpu_seconds(2**22 + 1) == 0.0  # above Linux's pid_max: no such process
+    assert thread_cpu_ns(2**22 + 1) == {}  # above Linux's pid_max: no such process
+
+
+def test_cpu_between_two_readings_is_counted_per_thread() -> None:
+    # Thread 1 ran 5 ms more, thread 2 ended (nothing subtracted), thread 3 is new (whole).
+    before = {1: 10_000_000, 2: 90_000_000}
+    after = {1: 15_000_000, 3: 2_000_000}
+    assert cpu_seconds_between(before, after) == 0.007
 
 
 def test_free_port_refuses_connections() -> None:
