@@ -125,8 +125,12 @@ class Browser:
         0.1 s. An element going stale while a page reloads counts as not yet."""
         deadline = time.monotonic() + timeout
         while True:
-            with contextlib.suppress(StaleElementReferenceException):
+            try:
                 result = await self._call(condition)
+            except WebDriverException as exc:
+                if not node_gone(exc):
+                    raise
+            else:
                 if result:
                     return result
             if time.monotonic() >= deadline:
@@ -226,11 +230,29 @@ class Browser:
             return f"(no page text: {exc.msg})"
 
 
+# ChromeDriver reports an element of a document being replaced either as stale or, when the
+# navigation races the command (seen in CI with Chromium 156), as an inspector error naming
+# the node: both mean the page it was on is going.
+NODE_GONE_MESSAGES = (
+    "Node with given id does not belong to the document",
+    "No node with given id found",
+)
+
+
+def node_gone(exc: WebDriverException) -> bool:
+    """Whether ``exc`` says the element's page is gone (stale, in either of ChromeDriver's ways)."""
+    if isinstance(exc, StaleElementReferenceException):
+        return True
+    return any(message in (exc.msg or "") for message in NODE_GONE_MESSAGES)
+
+
 def _stale(element: WebElement) -> bool:
     try:
         element.is_enabled()
-    except StaleElementReferenceException:
-        return True
+    except WebDriverException as exc:
+        if node_gone(exc):
+            return True
+        raise
     return False
 
 

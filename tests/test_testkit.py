@@ -141,6 +141,21 @@ def test_cpu_between_two_readings_is_counted_per_thread() -> None:
     assert cpu_seconds_between(before, after) == 0.007
 
 
+def test_an_element_of_a_page_being_replaced_counts_as_gone_in_both_chromedriver_ways() -> None:
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+
+    from courier_testkit.browser import node_gone
+
+    raced = (
+        "unknown error: unhandled inspector error: "
+        '{"code":-32000,"message":"Node with given id does not belong to the document"}'
+    )
+    assert node_gone(StaleElementReferenceException("stale element reference"))
+    assert node_gone(WebDriverException(raced))
+    assert not node_gone(WebDriverException("unknown error: net::ERR_CONNECTION_REFUSED"))
+    assert not node_gone(WebDriverException())
+
+
 def test_free_port_refuses_connections() -> None:
     port = free_port()
     with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
