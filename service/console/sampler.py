@@ -3,7 +3,8 @@
 The console's charts and rates come from here, never from the hot path: the worker and the
 API only increment their Prometheus metrics as they always do. Every ``interval`` seconds one
 task reads four metric families (``collect()``: a walk over their few children) into a
-``Sample``, 0.9 to 1.4 ms of CPU on the 2-vCPU test machine; rates and percentiles are
+``Sample``, about 0.5 ms of CPU on the 2-vCPU test machine (``bench/console.py`` measures
+it); rates and percentiles are
 differences between two samples, computed only when a page or the chart's JSON asks.
 """
 
