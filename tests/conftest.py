@@ -22,6 +22,14 @@ DEMO_SECRETS = {
 _counter = itertools.count()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fake_aws_credentials() -> None:
+    """botocore's fake credentials, set before the first test. A test that sets its own with
+    monkeypatch then restores these afterwards; set later, by the first moto user, they could
+    be the ones a module's monkeypatch deleted on teardown, failing whatever read them next."""
+    use_fake_credentials()
+
+
 @pytest.fixture(scope="session")
 def aws_calls() -> ActionRecorder:
     """Every AWS call made to the session's moto, per access key, and the strict layer's

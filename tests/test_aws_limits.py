@@ -286,9 +286,23 @@ async def test_a_dynamodb_batch_write_of_26_or_an_oversized_item_is_refused(
 async def test_every_call_is_recorded_with_its_access_key_and_resource(
     aws: AwsClients, fresh: Resources, aws_calls: ActionRecorder
 ) -> None:
-    await aws.sqs.send_message(QueueUrl=fresh.queue_url, MessageBody="x")
-    await aws.dynamodb.get_item(TableName=fresh.status_table, Key={"pk": {"S": "none"}})
-    key = os.environ["AWS_ACCESS_KEY_ID"]
+    # The key these clients sign with: the one in the environment when they were made, which
+    # a test's monkeypatch may have changed since.
+    keys: set[str] = set()
+
+    def note_key(request: Any, **_: Any) -> None:
+        authorization = request.headers["Authorization"]
+        keys.add(str(authorization, "ascii").split("Credential=")[1].split("/")[0])
+
+    for client in (aws.sqs, aws.dynamodb):
+        client.meta.events.register("before-send", note_key)
+    try:
+        await aws.sqs.send_message(QueueUrl=fresh.queue_url, MessageBody="x")
+        await aws.dynamodb.get_item(TableName=fresh.status_table, Key={"pk": {"S": "none"}})
+    finally:
+        for client in (aws.sqs, aws.dynamodb):
+            client.meta.events.unregister("before-send", note_key)
+    (key,) = keys
     assert {"sqs:SendMessage", "dynamodb:GetItem"} <= aws_calls.actions(key)
     assert AwsCall(key, "sqs", "SendMessage", (fresh.queue_url,)) in aws_calls.calls()
     assert AwsCall(key, "dynamodb", "GetItem", (fresh.status_table,)) in aws_calls.calls()
