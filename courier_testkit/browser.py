@@ -122,7 +122,7 @@ class Browser:
         what: str = "",
     ) -> T:
         """``condition()`` (run in a thread, against ``driver``) once it is truthy, polled every
-        0.1 s. An element going stale while a page reloads counts as not yet."""
+        0.1 s. An element going stale while a page reloads (``node_gone``) counts as not yet."""
         deadline = time.monotonic() + timeout
         while True:
             try:

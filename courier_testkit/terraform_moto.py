@@ -180,11 +180,14 @@ def _reject_unknown_rule_ids_as_aws_does() -> None:
     from moto.ec2.models.security_groups import SecurityGroupBackend
 
     backend: Any = SecurityGroupBackend
-    for direction in ("ingress", "egress"):
-        name = f"revoke_security_group_{direction}"
-        original = getattr(backend, name)
-        if not getattr(original, "checks_rule_ids", False):
-            setattr(backend, name, _checking_rule_ids(original, f"{direction}_rules"))
+    rules_of = {f"revoke_security_group_{d}": f"{d}_rules" for d in ("ingress", "egress")}
+    wrapped = {
+        name: _checking_rule_ids(getattr(backend, name), rules)
+        for name, rules in rules_of.items()
+        if not getattr(getattr(backend, name), "checks_rule_ids", False)
+    }
+    for name, revoke in wrapped.items():  # only once both could be wrapped
+        setattr(backend, name, revoke)
 
 
 def _checking_rule_ids(revoke: Any, rules: str) -> Any:
@@ -196,7 +199,7 @@ def _checking_rule_ids(revoke: Any, rules: str) -> Any:
     signature = inspect.signature(revoke)
     missing = {"group_name_or_id", "security_rule_ids", "vpc_id"} - set(signature.parameters)
     if missing:  # moto changed its backend: say so here, not as a 500 in the middle of a destroy
-        raise RuntimeError(f"moto's {revoke.__qualname__} has no {sorted(missing)} any more")
+        raise CheckFailed(f"moto's {revoke.__qualname__} has no {sorted(missing)} any more")
 
     @functools.wraps(revoke)
     def checked(self: Any, *args: Any, **kwargs: Any) -> Any:

@@ -41,7 +41,6 @@ def aws_calls() -> ActionRecorder:
 def moto_endpoint(aws_calls: ActionRecorder) -> Iterator[str]:
     """moto's server on 127.0.0.1, shared by the whole session, behind the strict layer that
     refuses what real AWS refuses (``courier_testkit.aws_limits``) and records every call."""
-    use_fake_credentials()
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     with EmbeddedAws(wsgi_middleware=lambda app: StrictWsgi(app, aws_calls)) as server:
         yield server.endpoint_url

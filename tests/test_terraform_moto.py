@@ -173,8 +173,9 @@ if sys.argv[1] == "patched":
     tm.patch_moto()
     tm.patch_moto()  # twice, as two cycles in one process would: wrapped once
     from moto.ec2.models.security_groups import SecurityGroupBackend
-    wrapped = SecurityGroupBackend.revoke_security_group_egress.__wrapped__
-    assert not hasattr(wrapped, "checks_rule_ids"), "revoke wrapped twice"
+    for revoke in (SecurityGroupBackend.revoke_security_group_ingress,
+                   SecurityGroupBackend.revoke_security_group_egress):
+        assert not hasattr(revoke.__wrapped__, "checks_rule_ids"), "revoke wrapped twice"
 from service.local import EmbeddedAws
 with EmbeddedAws() as aws:
     ec2 = tm.client(aws.endpoint_url, "ec2")

@@ -152,6 +152,7 @@ def test_an_element_of_a_page_being_replaced_counts_as_gone_in_both_chromedriver
     )
     assert node_gone(StaleElementReferenceException("stale element reference"))
     assert node_gone(WebDriverException(raced))
+    assert node_gone(WebDriverException("unknown error: No node with given id found"))
     assert not node_gone(WebDriverException("unknown error: net::ERR_CONNECTION_REFUSED"))
     assert not node_gone(WebDriverException())
 
