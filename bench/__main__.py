@@ -12,7 +12,7 @@ default in full mode) also writes ``bench/results-latest.json``, ``bench/plots/*
 After the API phase come two sections:
 
 - console (``bench.console``, issue 17): courier with the operator console off and on, nobody
-  looking, idle side by side and then under load in ABBA order; about 1.5 minutes quick,
+  looking, idle side by side and then under load in ABBA order; about 2 minutes quick,
   4 full; ``--no-console`` skips it;
 - capacity (``bench.capacity``, issue 16): 3 processes against a target with a real capacity;
   about 1 minute quick, 5 full; ``--no-capacity`` skips it, ``--only capacity`` runs only it
@@ -81,13 +81,13 @@ class Mode:
     ttl_seconds: float
     profile_seconds: float  # each py-spy recording of the profiling pass; 0: no profiling
     console_rounds: int = 1  # bench.console: off, on, on, off per round
-    console_idle_seconds: float = 30.0  # bench.console: two idle workers, console off and on
+    console_idle_seconds: float = 30.0  # bench.console: idle workers, console off, on, off
 
 
 QUICK = Mode("quick", 1, (0.02,), 3000, 6, 3, 4, 1, 1, (0.5,), 2, 30, 8, 6)
 FULL = Mode(
     "full", 3, (0.02, 0.1), 10000, 12, 6, 10, 2, 3, (0.25, 0.5, 0.75), 5, 600, 20, 15,
-    console_rounds=1, console_idle_seconds=60,
+    console_idle_seconds=60,
 )  # fmt: skip
 
 
@@ -476,7 +476,7 @@ def write_capacity_outputs(result: dict[str, Any], out_dir: Path, publish: bool)
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="the under-3-minute run")
+    parser.add_argument("--quick", action="store_true", help="the ~5-minute run")
     parser.add_argument("--publish", action=argparse.BooleanOptionalAction, default=None,
                         help="write results-latest.json, plots/ and README-section.md (default: full mode only)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=HERE / "results")

@@ -2,21 +2,22 @@
 
 Issue 17: the operator console must add no measurable CPU to the hot path while nobody looks.
 With ``console.enabled`` a sampler reads four metric families every
-``console.sample_seconds`` (5 s) and a listener waits on its own port; nothing else of it runs
-until a page is opened. Two measurements, both of courier's own process:
+``console.sample_seconds`` (5 s) and a listener waits on its own port; nothing of it sits in
+the API's or the worker's path (no middleware, no hook: the sampler only reads the counters
+they keep anyway). So its cost is a standing cost, and that is measured directly:
 
-1. **Standing cost, directly.** Three workers side by side, console off, on, off, each first
+1. **Standing cost (the goal).** Three workers side by side, console off, on, off, each first
    given ``IDLE_WARMUP_MESSAGES`` (so every metric child the sampler reads exists, as under
    load), then left idle: their CPU over the same ``idle_seconds`` to the nanosecond
    (``courier_testkit.sampling``). The two "off" workers give the idle noise. The difference,
-   spread over a minute's messages at the loaded rate, is what the console adds per message;
-   the goal is that this stays under ``STANDING_COST_LIMIT`` of the worker's CPU per message.
-2. **Under load.** The same worker drain (``bench.workers.run_once``, 3 targets) and API
-   saturation (``bench.api.saturation``) with the console off and on, in ABBA order (off,
-   on, on, off) so a drift of the shared machine falls on both settings alike. On these
-   shared cores two runs with the same setting differ by several percent, far more than
-   (1) can explain, so this is judged one-sided against that noise: console on must not cost
-   more than the gap between two same-setting runs (or ``NOISE_FLOOR`` of the off median).
+   spread over a minute's messages at the loaded rate, must stay under
+   ``STANDING_COST_LIMIT`` of the worker's CPU per message.
+2. **Under load (reported, not judged).** The same worker drain (``bench.workers.run_once``,
+   3 targets) and API saturation (``bench.api.saturation``) with the console off and on, in
+   ABBA order (off, on, on, off) so a drift of the shared machine falls on both settings
+   alike. On these shared cores runs with one setting differ by 10-20 %, so two runs each
+   cannot resolve a cost of a few percent either way; the table shows the difference beside
+   that noise, as a check that nothing large was missed.
 """
 
 from __future__ import annotations
@@ -33,14 +34,12 @@ from bench import api, consumers, workers, workload
 from courier_testkit.processes import HarnessError
 from courier_testkit.sampling import cpu_seconds_between, thread_cpu_ns
 
-# A difference this small (a fraction of the console-off median) is below what two runs with
-# the same setting differ by on these shared cores, even when one pair happens to agree.
-NOISE_FLOOR = 0.03
 # The console's standing cost may be at most this share of a loaded worker's CPU per message.
 STANDING_COST_LIMIT = 0.01
-# Idle workers first deliver this many messages, and are measured from this long after: past
-# the delivery and the console's first sample.
+# Idle workers first deliver this many messages (within IDLE_SETTLE_SECONDS), and are measured
+# from IDLE_WARMUP_SECONDS after: past the console's first sample.
 IDLE_WARMUP_MESSAGES = 100
+IDLE_SETTLE_SECONDS = 30.0
 IDLE_WARMUP_SECONDS = 6.0
 WORKER_OFF, WORKER_ON = "courier", "courier-console"
 API_OFF, API_ON = "courier", "courier-console"
@@ -65,11 +64,18 @@ async def run_section(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Idle workers, then worker drains and API saturations, console off and on."""
-    idle = await idle_cost(worker_bench, idle_seconds)
-    log(
-        f"console idle: off {idle['off_ms_per_minute']:.1f} (noise {idle['noise_ms_per_minute']:.1f}), "
-        f"on {idle['on_ms_per_minute']:.1f} ms CPU per minute over {idle_seconds:.0f} s"
-    )
+    idle: dict[str, Any]
+    try:
+        idle = await idle_cost(worker_bench, latency, idle_seconds)
+    except HarnessError as exc:  # the loaded comparison is still worth having
+        idle = {"seconds": idle_seconds, "error": str(exc)}
+        log(f"console idle: not measured: {exc}")
+    else:
+        log(
+            f"console idle: off {idle['off_ms_per_minute']:.1f} (noise "
+            f"{idle['noise_ms_per_minute']:.1f}), on {idle['on_ms_per_minute']:.1f} ms CPU per "
+            f"minute over {idle_seconds:.0f} s"
+        )
     order = abba(rounds)
     worker_runs = []
     for on in order:
@@ -93,7 +99,7 @@ async def run_section(
         )
         api_runs.append({"console": on, "value": run["server_cpu_s_per_1000"], "rate": run["rps"]})
     worker = compare(worker_runs, unit="message")
-    if worker["measured"]:
+    if worker["measured"] and "error" not in idle:
         idle.update(standing_cost(idle, worker_runs, worker["off_ms"]))
     return {
         "order": ["on" if on else "off" for on in order],
@@ -103,10 +109,12 @@ async def run_section(
     }
 
 
-async def idle_cost(bench: workers.WorkerBench, seconds: float) -> dict[str, Any]:
+async def idle_cost(bench: workers.WorkerBench, latency: float, seconds: float) -> dict[str, Any]:
     """CPU of three workers (console off, on, off), idle after a warm-up, over ``seconds``."""
     kinds = (WORKER_OFF, WORKER_ON, WORKER_OFF)
     stack = bench.stack
+    await bench.stubs.reset()
+    await bench.stubs.set_all([name for name, _ in consumers.TARGETS], latency_seconds=latency)
     queues: list[Any] = []
     try:
         async with contextlib.AsyncExitStack() as running:
@@ -124,19 +132,19 @@ async def idle_cost(bench: workers.WorkerBench, seconds: float) -> dict[str, Any
                 )
                 pids.append(consumer.processes[0].pid)
                 warmup = bench.drain[:IDLE_WARMUP_MESSAGES]
-                await workload.load(
-                    stack.direct, stack.queue_url(queues[-1].url, direct=True), warmup
-                )
+                await workload.load(stack.direct, _direct(stack, queues[-1].url), warmup)
+            for queue in queues:
+                if not await workers.settle(bench, _direct(stack, queue.url), IDLE_SETTLE_SECONDS):
+                    raise HarnessError(f"the warm-up messages were not all delivered: {queue.url}")
             await asyncio.sleep(IDLE_WARMUP_SECONDS)
             before = [thread_cpu_ns(pid) for pid in pids]
             await asyncio.sleep(seconds)
             after = [thread_cpu_ns(pid) for pid in pids]
     finally:
+        await bench.stubs.reset()
         for queue in queues:
-            await stack.delete_queues(
-                stack.queue_url(queue.url, direct=True), stack.queue_url(queue.dlq_url, direct=True)
-            )
-    if not all(after):
+            await stack.delete_queues(_direct(stack, queue.url), _direct(stack, queue.dlq_url))
+    if not all(before) or not all(after):
         raise HarnessError(f"an idle worker ended (or has no schedstat) within {seconds:.0f} s")
     off_a, on, off_b = (
         cpu_seconds_between(b, a) * 1000 * 60 / seconds for b, a in zip(before, after, strict=True)
@@ -152,11 +160,16 @@ async def idle_cost(bench: workers.WorkerBench, seconds: float) -> dict[str, Any
     }
 
 
+def _direct(stack: Any, url: str) -> str:
+    return str(stack.queue_url(url, direct=True))
+
+
 def standing_cost(
     idle: Mapping[str, Any], worker_runs: Sequence[Mapping[str, Any]], off_ms: float
 ) -> dict[str, float]:
-    """The idle difference spread over a minute's messages at the console-on loaded rate."""
-    rate = statistics.median(float(r["rate"]) for r in worker_runs if r["console"])
+    """The idle difference spread over a minute's messages at the console-on loaded rate
+    (of the runs that completed something, as ``compare`` counts them)."""
+    rate = statistics.median(float(r["rate"]) for r in _usable(worker_runs) if r["console"])
     per_message = max(0.0, idle["difference_ms_per_minute"]) / (60 * rate)
     return {
         "loaded_msgs_per_s": rate,
@@ -165,21 +178,22 @@ def standing_cost(
     }
 
 
-def compare(runs: Sequence[Mapping[str, Any]], unit: str) -> dict[str, Any]:
-    """Median CPU ms per ``unit`` off and on, their difference, and the same-setting noise.
+def _usable(runs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The runs that completed something: a finite CPU per unit and a positive rate."""
+    return [r for r in runs if math.isfinite(float(r["value"])) and float(r["rate"]) > 0]
 
-    A run that completed nothing (NaN) is left out. ``no_more_than_noise``: console on costs
-    at most the larger gap between two runs with one setting, or ``NOISE_FLOOR`` of off.
+
+def compare(runs: Sequence[Mapping[str, Any]], unit: str) -> dict[str, Any]:
+    """Median CPU ms per ``unit`` off and on, their difference, and the same-setting noise:
+    the larger gap between two runs with one setting. A run that completed nothing is left out.
     """
-    usable = [r for r in runs if math.isfinite(float(r["value"]))]
+    usable = _usable(runs)
     off = [float(r["value"]) for r in usable if not r["console"]]
     on = [float(r["value"]) for r in usable if r["console"]]
     if not off or not on:
         return {"unit": unit, "runs": list(runs), "measured": False}
     off_median, on_median = statistics.median(off), statistics.median(on)
     difference = on_median - off_median
-    noise = max(max(off) - min(off), max(on) - min(on))
-    allowed = max(noise, NOISE_FLOOR * off_median)
     return {
         "unit": unit,
         "runs": list(runs),
@@ -188,43 +202,31 @@ def compare(runs: Sequence[Mapping[str, Any]], unit: str) -> dict[str, Any]:
         "on_ms": on_median,
         "difference_ms": difference,
         "difference_share": difference / off_median,
-        "noise_ms": noise,
-        "allowed_ms": allowed,
-        "no_more_than_noise": difference <= allowed,
+        "noise_ms": max(max(off) - min(off), max(on) - min(on)),
     }
 
 
 def goal_rows(section: Mapping[str, Any]) -> list[tuple[str, float, bool, str]]:
     """(goal, measured, met, detail) for the report's goals table."""
     idle = section.get("idle", {})
+    standing = (
+        f"console's standing cost <= {STANDING_COST_LIMIT:.0%} of a worker's CPU per message "
+        "(idle workers, console off, on, off)"
+    )
     rows = []
-    if "share_of_message_cpu" in idle:
+    if "share_of_message_cpu" not in idle:
+        why = idle.get("error") or "no loaded worker run to spread it over"
+        rows.append((standing, float("nan"), False, f"not measured: {why}"))
+    else:
         rows.append(
             (
-                f"console's standing cost <= {STANDING_COST_LIMIT:.0%} of a worker's CPU per "
-                "message (idle workers, console off and on)",
+                standing,
                 idle["share_of_message_cpu"],
                 idle["share_of_message_cpu"] <= STANDING_COST_LIMIT,
                 f"{idle['difference_ms_per_minute']:+.1f} ms CPU per minute (idle noise "
                 f"{idle['noise_ms_per_minute']:.1f}) = {idle['per_message_at_load_ms']:.5f} ms "
                 f"per message at {idle['loaded_msgs_per_s']:.0f} msg/s "
                 f"({idle['share_of_message_cpu']:.3%} of {section['worker']['off_ms']:.3f} ms)",
-            )
-        )
-    for part, label in (("worker", "worker"), ("api", "API")):
-        c = section[part]
-        goal = f"console on, under load: {label} CPU per {c['unit']} up by no more than noise"
-        if not c["measured"]:
-            rows.append((goal, float("nan"), False, "not measured (a run hung or is missing)"))
-            continue
-        rows.append(
-            (
-                goal,
-                c["difference_share"],
-                bool(c["no_more_than_noise"]),
-                f"off {c['off_ms']:.3f} ms, on {c['on_ms']:.3f} ms: {c['difference_ms']:+.3f} ms "
-                f"({c['difference_share']:+.1%}); allowed {c['allowed_ms']:.3f} ms (same-setting "
-                f"runs differ by up to {c['noise_ms']:.3f} ms, floor {NOISE_FLOOR:.0%})",
             )
         )
     return rows
@@ -236,7 +238,7 @@ def table(section: Mapping[str, Any]) -> str:
         "**Console on, nobody looking** (issue 17; CPU of courier's own process; loaded runs "
         f"in the order {', '.join(section['order'])})",
         "",
-        "| path | console off | console on | difference | allowed (noise) |",
+        "| path | console off | console on | difference | same-setting noise |",
         "|---|---:|---:|---:|---:|",
     ]
     for part, label in (("worker", "worker, ms CPU/msg"), ("api", "API, ms CPU/req")):
@@ -246,19 +248,22 @@ def table(section: Mapping[str, Any]) -> str:
             continue
         lines.append(
             f"| {label} | {c['off_ms']:.3f} | {c['on_ms']:.3f} | "
-            f"{c['difference_ms']:+.3f} ({c['difference_share']:+.1%}) | "
-            f"{c['allowed_ms']:.3f} ({c['noise_ms']:.3f}) |"
+            f"{c['difference_ms']:+.3f} ({c['difference_share']:+.1%}) | {c['noise_ms']:.3f} |"
         )
     idle = section.get("idle")
+    if idle and "error" in idle:
+        lines.append(f"| idle worker, ms CPU/minute | n/a | n/a | {idle['error']} | |")
+        idle = None
     if idle:
         lines.append(
             f"| idle worker, ms CPU/minute | {idle['off_ms_per_minute']:.1f} | "
             f"{idle['on_ms_per_minute']:.1f} | {idle['difference_ms_per_minute']:+.1f} "
-            f"({idle['share_of_a_core']:.3%} of a core) | ({idle['noise_ms_per_minute']:.1f}) |"
+            f"({idle['share_of_a_core']:.3%} of a core) | {idle['noise_ms_per_minute']:.1f} |"
         )
     note = (
-        "Loaded rows: allowed is the larger gap between two runs with the same setting, or "
-        f"{NOISE_FLOOR:.0%} of the console-off median; console on may not cost more."
+        "Loaded rows are reported, not judged: the same-setting noise (the larger gap between "
+        "two runs with one setting) is far more than the console's standing cost, so they can "
+        "only show that nothing larger than that noise was missed."
     )
     if idle:
         note += (

@@ -82,7 +82,7 @@ async def worker(bench: workers.WorkerBench, seconds: float, out_dir: Path) -> d
             cpu = consumer.cpu_seconds() - cpu
             at, done = time.monotonic() - at, await _completed(bench) - done
             await workload.purge(stack.direct, direct_url)
-            await workers._settle(bench, direct_url, workers.SETTLE_TIMEOUT_SECONDS)
+            await workers.settle(bench, direct_url, workers.SETTLE_TIMEOUT_SECONDS)
     finally:
         await bench.stubs.reset()
         await stack.delete_queues(direct_url, stack.queue_url(queue.dlq_url, direct=True))

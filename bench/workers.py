@@ -123,7 +123,7 @@ async def _drain(bench: WorkerBench, consumer: consumers.Consumer, queue_url: st
     return False
 
 
-async def _settle(bench: WorkerBench, queue_url: str, timeout: float) -> bool:  # noqa: ASYNC109
+async def settle(bench: WorkerBench, queue_url: str, timeout: float) -> bool:  # noqa: ASYNC109
     """Wait until nothing is visible or in flight (True), at most ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -154,13 +154,13 @@ async def run_once(bench: WorkerBench, kind: str, latency: float) -> dict[str, A
             courier_after = await _courier_requests(consumer)
             if not drained:
                 await workload.purge(stack.direct, direct_url)
-            settled = await _settle(bench, direct_url, SETTLE_TIMEOUT_SECONDS)
+            settled = await settle(bench, direct_url, SETTLE_TIMEOUT_SECONDS)
             drain_rate_guess = await _drain_rate(bench, consumer, before, after, drained)
             rate = max(1.0, bench.paced_fraction * drain_rate_guess)
             sent = await workload.paced(
                 stack.direct, direct_url, bench.paced, rate, bench.paced_seconds
             )
-            paced_settled = await _settle(bench, direct_url, PACED_TAIL_SECONDS)
+            paced_settled = await settle(bench, direct_url, PACED_TAIL_SECONDS)
             await asyncio.sleep(0.3)
             peak_rss = consumer.peak_rss()
         done, repeats = await _collect(bench, consumer)
