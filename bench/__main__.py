@@ -80,7 +80,6 @@ class Mode:
     idle_seconds: float
     ttl_seconds: float
     profile_seconds: float  # each py-spy recording of the profiling pass; 0: no profiling
-    console_rounds: int = 1  # bench.console: off, on, on, off per round
     console_idle_seconds: float = 30.0  # bench.console: idle workers, console off, on, off
 
 
@@ -315,7 +314,6 @@ async def run(
                     bench,
                     api_bench,
                     mode.target_latencies[0],
-                    mode.console_rounds,
                     mode.console_idle_seconds,
                     log,
                 )

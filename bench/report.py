@@ -158,8 +158,7 @@ def goals(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         f"vs steady p50 {idle.get('steady_p50_ms', float('nan')):.1f} ms",
     )
     if "console" in report:
-        for goal, measured, met, detail in console.goal_rows(report["console"]):
-            add(goal, measured, met, detail)
+        add(*console.goal_row(report["console"]))
     return rows
 
 

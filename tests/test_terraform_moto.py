@@ -121,8 +121,8 @@ def test_state_resources_lists_managed_resources_of_every_module() -> None:
     )
 
 
-# Run in a child process: the patch changes moto's Queue class for the whole interpreter,
-# and the rest of the suite's moto servers run in this one.
+# Run in a child process (moto_script): the patches change moto's classes for the whole
+# interpreter, and the rest of the suite's moto servers run in this one.
 REDRIVE_ALLOW_SCRIPT = """
 import json, sys
 from courier_testkit import terraform_moto as tm
@@ -141,10 +141,11 @@ with EmbeddedAws() as aws:
 """
 
 
-def redrive_allow_policy_read_back(mode: str) -> list[object]:
-    """[RedriveAllowPolicy returned after setting it, whether it is returned after clearing]."""
+def moto_script(script: str, mode: str) -> list[object]:
+    """What ``script`` prints last (a JSON list), run against moto ``mode`` ("plain" or
+    "patched") in a child: the patches change moto's classes for the whole interpreter."""
     result = subprocess.run(
-        [sys.executable, "-c", REDRIVE_ALLOW_SCRIPT, mode],
+        [sys.executable, "-c", script, mode],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -154,6 +155,11 @@ def redrive_allow_policy_read_back(mode: str) -> list[object]:
     assert result.returncode == 0, result.stderr
     parsed: list[object] = json.loads(result.stdout.strip().splitlines()[-1])
     return parsed
+
+
+def redrive_allow_policy_read_back(mode: str) -> list[object]:
+    """[RedriveAllowPolicy returned after setting it, whether it is returned after clearing]."""
+    return moto_script(REDRIVE_ALLOW_SCRIPT, mode)
 
 
 def test_moto_alone_does_not_return_redrive_allow_policy() -> None:
@@ -181,6 +187,12 @@ with EmbeddedAws() as aws:
     ec2 = tm.client(aws.endpoint_url, "ec2")
     vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
     group = ec2.create_security_group(GroupName="g", Description="g", VpcId=vpc)["GroupId"]
+    def error_code(call, **arguments):
+        try:
+            call(GroupId=group, **arguments)
+        except ClientError as error:
+            return error.response["Error"]["Code"]
+        return None
     seen = []
     for direction in ("ingress", "egress"):
         authorize = getattr(ec2, f"authorize_security_group_{direction}")
@@ -188,35 +200,26 @@ with EmbeddedAws() as aws:
         permission = {"IpProtocol": "tcp", "FromPort": 8080, "ToPort": 8080,
                       "IpRanges": [{"CidrIp": "10.1.0.0/16"}]}
         rule = authorize(GroupId=group, IpPermissions=[permission])["SecurityGroupRules"][0]
-        revoke(GroupId=group, SecurityGroupRuleIds=[rule["SecurityGroupRuleId"]])
-        try:
-            revoke(GroupId=group, SecurityGroupRuleIds=[rule["SecurityGroupRuleId"]])
-            seen.append(None)
-        except ClientError as error:
-            seen.append(error.response["Error"]["Code"])
+        rule_ids = [rule["SecurityGroupRuleId"]]
+        assert error_code(revoke, SecurityGroupRuleIds=rule_ids) is None  # the first revoke
+        seen.append(error_code(revoke, SecurityGroupRuleIds=rule_ids))
         # Revoking by the rule's content, not its id, keeps moto's own answer.
-        try:
-            revoke(GroupId=group, IpPermissions=[permission])
-            seen.append(None)
-        except ClientError as error:
-            seen.append(error.response["Error"]["Code"])
+        seen.append(error_code(revoke, IpPermissions=[permission]))
     print(json.dumps(seen))
 """
 
 
 def revoke_twice(mode: str) -> list[object]:
     """Per direction: the error of revoking a rule by id again, then by its content."""
-    result = subprocess.run(
-        [sys.executable, "-c", RULE_ID_SCRIPT, mode],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    parsed: list[object] = json.loads(result.stdout.strip().splitlines()[-1])
-    return parsed
+    return moto_script(RULE_ID_SCRIPT, mode)
+
+
+def test_the_patch_refuses_a_moto_revoke_whose_parameters_moved() -> None:
+    def revoke(self: object, group_id: str, rule_ids: list[str]) -> None:
+        """A moto that renamed the parameters the patch reads."""
+
+    with pytest.raises(CheckFailed, match=r"has no \['group_name_or_id', 'security_rule_ids',"):
+        terraform_moto._checking_rule_ids(revoke, "egress_rules")
 
 
 def test_moto_alone_answers_a_gone_rule_id_with_the_wrong_error_code() -> None:
